@@ -1,0 +1,81 @@
+"""The ``keel`` command line: one entry point, one subcommand group per pipeline stage."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from keel.settings import DAGSTER_CONFIG_DIR, PROJECT_ROOT, KeelPaths, active_profile
+
+
+def prepare_dagster_home(paths: KeelPaths, profile: str) -> Path:
+    """Write the profile's ``dagster.yaml`` into DAGSTER_HOME and point the environment at it."""
+    paths.ensure()
+    target = paths.dagster_home / "dagster.yaml"
+    source = DAGSTER_CONFIG_DIR / f"{profile}.yaml"
+    if not target.exists() or target.read_bytes() != source.read_bytes():
+        shutil.copyfile(source, target)
+    os.environ.setdefault("DAGSTER_HOME", str(paths.dagster_home))
+    return paths.dagster_home
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="keel")
+def cli() -> None:
+    """Keel: raw data to features, models, gates, registry, serving and drift-driven retraining."""
+
+
+@cli.command()
+def info() -> None:
+    """Print the active profile and where every artefact lives."""
+    paths = KeelPaths.current()
+    click.echo(f"profile        {active_profile()}")
+    for name in ("home", "warehouse", "marts", "landing", "artefacts", "mlflow", "feast"):
+        click.echo(f"{name:<14} {getattr(paths, name)}")
+    click.echo(f"{'dagster_home':<14} {os.environ.get('DAGSTER_HOME', paths.dagster_home)}")
+
+
+@cli.command()
+def prepare() -> None:
+    """Create the data folder and DAGSTER_HOME, and parse the dbt project for Dagster."""
+    paths = KeelPaths.current().ensure()
+    home = prepare_dagster_home(paths, active_profile())
+    from orchestration.dbt import dbt_project
+
+    dbt_project.preparer.prepare(dbt_project)
+    click.echo(f"prepared {paths.home} (DAGSTER_HOME={home})")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=3000, show_default=True)
+def dev(host: str, port: int) -> None:
+    """Serve the Dagster UI and run the daemon (schedules, sensors, run queue)."""
+    prepare_dagster_home(KeelPaths.current(), active_profile())
+    dagster = Path(sys.executable).with_name("dagster")
+    command = [str(dagster), "dev", "-w", "workspace.yaml", "-h", host, "-p", str(port)]
+    raise SystemExit(subprocess.call(command, cwd=PROJECT_ROOT))
+
+
+@cli.command()
+@click.option("--days", default=21, show_default=True, help="Days of generated data to run.")
+def demo(days: int) -> None:
+    """Run the whole loop on generated data and print where to look."""
+    from keel.demo import run_demo
+
+    prepare_dagster_home(KeelPaths.current(), active_profile())
+    run_demo(days=days, echo=click.echo)
+
+
+def main() -> None:
+    """Entry point of the ``keel`` script."""
+    # dbt and dagster run as subprocesses: find them in the same environment as keel itself.
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    cli()

@@ -1,0 +1,55 @@
+"""Names shared by every stage: the entity, timestamps, features, label and protected groups.
+
+The dbt marts produce these columns, Feast serves them, training and monitoring consume them.
+Changing a name here is a schema change for the whole loop.
+"""
+
+ENTITY = "account"
+ENTITY_KEY = "account_id"
+EVENT_TIMESTAMP = "event_timestamp"
+CREATED_TIMESTAMP = "created_timestamp"
+LABEL = "defaulted"
+LABEL_TIMESTAMP = "label_timestamp"
+
+# Protected attributes travel with the labels (for fairness reports), never into the model.
+PROTECTED_ATTRIBUTES = ("age_band", "sex", "region")
+
+# Columns of the daily feature mart `fct_account_features_daily` (one row per account per day,
+# stamped at the end of that day) that the feature view `account_daily_fv` serves.
+DAILY_NUMERIC_FEATURES = (
+    "spend_7d",
+    "spend_30d",
+    "spend_90d",
+    "payments_7d",
+    "payments_30d",
+    "payments_90d",
+    "transactions_7d",
+    "transactions_30d",
+    "active_days_30d",
+    "balance",
+    "utilisation",
+    "avg_utilisation_30d",
+    "max_utilisation_90d",
+    "missed_payments_30d",
+    "missed_payments_90d",
+    "credit_limit",
+    "tenure_days",
+)
+DAILY_CATEGORICAL_FEATURES = ("product", "main_channel_30d")
+DAILY_FEATURES = DAILY_NUMERIC_FEATURES + DAILY_CATEGORICAL_FEATURES
+
+# Computed at request time by the on-demand feature view `account_ratios_odfv`.
+ON_DEMAND_FEATURES = ("payment_to_spend_30d", "spend_trend_7d_vs_30d", "balance_to_limit")
+
+MODEL_FEATURES = DAILY_FEATURES + ON_DEMAND_FEATURES
+CATEGORICAL_FEATURES = DAILY_CATEGORICAL_FEATURES
+NUMERIC_FEATURES = DAILY_NUMERIC_FEATURES + ON_DEMAND_FEATURES
+
+FEATURE_SERVICE = "default_risk_v1"
+
+# Categories the generator emits; anything else is an unknown category and is quarantined.
+PRODUCTS = ("classic", "gold", "platinum")
+CHANNELS = ("online", "pos", "atm", "branch")
+REGIONS = ("north", "south", "east", "west", "central")
+SEXES = ("F", "M")
+AGE_BANDS = ("18-25", "26-35", "36-50", "51-65", "66+")

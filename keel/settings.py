@@ -1,0 +1,104 @@
+"""Where Keel keeps its data, and which deployment profile is active.
+
+Two environment variables steer everything: ``KEEL_PROFILE`` picks the deployment profile
+(``local``, the embedded default, or ``production``) and ``KEEL_HOME`` moves the one data
+folder of the local profile (warehouse, marts, artefacts, MLflow store, Feast stores, Dagster
+storage). Nothing else reads the environment for paths.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DBT_PROJECT_DIR = PROJECT_ROOT / "dbt_project"
+FEATURE_REPO_DIR = PROJECT_ROOT / "feature_repo"
+DAGSTER_CONFIG_DIR = PROJECT_ROOT / "orchestration" / "instance"
+
+PROFILES = ("local", "production")
+PROFILE_ENV = "KEEL_PROFILE"
+HOME_ENV = "KEEL_HOME"
+
+
+class SettingsError(ValueError):
+    """An environment setting Keel cannot work with."""
+
+
+def active_profile() -> str:
+    """The deployment profile named by ``KEEL_PROFILE`` (default ``local``)."""
+    profile = os.environ.get(PROFILE_ENV, "local").strip() or "local"
+    if profile not in PROFILES:
+        raise SettingsError(
+            f"{PROFILE_ENV}={profile!r} is not a Keel profile; use one of {', '.join(PROFILES)}."
+        )
+    return profile
+
+
+def keel_home() -> Path:
+    """The data folder: ``KEEL_HOME`` if set, else ``.keel`` in the project."""
+    raw = os.environ.get(HOME_ENV, "").strip()
+    return Path(raw).expanduser().resolve() if raw else PROJECT_ROOT / ".keel"
+
+
+@dataclass(frozen=True)
+class KeelPaths:
+    """Every location inside the data folder, derived from its root."""
+
+    home: Path
+
+    @classmethod
+    def current(cls) -> KeelPaths:
+        return cls(keel_home())
+
+    @property
+    def warehouse(self) -> Path:
+        return self.home / "warehouse.duckdb"
+
+    @property
+    def marts(self) -> Path:
+        return self.home / "marts"
+
+    @property
+    def landing(self) -> Path:
+        return self.home / "landing"
+
+    @property
+    def generated(self) -> Path:
+        return self.home / "generated"
+
+    @property
+    def artefacts(self) -> Path:
+        return self.home / "artefacts"
+
+    @property
+    def mlflow(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def feast(self) -> Path:
+        return self.home / "feast"
+
+    @property
+    def optuna(self) -> Path:
+        return self.home / "optuna"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    def ensure(self) -> KeelPaths:
+        for folder in (
+            self.home,
+            self.marts,
+            self.landing,
+            self.generated,
+            self.artefacts,
+            self.mlflow,
+            self.feast,
+            self.optuna,
+            self.dagster_home,
+        ):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self

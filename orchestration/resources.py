@@ -1,0 +1,46 @@
+"""Dagster resources: the one place where deployment profiles swap implementations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import dagster as dg
+
+if TYPE_CHECKING:
+    import duckdb
+    from upath import UPath
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The DuckDB warehouse: a file locally, a MotherDuck database (``md:...``) in production."""
+
+    database: str
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        import duckdb
+
+        if not self.database.startswith("md:"):
+            Path(self.database).parent.mkdir(parents=True, exist_ok=True)
+        connection = duckdb.connect(self.database, read_only=read_only)
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+
+class ArtefactStore(dg.ConfigurableResource):
+    """Where files that are not tables go: a local folder, or s3:// gs:// abfs:// in production."""
+
+    root: str
+
+    def path(self, *parts: str) -> UPath:
+        from upath import UPath
+
+        target = UPath(self.root).joinpath(*parts)
+        if target.protocol in ("", "file", "local"):
+            Path(target.path).parent.mkdir(parents=True, exist_ok=True)
+        return target

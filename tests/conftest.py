@@ -1,0 +1,28 @@
+"""Shared fixtures: every test gets its own data folder, so nothing touches the user's .keel."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from keel.settings import KeelPaths
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def keel_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KeelPaths:
+    """A fresh, empty data folder set as KEEL_HOME for the test."""
+    home = tmp_path / "keel-home"
+    monkeypatch.setenv("KEEL_HOME", str(home))
+    monkeypatch.setenv("KEEL_PROFILE", "local")
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    return KeelPaths(home).ensure()
+
+
+@pytest.fixture(scope="session")
+def venv_bin() -> Path:
+    return Path(os.environ.get("VIRTUAL_ENV", REPO_ROOT / ".venv")) / "bin"

@@ -1,0 +1,35 @@
+import subprocess
+import sys
+
+import dagster as dg
+
+from tests.conftest import REPO_ROOT
+
+HEAVY_MODULES = ("feast", "evidently", "mlflow", "torch", "great_expectations", "lightgbm")
+
+
+def test_definitions_load_and_validate():
+    from orchestration.definitions import defs
+
+    dg.Definitions.validate_loadable(defs)
+
+
+def test_loading_definitions_imports_no_heavy_library():
+    probe = (
+        "import sys, orchestration.definitions\n"
+        f"print(','.join(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "", f"imported at load time: {result.stdout.strip()}"
+
+
+def test_dagster_cli_validates_the_workspace(venv_bin):
+    result = subprocess.run(
+        [str(venv_bin / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
