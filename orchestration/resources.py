@@ -44,3 +44,32 @@ class ArtefactStore(dg.ConfigurableResource):
         if target.protocol in ("", "file", "local"):
             Path(target.path).parent.mkdir(parents=True, exist_ok=True)
         return target
+
+
+class FeatureStoreResource(dg.ConfigurableResource):
+    """The Feast repo in ``feature_repo/`` with the profile's ``feature_store.yaml``."""
+
+    repo_path: str
+    config_file: str
+
+    def store(self):  # -> feast.FeatureStore (imported lazily: feast costs seconds)
+        from feast import FeatureStore
+        from feast.repo_config import load_repo_config
+
+        config = load_repo_config(Path(self.repo_path), Path(self.config_file))
+        return FeatureStore(repo_path=self.repo_path, config=config)
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """MLflow tracking and model registry; registry writes take ``lock_file`` when it is set."""
+
+    tracking_uri: str
+    registry_uri: str
+    artifact_location: str
+    lock_file: str = ""
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Which device PyTorch trains on: ``auto`` takes CUDA when torch sees one, else the CPU."""
+
+    device: str = "auto"

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench NAME`` writes ``bench/results/NAME.json``."""
