@@ -15,9 +15,10 @@ if TYPE_CHECKING:
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """The DuckDB warehouse: a file locally, a MotherDuck database (``md:...``) in production."""
+    """The DuckDB warehouse (file, or MotherDuck ``md:...``) and where its marts land as Parquet."""
 
     database: str
+    marts_dir: str
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -30,6 +31,41 @@ class WarehouseResource(dg.ConfigurableResource):
             yield connection
         finally:
             connection.close()
+
+
+class DriftScenarioConfig(dg.Config):
+    """A drift the generator switches on from ``start`` (ISO day); see keel.generator."""
+
+    kind: str
+    start: str
+    strength: float = 0.5
+
+
+class SourcesResource(dg.ConfigurableResource):
+    """Where raw data comes from, and the share of bad rows a partition may hold."""
+
+    generated_dir: str
+    landing_dir: str
+    taiwan_csv: str
+    seed: int = 7
+    accounts: int = 2_000
+    start: str = "2026-01-01"
+    late_share: float = 0.02
+    scenarios: list[DriftScenarioConfig] = []  # noqa: RUF012 (pydantic copies defaults)
+    max_bad_share: float = 0.05
+
+    def generator_config(self):  # -> keel.generator.GeneratorConfig
+        from keel.generator import GeneratorConfig
+
+        return GeneratorConfig.from_dict(
+            {
+                "seed": self.seed,
+                "accounts": self.accounts,
+                "start": self.start,
+                "late_share": self.late_share,
+                "scenarios": [s.model_dump() for s in self.scenarios],
+            }
+        )
 
 
 class ArtefactStore(dg.ConfigurableResource):
@@ -67,9 +103,79 @@ class MlflowResource(dg.ConfigurableResource):
     registry_uri: str
     artifact_location: str
     lock_file: str = ""
+    # Images carry no .git: the build sets the commit here; empty means ask git.
+    code_commit: str = ""
+    lock_timeout_s: float = 600.0
+
+    def configure(self, experiment_name: str = "") -> str:
+        """Point MLflow at this store, create the experiment if needed, return its id.
+
+        Args:
+            experiment_name: Defaults to ``keel.training.EXPERIMENT_NAME``.
+        """
+        import mlflow
+
+        from keel.training import EXPERIMENT_NAME
+
+        for uri in (self.tracking_uri, self.registry_uri):
+            if uri.startswith("sqlite:///"):
+                Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if "://" not in self.artifact_location:
+            Path(self.artifact_location).mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.registry_uri)
+        name = experiment_name or EXPERIMENT_NAME
+        # The first writer creates the SQLite schema; two at once corrupt it, hence the lock.
+        with self.write_lock():
+            experiment = mlflow.get_experiment_by_name(name)
+            if experiment is not None:
+                return experiment.experiment_id
+            return mlflow.create_experiment(name, artifact_location=self.artifact_location)
+
+    @contextmanager
+    def write_lock(self) -> Iterator[None]:
+        """Hold the store's write lock (a file lock) when ``lock_file`` is set; else a no-op."""
+        if not self.lock_file:
+            yield
+            return
+        from filelock import FileLock, Timeout
+
+        Path(self.lock_file).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with FileLock(self.lock_file, timeout=self.lock_timeout_s):
+                yield
+        except Timeout as error:
+            raise TimeoutError(
+                f"waited {self.lock_timeout_s:.0f} s for the MLflow write lock {self.lock_file}; "
+                "another process holds it"
+            ) from error
 
 
 class ComputeResource(dg.ConfigurableResource):
     """Which device PyTorch trains on: ``auto`` takes CUDA when torch sees one, else the CPU."""
 
     device: str = "auto"
+    # Must outlive the node in production (a persistent volume), or preemption loses it.
+    checkpoint_dir: str = ""
+    # A folder (one SQLite study file per model family) or an Optuna database URL.
+    study_storage: str = ""
+    # Threads for LightGBM and torch; 0 takes every core. Fix it for identical runs anywhere.
+    num_threads: int = 0
+
+    def torch_device(self) -> str:
+        """The device to train on (``cpu``, ``cuda``, ``cuda:N``); errors if CUDA is missing."""
+        from keel.tabular_net import select_device
+
+        return select_device(self.device)
+
+    def checkpoint_root(self) -> Path:
+        """Folder for training checkpoints (default: ``$KEEL_HOME/artefacts/checkpoints``)."""
+        from keel.settings import KeelPaths
+
+        return Path(self.checkpoint_dir or KeelPaths.current().artefacts / "checkpoints")
+
+    def optuna_storage(self) -> str:
+        """Where Optuna studies live (default: the ``$KEEL_HOME/optuna`` folder)."""
+        from keel.settings import KeelPaths
+
+        return self.study_storage or str(KeelPaths.current().optuna)

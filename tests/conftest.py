@@ -26,3 +26,26 @@ def keel_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KeelPaths:
 @pytest.fixture(scope="session")
 def venv_bin() -> Path:
     return Path(os.environ.get("VIRTUAL_ENV", REPO_ROOT / ".venv")) / "bin"
+
+
+@pytest.fixture
+def small_sources(keel_home: KeelPaths):
+    """A small generated world (300 accounts) with late rows, in the test's data folder."""
+    from keel.settings import taiwan_csv
+    from orchestration.resources import SourcesResource
+
+    return SourcesResource(
+        generated_dir=str(keel_home.generated),
+        landing_dir=str(keel_home.landing),
+        taiwan_csv=str(taiwan_csv()),
+        accounts=300,
+        late_share=0.02,
+    )
+
+
+@pytest.fixture
+def data_resources(keel_home: KeelPaths, small_sources):
+    """The local profile's resources on the test's data folder, with the small generator."""
+    from orchestration.profiles import resources_for
+
+    return {**resources_for("local"), "sources": small_sources}

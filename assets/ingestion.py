@@ -1,0 +1,237 @@
+"""Raw data in: generator extracts, landed files and the Taiwan CSV, checked by Great Expectations.
+
+Each raw asset loads its partitions as delivered (keel.ingestion); its blocking check runs the
+Great Expectations suite on every partition just loaded, quarantines the bad rows and records
+the verdict (keel.validation). Downstream assets of the same run wait for the check; later
+runs read the recorded verdict.
+"""
+
+from datetime import date
+from pathlib import Path
+
+import dagster as dg
+
+from assets.partitions import DAILY_PARTITIONS
+from orchestration.resources import SourcesResource, WarehouseResource
+
+GROUP = "ingestion"
+LANDING_PARTITIONS = dg.DynamicPartitionsDefinition(name="landing_files")
+LANDING_SUFFIXES = (".csv", ".parquet", ".jsonl")
+SNAPSHOT = "snapshot"
+
+
+def _loaded(tables: dict[str, int], source: str) -> dg.MaterializeResult:
+    return dg.MaterializeResult(
+        metadata={
+            "rows": dg.MetadataValue.int(sum(tables.values())),
+            "partitions": dg.MetadataValue.int(len(tables)),
+            "source": dg.MetadataValue.text(source),
+        }
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"python", "duckdb"},
+    pool="warehouse",
+    code_version="1",
+)
+def raw_account_holders(sources: SourcesResource, warehouse: WarehouseResource):
+    """Snapshot of account holders (protected attributes included) from the core system."""
+    from keel.generator import generate_account_holders
+    from keel.ingestion import ACCOUNT_HOLDERS, load_partition
+
+    extract = generate_account_holders(sources.generator_config(), Path(sources.generated_dir))
+    with warehouse.connect() as connection:
+        rows = load_partition(connection, ACCOUNT_HOLDERS, SNAPSHOT, extract)
+    return _loaded({SNAPSHOT: rows}, str(extract))
+
+
+def _load_generated_days(
+    context: dg.AssetExecutionContext,
+    sources: SourcesResource,
+    warehouse: WarehouseResource,
+    table_name: str,
+) -> dict[str, int]:
+    from keel.generator import generate_day
+    from keel.ingestion import ACCOUNT_ACTIVITY, DEFAULT_LABELS, load_partition
+
+    table = {"account_activity": ACCOUNT_ACTIVITY, "default_labels": DEFAULT_LABELS}[table_name]
+    config = sources.generator_config()
+    rows = {}
+    with warehouse.connect() as connection:
+        for key in context.partition_keys:
+            extracts = generate_day(
+                config,
+                date.fromisoformat(key),
+                Path(sources.generated_dir),
+                Path(sources.landing_dir),
+            )
+            source = extracts.activity if table is ACCOUNT_ACTIVITY else extracts.labels
+            rows[key] = load_partition(connection, table, key, source)
+            context.log.info(f"{table.qualified}[{key}]: {rows[key]} rows from {source.name}")
+    return rows
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"python", "duckdb"},
+    partitions_def=DAILY_PARTITIONS,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    pool="warehouse",
+    code_version="1",
+)
+def raw_account_activity(
+    context: dg.AssetExecutionContext, sources: SourcesResource, warehouse: WarehouseResource
+):
+    """One row per account per day from the core system's daily extract, as delivered."""
+    rows = _load_generated_days(context, sources, warehouse, "account_activity")
+    return _loaded(rows, sources.generated_dir)
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"python", "duckdb"},
+    partitions_def=DAILY_PARTITIONS,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    pool="warehouse",
+    code_version="1",
+)
+def raw_default_labels(
+    context: dg.AssetExecutionContext, sources: SourcesResource, warehouse: WarehouseResource
+):
+    """Default outcomes that arrived on each day (they describe accounts 30 days earlier)."""
+    rows = _load_generated_days(context, sources, warehouse, "default_labels")
+    return _loaded(rows, sources.generated_dir)
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"python", "duckdb"},
+    partitions_def=LANDING_PARTITIONS,
+    pool="warehouse",
+    code_version="1",
+)
+def raw_landed_activity(
+    context: dg.AssetExecutionContext, sources: SourcesResource, warehouse: WarehouseResource
+):
+    """Activity records from files dropped into the landing folder (CSV, Parquet, JSON lines)."""
+    from keel.ingestion import LANDED_ACTIVITY, load_partition
+
+    rows = {}
+    with warehouse.connect() as connection:
+        for key in context.partition_keys:
+            rows[key] = load_partition(
+                connection, LANDED_ACTIVITY, key, Path(sources.landing_dir) / key
+            )
+    return _loaded(rows, sources.landing_dir)
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"python", "duckdb"},
+    pool="warehouse",
+    code_version="1",
+)
+def raw_taiwan_credit_clients(sources: SourcesResource, warehouse: WarehouseResource):
+    """The real Taiwan credit-card clients (UCI, 2005), one row per client, as delivered."""
+    from keel.ingestion import load_taiwan_clients
+
+    csv_path = Path(sources.taiwan_csv)
+    if not csv_path.exists():
+        raise dg.Failure(
+            f"Taiwan data not found at {csv_path}; set KEEL_TAIWAN_CSV to the path of "
+            "credit-card-clients.csv (../shared/data/taiwan-credit-default/)."
+        )
+    with warehouse.connect() as connection:
+        rows = load_taiwan_clients(connection, csv_path)
+    return _loaded({SNAPSHOT: rows}, str(csv_path))
+
+
+def _checked_partitions(context: dg.AssetCheckExecutionContext) -> list[str]:
+    run = context.op_execution_context
+    if run.has_partition_key or run.has_partition_key_range:
+        return list(run.partition_keys)
+    return [SNAPSHOT]
+
+
+def _verdict_table(verdicts) -> str:
+    lines = [
+        "| partition | raw | clean | quarantined | bad share | passed | reasons |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for v in verdicts:
+        reasons = ", ".join(f"{k}: {n}" for k, n in sorted(v.reasons.items())) or "-"
+        lines.append(
+            f"| {v.partition} | {v.raw_rows} | {v.clean_rows} | {v.quarantined_rows} "
+            f"| {v.bad_share:.2%} | {'yes' if v.passed else '**no**'} | {reasons} |"
+        )
+    return "\n".join(lines)
+
+
+def validation_check(asset: dg.AssetsDefinition, table_name: str) -> dg.AssetChecksDefinition:
+    """A blocking Great Expectations check for every partition of ``asset`` a run loads."""
+
+    @dg.asset_check(
+        asset=asset,
+        name="great_expectations",
+        blocking=True,
+        pool="warehouse",
+        description=(
+            f"Great Expectations suite raw_{table_name}: bad rows go to quarantine.{table_name}; "
+            "fails when a partition's bad share exceeds the configured limit."
+        ),
+    )
+    def _check(
+        context: dg.AssetCheckExecutionContext,
+        sources: SourcesResource,
+        warehouse: WarehouseResource,
+    ) -> dg.AssetCheckResult:
+        from keel.ingestion import RAW_TABLES
+        from keel.validation import validate_partition
+
+        table = next(t for t in RAW_TABLES if t.name == table_name)
+        with warehouse.connect() as connection:
+            verdicts = [
+                validate_partition(connection, table, partition, sources.max_bad_share)
+                for partition in _checked_partitions(context)
+            ]
+        failed = [v.partition for v in verdicts if not v.passed]
+        reasons: dict[str, int] = {}
+        for v in verdicts:
+            for reason, count in v.reasons.items():
+                reasons[reason] = reasons.get(reason, 0) + count
+        return dg.AssetCheckResult(
+            passed=not failed,
+            description=(
+                f"blocked partitions: {', '.join(failed)}" if failed else "every partition passed"
+            ),
+            metadata={
+                "raw_rows": dg.MetadataValue.int(sum(v.raw_rows for v in verdicts)),
+                "clean_rows": dg.MetadataValue.int(sum(v.clean_rows for v in verdicts)),
+                "quarantined_rows": dg.MetadataValue.int(sum(v.quarantined_rows for v in verdicts)),
+                "max_bad_share": dg.MetadataValue.float(max(v.bad_share for v in verdicts)),
+                "allowed_bad_share": dg.MetadataValue.float(sources.max_bad_share),
+                "quarantine_reasons": dg.MetadataValue.json(reasons),
+                "failed_partitions": dg.MetadataValue.json(failed),
+                "partitions": dg.MetadataValue.md(_verdict_table(verdicts)),
+            },
+        )
+
+    return _check
+
+
+INGESTION_ASSETS = [
+    raw_account_holders,
+    raw_account_activity,
+    raw_default_labels,
+    raw_landed_activity,
+    raw_taiwan_credit_clients,
+]
+INGESTION_CHECKS = [
+    validation_check(raw_account_holders, "account_holders"),
+    validation_check(raw_account_activity, "account_activity"),
+    validation_check(raw_default_labels, "default_labels"),
+    validation_check(raw_landed_activity, "landed_activity"),
+    validation_check(raw_taiwan_credit_clients, "taiwan_credit_clients"),
+]

@@ -1,0 +1,126 @@
+"""Landing the dbt marts as Parquet for Feast and other readers, one file per day, atomically."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from keel import schema
+
+
+@dataclass(frozen=True)
+class MartExport:
+    """A dbt model and the Parquet layout it lands in under the marts folder."""
+
+    model: str
+    target: str
+    columns: tuple[str, ...]
+    partition_column: str | None = None
+
+
+FEATURES_EXPORT = MartExport(
+    "fct_account_features_daily",
+    schema.FEATURES_MART,
+    (schema.ENTITY_KEY, schema.EVENT_TIMESTAMP, schema.CREATED_TIMESTAMP, *schema.DAILY_FEATURES),
+    partition_column="feature_date",
+)
+LABELS_EXPORT = MartExport(
+    "fct_default_labels",
+    schema.LABELS_MART,
+    (
+        schema.ENTITY_KEY,
+        schema.EVENT_TIMESTAMP,
+        schema.LABEL_TIMESTAMP,
+        schema.LABEL,
+        *schema.PROTECTED_ATTRIBUTES,
+    ),
+    partition_column="label_date",
+)
+ACCOUNTS_EXPORT = MartExport(
+    "dim_accounts",
+    schema.ACCOUNTS_MART,
+    ("account_id", "opened_date", "age", "age_band", "sex", "region", "product", "credit_limit"),
+)
+TAIWAN_FEATURES_EXPORT = MartExport(
+    "fct_taiwan_features_monthly",
+    schema.TAIWAN_FEATURES_MART,
+    (
+        schema.TAIWAN_ENTITY_KEY,
+        schema.EVENT_TIMESTAMP,
+        schema.CREATED_TIMESTAMP,
+        *schema.TAIWAN_FEATURES,
+    ),
+)
+TAIWAN_LABELS_EXPORT = MartExport(
+    "fct_taiwan_labels",
+    schema.TAIWAN_LABELS_MART,
+    (
+        schema.TAIWAN_ENTITY_KEY,
+        schema.EVENT_TIMESTAMP,
+        schema.LABEL,
+        *schema.TAIWAN_PROTECTED_ATTRIBUTES,
+    ),
+)
+DAILY_EXPORTS = (FEATURES_EXPORT, LABELS_EXPORT)
+STATIC_EXPORTS = (ACCOUNTS_EXPORT, TAIWAN_FEATURES_EXPORT, TAIWAN_LABELS_EXPORT)
+
+
+def _columns(export: MartExport) -> str:
+    return ", ".join(f'"{c}"' for c in export.columns)
+
+
+def export_days(
+    connection: duckdb.DuckDBPyConnection, export: MartExport, marts: Path, days: list[str]
+) -> dict[str, int]:
+    """Write ``<marts>/<target>/<day>.parquet`` for each day; returns rows per day written.
+
+    One scan writes every day into a scratch folder; each file then replaces its predecessor
+    with an atomic rename, and a day left without rows loses its stale file.
+    """
+    folder = marts / export.target
+    scratch = marts / f".scratch-{uuid.uuid4().hex}"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        connection.execute("set timezone = 'UTC'")
+        connection.execute(
+            f"""copy (
+                    select {_columns(export)}, strftime({export.partition_column}, '%Y-%m-%d')
+                        as __day
+                    from {export.model}
+                    where strftime({export.partition_column}, '%Y-%m-%d')
+                        in (select unnest(?::varchar[]))
+                ) to '{scratch}' (format parquet, partition_by (__day), compression zstd)""",
+            [days],
+        )
+        written = {}
+        for day in days:
+            produced = sorted((scratch / f"__day={day}").glob("*.parquet"))
+            target = folder / f"{day}.parquet"
+            if not produced:
+                target.unlink(missing_ok=True)
+                continue
+            produced[0].replace(target)
+            written[day] = int(
+                connection.execute(f"select count(*) from read_parquet('{target}')").fetchone()[0]
+            )
+        return written
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def export_table(connection: duckdb.DuckDBPyConnection, export: MartExport, marts: Path) -> int:
+    """Write a whole model to ``<marts>/<target>`` (a single Parquet file), atomically."""
+    target = marts / export.target
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    connection.execute("set timezone = 'UTC'")
+    connection.execute(
+        f"copy (select {_columns(export)} from {export.model}) to '{temporary}' "
+        "(format parquet, compression zstd)"
+    )
+    temporary.replace(target)
+    return int(connection.execute(f"select count(*) from read_parquet('{target}')").fetchone()[0])
