@@ -188,14 +188,13 @@ def validation_check(asset: dg.AssetsDefinition, table_name: str) -> dg.AssetChe
         warehouse: WarehouseResource,
     ) -> dg.AssetCheckResult:
         from keel.ingestion import RAW_TABLES
-        from keel.validation import validate_partition
+        from keel.validation import validate_partitions
 
         table = next(t for t in RAW_TABLES if t.name == table_name)
         with warehouse.connect() as connection:
-            verdicts = [
-                validate_partition(connection, table, partition, sources.max_bad_share)
-                for partition in _checked_partitions(context)
-            ]
+            verdicts = validate_partitions(
+                connection, table, _checked_partitions(context), sources.max_bad_share
+            )
         failed = [v.partition for v in verdicts if not v.passed]
         reasons: dict[str, int] = {}
         for v in verdicts:

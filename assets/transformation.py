@@ -43,18 +43,25 @@ TRANSLATOR = KeelDbtTranslator()
 
 
 @contextmanager
-def _warehouse_for_dbt(warehouse: WarehouseResource) -> Iterator[None]:
-    # profiles.yml reads KEEL_WAREHOUSE: point it at this run's warehouse so dbt and the
-    # Python steps always write the same database.
-    previous = os.environ.get("KEEL_WAREHOUSE")
-    os.environ["KEEL_WAREHOUSE"] = warehouse.database
+def _dbt_environment(warehouse: WarehouseResource) -> Iterator[None]:
+    """Environment of one dbt invocation (dagster-dbt copies os.environ when it starts dbt)."""
+    settings = {
+        # profiles.yml reads KEEL_WAREHOUSE: dbt and the Python steps write the same database.
+        "KEEL_WAREHOUSE": warehouse.database,
+        # Run a test only when all the models it reads are selected: building the accounts
+        # dimension must not run the labels' relationship test before the labels exist.
+        "DBT_INDIRECT_SELECTION": "cautious",
+    }
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("KEEL_WAREHOUSE", None)
-        else:
-            os.environ["KEEL_WAREHOUSE"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @dbt_assets(
@@ -91,7 +98,7 @@ def daily_dbt_models(
             metadata={"blocked": dg.MetadataValue.json(blocked)},
         )
     variables = {"start_date": days[0], "end_date": days[-1]}
-    with _warehouse_for_dbt(warehouse):
+    with _dbt_environment(warehouse):
         invocation = dbt.cli(["build", "--vars", json.dumps(variables)], context=context)
     yield from invocation.stream()
 
@@ -117,7 +124,7 @@ def dbt_models(
     """Unpartitioned dbt models (accounts dimension, Taiwan marts), landed as Parquet."""
     from keel.marts import STATIC_EXPORTS, export_table
 
-    with _warehouse_for_dbt(warehouse):
+    with _dbt_environment(warehouse):
         invocation = dbt.cli(["build"], context=context)
     yield from invocation.stream()
 
@@ -141,19 +148,26 @@ def _unit_test_specs() -> list[dg.AssetCheckSpec]:
     ]
 
 
-@dg.multi_asset_check(specs=_unit_test_specs(), pool="warehouse", name="dbt_unit_tests")
+@dg.multi_asset_check(
+    specs=_unit_test_specs(), pool="warehouse", name="dbt_unit_tests", can_subset=True
+)
 def dbt_unit_tests(
     context: dg.AssetCheckExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource
 ):
     """Run the dbt project's unit tests and report each as a check on the model it tests."""
-    with _warehouse_for_dbt(warehouse):
+    selected = [
+        spec for spec in context.check_specs if spec.key in context.selected_asset_check_keys
+    ]
+    with _dbt_environment(warehouse):
         invocation = dbt.cli(["test", "--select", "test_type:unit"], raise_on_error=False)
     invocation.wait()
+    if not (invocation.target_path / "run_results.json").exists():
+        raise dg.Failure(f"dbt unit tests did not run; see {invocation.target_path}/dbt.log")
     results = {
         result["unique_id"].split(".")[-1]: result
         for result in invocation.get_artifact("run_results.json")["results"]
     }
-    for spec in context.check_specs:
+    for spec in selected:
         result = results.get(spec.name.removeprefix("dbt_unit_"))
         status = result["status"] if result else "not run"
         yield dg.AssetCheckResult(
