@@ -54,22 +54,19 @@ def _load_generated_days(
     table_name: str,
 ) -> dict[str, int]:
     from keel.generator import generate_day
-    from keel.ingestion import ACCOUNT_ACTIVITY, DEFAULT_LABELS, load_partition
+    from keel.ingestion import ACCOUNT_ACTIVITY, DEFAULT_LABELS, load_partitions
 
     table = {"account_activity": ACCOUNT_ACTIVITY, "default_labels": DEFAULT_LABELS}[table_name]
     config = sources.generator_config()
-    rows = {}
+    extracts = {}
+    for key in context.partition_keys:
+        day = generate_day(
+            config, date.fromisoformat(key), Path(sources.generated_dir), Path(sources.landing_dir)
+        )
+        extracts[key] = day.activity if table is ACCOUNT_ACTIVITY else day.labels
     with warehouse.connect() as connection:
-        for key in context.partition_keys:
-            extracts = generate_day(
-                config,
-                date.fromisoformat(key),
-                Path(sources.generated_dir),
-                Path(sources.landing_dir),
-            )
-            source = extracts.activity if table is ACCOUNT_ACTIVITY else extracts.labels
-            rows[key] = load_partition(connection, table, key, source)
-            context.log.info(f"{table.qualified}[{key}]: {rows[key]} rows from {source.name}")
+        rows = load_partitions(connection, table, extracts)
+    context.log.info(f"{table.qualified}: {sum(rows.values())} rows in {len(rows)} partitions")
     return rows
 
 

@@ -9,7 +9,8 @@ The world it simulates:
   latent riskiness that differs by group (so fairness checks have something real to find);
 - one activity row per account per day (transactions, spend, payments, balance, whether a due
   payment was missed, the channel used);
-- a default label per account once a month (on its statement day), which arrives 30 days later.
+- a default label per account once a month (on its statement day), which arrives
+  ``label_delay_days`` later (30 by default).
 
 Drift scenarios switch on from a chosen day: covariate shift, label shift, concept drift, a
 schema change, and malformed rows (null keys, out-of-range values, wrong types, duplicates,
@@ -71,8 +72,15 @@ class GeneratorConfig:
     start: date = date(2026, 1, 1)
     late_share: float = 0.0
     scenarios: tuple[DriftScenario, ...] = field(default_factory=tuple)
+    # Outcomes are known this many days after the observation; shorten it to see retraining on
+    # drifted labels within a short demo.
+    label_delay_days: int = LABEL_DELAY_DAYS
 
     def __post_init__(self) -> None:
+        if self.label_delay_days < 1:
+            raise GeneratorConfigError(
+                f"label_delay_days must be at least 1, got {self.label_delay_days}"
+            )
         if self.accounts < 1:
             raise GeneratorConfigError(f"accounts must be positive, got {self.accounts}")
         if not 0 <= self.late_share < 1:
@@ -114,6 +122,7 @@ class GeneratorConfig:
             start=_as_date(payload.get("start", "2026-01-01")),
             late_share=float(payload.get("late_share", 0.0)),
             scenarios=scenarios,
+            label_delay_days=int(payload.get("label_delay_days", LABEL_DELAY_DAYS)),
         )
 
 
@@ -313,13 +322,13 @@ def _append_rows(frame, rows: np.ndarray):
 
 
 def labels_table(config: GeneratorConfig, arrival_day: date, accounts: Accounts | None = None):
-    """Labels that ARRIVE on ``arrival_day``: did each account observed 30 days earlier default?
+    """Labels that ARRIVE on ``arrival_day``: did each account observed earlier default?
 
     One label per account on its statement day; the outcome depends on the account's latent
     risk, its utilisation and its recent missed payments, so observable features predict it.
     """
     a = accounts or build_accounts(config)
-    observed = arrival_day - timedelta(days=LABEL_DELAY_DAYS)
+    observed = arrival_day - timedelta(days=config.label_delay_days)
     empty = pa.table(
         {
             "account_id": pa.array([], pa.int64()),

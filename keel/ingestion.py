@@ -203,6 +203,73 @@ def load_partition(
     return int(rows)
 
 
+def load_partitions(
+    connection: duckdb.DuckDBPyConnection, table: RawTable, sources: dict[str, Path]
+) -> dict[str, int]:
+    """Replace several partitions at once, one source file each; returns rows per partition.
+
+    Parquet files with the same columns load in one statement and one transaction (a 90-day
+    backfill is one scan, not ninety); any other file loads on its own with ``load_partition``.
+    """
+    import pyarrow.parquet as pq
+
+    groups: dict[tuple[str, ...], dict[str, Path]] = {}
+    rows: dict[str, int] = {}
+    for partition, source in sources.items():
+        if source.suffix.lower() != ".parquet" or not source.exists():
+            rows[partition] = load_partition(connection, table, partition, source)
+            continue
+        try:
+            columns = tuple(pq.read_schema(source).names)
+        except Exception as error:
+            raise IngestionError(f"{source.name} cannot be read: {error}") from error
+        groups.setdefault(columns, {})[partition] = source
+    for columns, files in groups.items():
+        if len(files) == 1 or not set(table.columns) >= set(columns):
+            for partition, source in files.items():
+                rows[partition] = load_partition(connection, table, partition, source)
+        else:
+            rows.update(_load_parquet_group(connection, table, columns, files))
+    return rows
+
+
+def _load_parquet_group(connection, table: RawTable, columns, files: dict[str, Path]):
+    ensure_schemas(connection)
+    names = {str(path): partition for partition, path in files.items()}
+    listed = ", ".join("'" + name.replace("'", "''") + "'" for name in names)
+    payload = [
+        f'{_as_text(c)} as "{c}"' if c in columns else f'null::varchar as "{c}"'
+        for c in table.columns
+    ]
+    connection.execute("create or replace temp table __files (name varchar, part varchar)")
+    connection.executemany("insert into __files values (?, ?)", list(names.items()))
+    connection.execute("begin transaction")
+    try:
+        for partition in files:
+            _delete_partition(connection, table, partition)
+        connection.execute(
+            f"""insert into {table.qualified}
+                select f.part as _partition, s.file_row_number as _row_number,
+                       s.filename as _source_file, now() as _loaded_at,
+                       {", ".join(payload)}, null::varchar as _extra
+                from read_parquet([{listed}], file_row_number = true, filename = true) s
+                join __files f on f.name = s.filename"""
+        )
+        counts = dict(
+            connection.execute(
+                f"""select _partition, count(*) from {table.qualified}
+                    where _partition in (select part from __files) group by 1"""
+            ).fetchall()
+        )
+        connection.execute("commit")
+    except Exception:
+        connection.execute("rollback")
+        raise
+    finally:
+        connection.execute("drop table if exists __files")
+    return {partition: int(counts.get(partition, 0)) for partition in files}
+
+
 def _delete_partition(
     connection: duckdb.DuckDBPyConnection, table: RawTable, partition: str
 ) -> None:

@@ -61,6 +61,9 @@ def test_labels_arrive_thirty_days_after_the_observation():
     delays = labels["label_date"] - labels["observation_date"]
     assert (delays == timedelta(days=LABEL_DELAY_DAYS)).all()
     assert 0.02 < labels["defaulted"].mean() < 0.25
+    quick = GeneratorConfig(accounts=3_000, label_delay_days=2)
+    quick_labels = labels_table(quick, START + timedelta(days=45)).to_pandas()
+    assert (quick_labels["observation_date"] == START + timedelta(days=43)).all()
 
 
 def test_outcomes_differ_between_protected_groups():
