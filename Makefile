@@ -7,6 +7,8 @@ PIP_VERSION := 24.3.1
 STAMP := $(VENV)/.keel-installed
 # dbt, dagster and keel resolve from the project's venv in every recipe.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
+# No internet at run time: MLflow must not try to send telemetry.
+export MLFLOW_DISABLE_TELEMETRY := true
 INSTALL_HASH = $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 
 .PHONY: install demo test test-all dev lint bench bench-% lock clean

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from keel.registry_cli import registry
 from keel.settings import DAGSTER_CONFIG_DIR, PROJECT_ROOT, KeelPaths, active_profile
 
 
@@ -63,18 +64,57 @@ def dev(host: str, port: int) -> None:
 
 
 @cli.command()
-@click.option("--days", default=21, show_default=True, help="Days of generated data to run.")
-def demo(days: int) -> None:
+@click.option("--accounts", default=5_000, show_default=True, help="Accounts in the world.")
+@click.option("--history-days", default=45, show_default=True, help="Days before monitoring.")
+@click.option("--days", default=10, show_default=True, help="Days run one at a time.")
+@click.option("--drift-day", default=4, show_default=True, help="Monitored day drift starts.")
+def demo(accounts: int, history_days: int, days: int, drift_day: int) -> None:
     """Run the whole loop on generated data and print where to look."""
-    from keel.demo import run_demo
+    import dagster as dg
 
-    prepare_dagster_home(KeelPaths.current(), active_profile())
-    run_demo(days=days, echo=click.echo)
+    from orchestration.profiles import resources_for
+    from orchestration.scenario import Scenario, run_scenario
+
+    paths = KeelPaths.current().ensure()
+    prepare_dagster_home(paths, "local")
+    scenario = Scenario(
+        accounts=accounts, history_days=history_days, days=days, drift_day=drift_day
+    )
+    drift_start = scenario.monitored_days[drift_day].isoformat()
+    click.echo(
+        f"Keel demo in {paths.home}: {accounts} accounts, covariate drift from {drift_start}"
+    )
+    with dg.DagsterInstance.get() as instance:
+        result = run_scenario(scenario, instance, resources_for("local"), echo=click.echo)
+    drifted = [day for day, flagged in result.drift_by_day.items() if flagged]
+    click.echo(f"drift flagged on {len(drifted)} days: {', '.join(drifted) or 'none'}")
+    click.echo(f"false alarms before {drift_start}: {len(result.false_alarms(drift_start))}")
+    for run in result.retraining_runs:
+        verdict = (
+            "registered" if run["success"] else f"rejected by {', '.join(run['failed_gates'])}"
+        )
+        click.echo(f"retraining run {run['run_id']} ({run['run_key']}): {verdict}")
+    click.echo(f"champion versions over time: {' -> '.join(result.champions)}")
+    lineage = result.champion_lineage
+    click.echo(f"champion trained on {lineage.get('training_set', {}).get('path')}")
+    click.echo("")
+    click.echo("Where to look:")
+    click.echo("  Dagster UI   make dev, then http://127.0.0.1:3000 (runs, asset graph, reports)")
+    click.echo(
+        f"  MLflow UI    .venv/bin/mlflow ui --backend-store-uri sqlite:///{paths.mlflow}/mlflow.db"
+        " then http://127.0.0.1:5000"
+    )
+    click.echo(f"  reports      {paths.artefacts}/monitoring and {paths.artefacts}/evaluation")
+    click.echo("  audit trail  .venv/bin/keel registry audit")
+
+
+cli.add_command(registry)
 
 
 def main() -> None:
     """Entry point of the ``keel`` script."""
     # dbt and dagster run as subprocesses: find them in the same environment as keel itself.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")

@@ -2,14 +2,38 @@
 
 import dagster as dg
 
-from assets.ingestion import INGESTION_ASSETS, INGESTION_CHECKS
-from assets.transformation import TRANSFORMATION_ASSETS, TRANSFORMATION_CHECKS
+from assets import (
+    evaluation,
+    features,
+    inference,
+    ingestion,
+    monitoring,
+    registry,
+    training,
+    transformation,
+)
+from orchestration.jobs import JOBS
 from orchestration.profiles import resources_for
-from orchestration.sensors import landing_file_sensor
+from orchestration.schedules import SCHEDULES
+from orchestration.sensors import SENSORS
+
+# One module per pipeline stage, in the order data flows through them.
+STAGES = [
+    ingestion,
+    transformation,
+    features,
+    training,
+    evaluation,
+    registry,
+    inference,
+    monitoring,
+]
 
 defs = dg.Definitions(
-    assets=[*INGESTION_ASSETS, *TRANSFORMATION_ASSETS],
-    asset_checks=[*INGESTION_CHECKS, *TRANSFORMATION_CHECKS],
-    sensors=[landing_file_sensor],
+    assets=dg.load_assets_from_modules(STAGES),
+    asset_checks=dg.load_asset_checks_from_modules(STAGES),
+    jobs=[*JOBS, *registry.REGISTRY_JOBS],
+    schedules=SCHEDULES,
+    sensors=SENSORS,
     resources=resources_for(),
 )

@@ -6,15 +6,30 @@ from typing import Any
 
 import dagster as dg
 
-from keel.settings import KeelPaths, active_profile, taiwan_csv
-from orchestration.resources import ArtefactStore, SourcesResource, WarehouseResource
+from keel.settings import FEATURE_REPO_DIR, KeelPaths, active_profile, taiwan_csv
+from orchestration.resources import (
+    ArtefactStore,
+    ComputeResource,
+    FeatureStoreResource,
+    MlflowResource,
+    MonitoringResource,
+    SourcesResource,
+    WarehouseResource,
+)
 
 
 def dbt_resource():
-    """The dbt CLI resource (imported lazily: dagster-dbt is part of the transformation stage)."""
+    """The dbt CLI resource (built in the transformation stage, next to the dbt assets)."""
     from assets.transformation import dbt_resource as build
 
     return build()
+
+
+def governance(**settings: Any):
+    """Gate bounds, serving SLA and approval policy (defined with the evaluation assets)."""
+    from assets.evaluation import ModelGovernance
+
+    return ModelGovernance(**settings)
 
 
 def local_resources(paths: KeelPaths) -> dict[str, Any]:
@@ -32,6 +47,27 @@ def local_resources(paths: KeelPaths) -> dict[str, Any]:
         "dbt": dbt_resource(),
         # Models, reports and training sets as files.
         "artefacts": ArtefactStore(root=str(paths.artefacts)),
+        # Feast: DuckDB offline store over the marts, SQLite online store, file registry.
+        "feature_store": FeatureStoreResource(
+            repo_path=str(FEATURE_REPO_DIR),
+            config_file="feature_store.yaml",
+            marts=str(paths.marts),
+            variables={"KEEL_HOME": str(paths.home)},
+        ),
+        # MLflow tracking and registry on SQLite; the lock serialises registry writes.
+        "mlflow": MlflowResource(
+            tracking_uri=f"sqlite:///{paths.mlflow / 'mlflow.db'}",
+            registry_uri=f"sqlite:///{paths.mlflow / 'mlflow.db'}",
+            artifact_location=str(paths.mlflow / "artifacts"),
+            lock_file=str(paths.mlflow / "registry.lock"),
+        ),
+        # CUDA when torch sees a GPU, else the CPU; checkpoints and Optuna studies on disk.
+        "compute": ComputeResource(device="auto"),
+        # Gates, SLA, approvals: a laptop auto-approves a candidate that passed every gate, and
+        # its latency SLA allows for a machine that is busy with other work.
+        "governance": governance(auto_approve=True, latency_p99_ms=250.0),
+        # Drift and decay policies for the sensors, and where alerts go.
+        "monitoring": MonitoringResource(),
     }
 
 
@@ -51,6 +87,31 @@ def production_resources() -> dict[str, Any]:
         "dbt": dbt_resource(),
         # Object store URL such as s3://bucket/keel.
         "artefacts": ArtefactStore(root=dg.EnvVar("KEEL_ARTEFACT_ROOT")),
+        # Feast: BigQuery offline store, Redis online store, SQL registry on Postgres.
+        "feature_store": FeatureStoreResource(
+            repo_path=str(FEATURE_REPO_DIR),
+            config_file="feature_store.production.yaml",
+            marts=dg.EnvVar("KEEL_MARTS_DIR"),
+        ),
+        # An MLflow server backed by Postgres and object storage.
+        "mlflow": MlflowResource(
+            tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
+            registry_uri=dg.EnvVar("MLFLOW_REGISTRY_URI"),
+            artifact_location=dg.EnvVar("KEEL_MLFLOW_ARTIFACTS"),
+            code_commit=dg.EnvVar("KEEL_CODE_COMMIT"),
+        ),
+        # GPU nodes (the torch asset asks Kubernetes for nvidia.com/gpu); checkpoints on a
+        # persistent volume so that a preempted pod resumes.
+        "compute": ComputeResource(
+            device="auto",
+            checkpoint_dir=dg.EnvVar("KEEL_CHECKPOINT_DIR"),
+            study_storage=dg.EnvVar("KEEL_OPTUNA_STORAGE"),
+        ),
+        # People approve promotions; the audit log lives in Postgres.
+        "governance": governance(
+            auto_approve=False, audit_uri=dg.EnvVar("KEEL_REGISTRY_AUDIT_URI")
+        ),
+        "monitoring": MonitoringResource(webhook_url=dg.EnvVar("KEEL_ALERT_WEBHOOK")),
     }
 
 

@@ -51,6 +51,7 @@ class SourcesResource(dg.ConfigurableResource):
     accounts: int = 2_000
     start: str = "2026-01-01"
     late_share: float = 0.02
+    label_delay_days: int = 30
     scenarios: list[DriftScenarioConfig] = []  # noqa: RUF012 (pydantic copies defaults)
     max_bad_share: float = 0.05
 
@@ -63,9 +64,29 @@ class SourcesResource(dg.ConfigurableResource):
                 "accounts": self.accounts,
                 "start": self.start,
                 "late_share": self.late_share,
+                "label_delay_days": self.label_delay_days,
                 "scenarios": [s.model_dump() for s in self.scenarios],
             }
         )
+
+
+class MonitoringResource(dg.ConfigurableResource):
+    """How drift and performance are judged, when they call for retraining, where alerts go."""
+
+    # Days at the end of the champion's training set that make the drift reference.
+    reference_days: int = 14
+    # Evidently's dataset rule: drift when at least this share of features drifted.
+    drift_share: float = 0.5
+    # A drift episode must last this many consecutive days before it triggers a retraining.
+    min_drifted_days: int = 2
+    # Days with fewer scored rows never trigger: their tests are too noisy.
+    min_rows: int = 500
+    # Retrain when the AUC measured on late labels falls below this.
+    min_auc: float = 0.6
+    # Score above which an account is flagged, for precision and recall.
+    decision_threshold: float = 0.5
+    # Run-failure alerts are POSTed here as JSON; empty means they are only logged.
+    webhook_url: str = ""
 
 
 class ArtefactStore(dg.ConfigurableResource):
@@ -83,17 +104,27 @@ class ArtefactStore(dg.ConfigurableResource):
 
 
 class FeatureStoreResource(dg.ConfigurableResource):
-    """The Feast repo in ``feature_repo/`` with the profile's ``feature_store.yaml``."""
+    """The Feast repo in ``feature_repo/`` with the profile's ``feature_store.yaml``.
+
+    ``variables`` fill the yaml's ``${NAME}`` placeholders (pass secrets as ``dg.EnvVar``);
+    ``marts`` is the folder or URL of the Parquet marts that the training sets read labels from.
+    """
 
     repo_path: str
     config_file: str
+    marts: str
+    variables: dict[str, str] | None = None
 
     def store(self):  # -> feast.FeatureStore (imported lazily: feast costs seconds)
-        from feast import FeatureStore
-        from feast.repo_config import load_repo_config
+        from keel.features import open_store
 
-        config = load_repo_config(Path(self.repo_path), Path(self.config_file))
-        return FeatureStore(repo_path=self.repo_path, config=config)
+        return open_store(self.config_file, self.repo_path, self.variables)
+
+    def online_reader(self, feature_service: str):  # -> keel.online.OnlineFeatureReader
+        """The fast online lookup that serving uses, for one feature service."""
+        from keel.online import OnlineFeatureReader
+
+        return OnlineFeatureReader(self.store(), feature_service)
 
 
 class MlflowResource(dg.ConfigurableResource):
@@ -159,7 +190,8 @@ class ComputeResource(dg.ConfigurableResource):
     checkpoint_dir: str = ""
     # A folder (one SQLite study file per model family) or an Optuna database URL.
     study_storage: str = ""
-    # Threads for LightGBM and torch; 0 takes every core. Fix it for identical runs anywhere.
+    # LightGBM threads (0: every core) and the network's CPU threads (0: one, which its small
+    # batches train fastest on). Fix it for identical LightGBM runs on any machine.
     num_threads: int = 0
 
     def torch_device(self) -> str:

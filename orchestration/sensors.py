@@ -1,4 +1,4 @@
-"""Sensors: external events that start runs (new landing files, drift, failures)."""
+"""Sensors: external events that start runs (new landing files, drift, decay, failures)."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,15 @@ from pathlib import Path
 import dagster as dg
 
 from assets.ingestion import LANDING_PARTITIONS, LANDING_SUFFIXES, raw_landed_activity
-from orchestration.resources import SourcesResource
+from orchestration.jobs import retrain
+from orchestration.resources import MonitoringResource, SourcesResource
+
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
 
 
 def landing_files(folder: Path) -> dict[str, str]:
@@ -50,3 +58,127 @@ def landing_file_sensor(context: dg.SensorEvaluationContext, sources: SourcesRes
         ],
         cursor=json.dumps({**seen, **fresh}, sort_keys=True),
     )
+
+
+def retraining_in_flight(instance: dg.DagsterInstance) -> bool:
+    """Whether a retraining run is queued or running (there is never more than one)."""
+    runs = instance.get_run_records(
+        dg.RunsFilter(job_name=retrain.name, statuses=IN_FLIGHT), limit=1
+    )
+    return bool(runs)
+
+
+def _episode_sensor(
+    context: dg.SensorEvaluationContext,
+    monitoring: MonitoringResource,
+    asset_key: dg.AssetKey,
+    trigger: str,
+    is_bad,
+):
+    """Fold new materialisations of ``asset_key`` into the episode; retrain once per episode."""
+    from keel.retraining import EpisodeState, observe_day
+
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    state = EpisodeState.from_dict(cursor.get("episode"))
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset_key, after_storage_id=cursor.get("storage_id")),
+        limit=500,
+        ascending=True,
+    ).records
+    if not records:
+        return dg.SkipReason(f"no new {asset_key.to_user_string()} since the last tick")
+    requests, notes = [], []
+    for record in records:
+        materialization = record.asset_materialization
+        partition = materialization.partition
+        bad, reason = is_bad(materialization.metadata)
+        state, start = observe_day(state, partition, bad, monitoring.min_drifted_days)
+        notes.append(f"{partition}: {reason}")
+        if not start:
+            continue
+        if retraining_in_flight(context.instance):
+            notes.append(f"{partition}: a retraining already in flight covers this episode")
+            continue
+        requests.append(
+            dg.RunRequest(
+                # One retraining per episode, keyed by the partition that started it: a tick
+                # evaluated twice (or after a crash) asks again with the same key, a no-op.
+                run_key=f"{trigger}:{partition}",
+                job_name=retrain.name,
+                tags={"keel/trigger": trigger, "keel/partition": partition},
+            )
+        )
+    context.log.info("\n".join(notes))
+    return dg.SensorResult(
+        run_requests=requests,
+        cursor=json.dumps({"storage_id": records[-1].storage_id, "episode": state.to_dict()}),
+    )
+
+
+@dg.sensor(
+    job=retrain,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Starts one retraining per drift episode that lasts long enough.",
+)
+def drift_sensor(context: dg.SensorEvaluationContext, monitoring: MonitoringResource):
+    """Retrain when the daily drift reports show a lasting drift of the model's inputs."""
+    from keel.monitoring import DriftResult, RetrainPolicy, should_retrain
+
+    policy = RetrainPolicy(drift_share=monitoring.drift_share, min_rows=monitoring.min_rows)
+
+    def drifted(metadata):
+        decision = should_retrain(DriftResult.from_dict(metadata["drift"].value), policy)
+        return decision.retrain, decision.reason
+
+    return _episode_sensor(context, monitoring, dg.AssetKey("drift_report"), "drift", drifted)
+
+
+@dg.sensor(
+    job=retrain,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Starts one retraining per episode of AUC below the configured minimum.",
+)
+def performance_sensor(context: dg.SensorEvaluationContext, monitoring: MonitoringResource):
+    """Retrain when the AUC measured on late labels stays below the minimum."""
+    from keel.monitoring import PerformanceResult, RetrainPolicy, should_retrain
+
+    policy = RetrainPolicy(min_auc=monitoring.min_auc, min_rows=monitoring.min_rows)
+
+    def decayed(metadata):
+        if "performance" not in metadata:
+            return False, "no labelled predictions"
+        result = PerformanceResult.from_dict(metadata["performance"].value)
+        decision = should_retrain(result, policy)
+        return decision.retrain, decision.reason
+
+    return _episode_sensor(
+        context, monitoring, dg.AssetKey("performance_report"), "performance", decayed
+    )
+
+
+@dg.run_failure_sensor(
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Posts every failed run to the alert webhook (or logs it when none is set).",
+)
+def run_failure_alert(context: dg.RunFailureSensorContext, monitoring: MonitoringResource):
+    """Tell someone a run failed: POST to the webhook from configuration, else log it."""
+    import requests
+
+    run = context.dagster_run
+    payload = {
+        "text": f"Keel run {run.run_id} of job {run.job_name} failed",
+        "run_id": run.run_id,
+        "job": run.job_name,
+        "error": context.failure_event.message,
+        "tags": dict(run.tags),
+    }
+    if not monitoring.webhook_url:
+        context.log.warning(f"no alert webhook configured; failure: {json.dumps(payload)}")
+        return
+    response = requests.post(monitoring.webhook_url, json=payload, timeout=10)
+    response.raise_for_status()
+
+
+SENSORS = [landing_file_sensor, drift_sensor, performance_sensor, run_failure_alert]

@@ -10,6 +10,7 @@ import pytest
 from keel.settings import KeelPaths
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 

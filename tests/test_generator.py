@@ -80,7 +80,9 @@ def test_outcomes_differ_between_protected_groups():
 
 def test_covariate_shift_starts_on_its_day():
     drift_day = START + timedelta(days=20)
-    config = GeneratorConfig(accounts=2_000, scenarios=(DriftScenario("covariate", drift_day, 0.8),))
+    config = GeneratorConfig(
+        accounts=2_000, scenarios=(DriftScenario("covariate", drift_day, 0.8),)
+    )
     plain = GeneratorConfig(accounts=2_000)
     before = START + timedelta(days=19)
     assert activity_table(config, before).equals(activity_table(plain, before))

@@ -1,0 +1,327 @@
+"""Evaluation assets: the challenger judged against the champion, with the gates as checks.
+
+The maths lives in ``keel.evaluation``. The gate results are emitted by the evaluation asset
+itself as blocking checks, so a failed gate stops the registration step of the same run and
+every result belongs to the evaluation that produced it, even when runs overlap.
+"""
+
+import json
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import dagster as dg
+from pydantic import Field
+
+from keel.evaluation import GATE_NAMES, GatePolicy
+from orchestration.resources import ArtefactStore, MlflowResource
+
+if TYPE_CHECKING:
+    from keel.evaluation import Candidate, Evaluation
+    from keel.registry import ModelRegistry
+
+GROUP = "evaluation"
+CANDIDATE_KEYS = (dg.AssetKey("lightgbm_model"), dg.AssetKey("torch_model"))
+EVALUATION_KEY = dg.AssetKey("challenger_evaluation")
+DEFAULT_SPLIT_DAYS = 7
+_DEFAULTS = GatePolicy()
+
+GATE_DESCRIPTIONS = {
+    "minimum_quality": "ROC AUC on the held-out window reaches the policy's minimum.",
+    "no_regression": "ROC AUC is no worse than the champion's beyond the tolerance "
+    "(passes with a note for the first model, which has no champion).",
+    "fairness": "Demographic parity and equalized odds differences stay within bounds for "
+    "every protected attribute.",
+    "latency_sla": "Single-row p99 latency, batch throughput and model size meet the SLA.",
+}
+
+
+class ModelGovernance(dg.ConfigurableResource):
+    """Gate bounds, the serving SLA, the approval policy and where the audit log lives."""
+
+    min_roc_auc: float = _DEFAULTS.min_roc_auc
+    max_auc_regression: float = _DEFAULTS.max_auc_regression
+    max_demographic_parity_difference: float = _DEFAULTS.max_demographic_parity_difference
+    max_equalized_odds_difference: float = _DEFAULTS.max_equalized_odds_difference
+    fairness_min_group_rows: int = _DEFAULTS.fairness_min_group_rows
+    fairness_min_group_positives: int = _DEFAULTS.fairness_min_group_positives
+    latency_p99_ms: float = _DEFAULTS.latency_p99_ms
+    min_throughput_rows_per_s: float = _DEFAULTS.min_throughput_rows_per_s
+    max_model_size_mb: float = _DEFAULTS.max_model_size_mb
+    threshold_strategy: str = _DEFAULTS.threshold_strategy
+    fixed_threshold: float = _DEFAULTS.fixed_threshold
+    bootstrap_samples: int = _DEFAULTS.bootstrap_samples
+    confidence: float = _DEFAULTS.confidence
+    # Promote a candidate that passed every gate without a human approval.
+    auto_approve: bool = False
+    # SQLAlchemy URL of the audit log; empty keeps it in the MLflow registry's database.
+    audit_uri: str = ""
+
+    def gate_policy(self) -> GatePolicy:
+        return GatePolicy(**{f.name: getattr(self, f.name) for f in fields(GatePolicy)})
+
+    def registry(self, mlflow: MlflowResource) -> "ModelRegistry":
+        from keel.registry import ModelRegistry, RegistryConfig
+
+        return ModelRegistry(
+            RegistryConfig(
+                tracking_uri=mlflow.tracking_uri,
+                registry_uri=mlflow.registry_uri,
+                lock_file=mlflow.lock_file,
+                audit_uri=self.audit_uri,
+                lock_timeout_s=mlflow.lock_timeout_s,
+            )
+        )
+
+
+class EvaluationConfig(dg.Config):
+    """Which models to compare and how hard to time them."""
+
+    challenger_uri: str = Field(
+        default="",
+        description="MLflow URI of the challenger; empty takes the better of lightgbm_model and "
+        "torch_model by validation AUC.",
+    )
+    torch_model_uri: str = Field(
+        default="",
+        description="PyTorch model whose FP16/INT8 variants are measured; empty takes the "
+        "challenger if it is PyTorch, else the latest torch_model.",
+    )
+    validation_days: int = Field(
+        default=0, ge=0, description="Validation window; 0 reuses the challenger run's setting."
+    )
+    test_days: int = Field(
+        default=0, ge=0, description="Held-out window; 0 reuses the challenger run's setting."
+    )
+    single_row_calls: int = Field(default=200, ge=10, description="Timed one-row predictions.")
+    batch_rows: int = Field(default=10_000, ge=100, description="Rows in the throughput batch.")
+    seed: int = Field(default=0, description="Seeds the bootstrap and the timed rows.")
+
+
+def materialisation_metadata(
+    context: dg.AssetExecutionContext | dg.OpExecutionContext, key: dg.AssetKey
+) -> dict[str, Any] | None:
+    """Metadata of ``key``'s materialisation in this run, else of its latest one."""
+    records = context.instance.get_records_for_run(
+        context.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+    ).records
+    for record in reversed(records):
+        materialisation = record.event_log_entry.asset_materialization
+        if materialisation is not None and materialisation.asset_key == key:
+            return {name: value.value for name, value in materialisation.metadata.items()}
+    event = context.instance.get_latest_materialization_event(key)
+    if event is None or event.asset_materialization is None:
+        return None
+    return {name: value.value for name, value in event.asset_materialization.metadata.items()}
+
+
+def _pick_challenger(context: dg.AssetExecutionContext, config: EvaluationConfig) -> dict:
+    if config.challenger_uri:
+        return {"uri": config.challenger_uri, "chosen_because": "named in the run config"}
+    candidates = []
+    for key in CANDIDATE_KEYS:
+        metadata = materialisation_metadata(context, key)
+        if metadata and metadata.get("model_uri"):
+            candidates.append((float(metadata["validation_auc"]), key.to_user_string(), metadata))
+    if not candidates:
+        raise dg.Failure(
+            "no candidate model: materialise lightgbm_model or torch_model first, or set "
+            "challenger_uri in the run config"
+        )
+    auc, name, metadata = max(candidates, key=lambda candidate: candidate[0])
+    others = ", ".join(f"{n} {a:.4f}" for a, n, _ in candidates if n != name)
+    return {
+        "uri": str(metadata["model_uri"]),
+        "chosen_because": f"best validation AUC: {name} {auc:.4f}"
+        + (f" over {others}" if others else ""),
+    }
+
+
+def _run_id_of(client: Any, uri: str) -> str:
+    """The MLflow run behind a ``runs:/``, ``models:/m-...`` or registry URI."""
+    if uri.startswith("runs:/"):
+        return uri.removeprefix("runs:/").split("/", 1)[0]
+    if uri.startswith("models:/m-"):
+        return client.get_logged_model(uri.removeprefix("models:/")).source_run_id
+    raise dg.Failure(f"cannot tell which training run produced {uri}; use a runs:/ URI")
+
+
+def artefact_bytes(uri: str) -> int:
+    """On-disk size of a logged model (what serving downloads and loads)."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="keel-size-") as scratch:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch))
+        return sum(path.stat().st_size for path in local.rglob("*") if path.is_file())
+
+
+def _candidate(uri: str, details: dict[str, Any]) -> "Candidate":
+    from keel.evaluation import Candidate
+    from keel.training import load_risk_model
+
+    return Candidate(load_risk_model(uri), uri, artefact_bytes(uri), details)
+
+
+def _held_out_windows(path: str, validation_days: int, test_days: int):
+    import pandas as pd
+
+    from keel.training import time_split
+
+    split = time_split(pd.read_parquet(path), validation_days, test_days)
+    return split.validation, split.test
+
+
+def _metadata(
+    evaluation: "Evaluation", report_path: str, evaluation_path: str
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    from keel.evaluation import markdown_image, markdown_tables
+
+    summary = evaluation.summary
+    challenger, comparison = summary["challenger"], summary["comparison"]
+    images = evaluation.images()
+    metadata: dict[str, Any] = {
+        "all_gates_passed": dg.MetadataValue.bool(evaluation.all_gates_passed),
+        "challenger_uri": dg.MetadataValue.text(challenger["uri"]),
+        "challenger_family": dg.MetadataValue.text(challenger["family"]),
+        "champion_uri": dg.MetadataValue.text(
+            summary["champion"]["uri"] if summary["champion"] else "none (first model)"
+        ),
+        "roc_auc": dg.MetadataValue.float(challenger["quality"]["roc_auc"]),
+        "pr_auc": dg.MetadataValue.float(challenger["quality"]["pr_auc"]),
+        "threshold": dg.MetadataValue.float(challenger["threshold"]["value"]),
+        "latency_p99_ms": dg.MetadataValue.float(challenger["serving"]["latency_p99_ms"]),
+        "throughput_rows_per_s": dg.MetadataValue.float(
+            challenger["serving"]["throughput_rows_per_s"]
+        ),
+        "held_out_rows": dg.MetadataValue.int(summary["window"]["rows"]),
+        "report": dg.MetadataValue.path(report_path),
+        "evaluation_path": dg.MetadataValue.path(evaluation_path),
+        "run_id": dg.MetadataValue.text(challenger["details"]["run_id"]),
+        "dataset_version": dg.MetadataValue.text(challenger["details"]["dataset_version"]),
+    }
+    if comparison:
+        metadata["auc_difference"] = dg.MetadataValue.float(comparison["auc"]["difference"])
+        metadata["auc_difference_ci_low"] = dg.MetadataValue.float(comparison["auc"]["low"])
+        metadata["auc_difference_ci_high"] = dg.MetadataValue.float(comparison["auc"]["high"])
+    for name, table in markdown_tables(summary).items():
+        metadata[f"{name}_table"] = dg.MetadataValue.md(table)
+    metadata["curves_plot"] = dg.MetadataValue.md(markdown_image(images["curves"], "ROC and PR"))
+    metadata["reliability_plot"] = dg.MetadataValue.md(
+        markdown_image(images["reliability"], "reliability")
+    )
+    metadata["fairness_plot"] = dg.MetadataValue.md(markdown_image(images["fairness"], "fairness"))
+    return metadata, images
+
+
+@dg.asset(
+    deps=list(CANDIDATE_KEYS),
+    group_name=GROUP,
+    kinds={"python", "mlflow", "html"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            name, asset=EVALUATION_KEY, blocking=True, description=GATE_DESCRIPTIONS[name]
+        )
+        for name in GATE_NAMES
+    ],
+)
+def challenger_evaluation(
+    context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
+    mlflow: MlflowResource,
+    artefacts: ArtefactStore,
+    governance: ModelGovernance,
+) -> dg.MaterializeResult:
+    """Challenger versus champion on one held-out window: quality, fairness, cost, HTML report."""
+    from mlflow import MlflowClient
+
+    from keel.evaluation import ServingProbe, evaluate, html_report
+
+    mlflow.configure()
+    client = MlflowClient(mlflow.tracking_uri, mlflow.registry_uri)
+    picked = _pick_challenger(context, config)
+    run_id = _run_id_of(client, picked["uri"])
+    run = client.get_run(run_id)
+    tags, params = run.data.tags, run.data.params
+    if "keel.training_set_path" not in tags:
+        raise dg.Failure(f"run {run_id} has no keel.training_set_path tag: not a Keel training run")
+    validation_days = config.validation_days or int(
+        params.get("setting.validation_days", DEFAULT_SPLIT_DAYS)
+    )
+    test_days = config.test_days or int(params.get("setting.test_days", DEFAULT_SPLIT_DAYS))
+    validation, test = _held_out_windows(tags["keel.training_set_path"], validation_days, test_days)
+    details = {
+        "run_id": run_id,
+        "dataset_version": tags.get("keel.dataset_version", ""),
+        "chosen_because": picked["chosen_because"],
+        "validation_days": validation_days,
+        "test_days": test_days,
+    }
+    challenger = _candidate(picked["uri"], details)
+
+    registry = governance.registry(mlflow)
+    try:
+        champion_version = registry.champion()
+    finally:
+        registry.close()
+    champion = None
+    if champion_version is not None:
+        # The version number, not the alias: the alias may move while this step runs.
+        uri = f"models:/{registry.name}/{champion_version}"
+        champion = _candidate(uri, {"version": champion_version})
+
+    variants_of = None
+    if config.torch_model_uri:
+        variants_of = _candidate(config.torch_model_uri, {}).model
+    elif challenger.model.family == "torch":
+        variants_of = challenger.model
+    else:
+        torch_metadata = materialisation_metadata(context, dg.AssetKey("torch_model"))
+        if torch_metadata and torch_metadata.get("model_uri"):
+            variants_of = _candidate(str(torch_metadata["model_uri"]), {}).model
+
+    probe = ServingProbe(single_row_calls=config.single_row_calls, batch_rows=config.batch_rows)
+    evaluation = evaluate(
+        challenger,
+        champion,
+        validation,
+        test,
+        governance.gate_policy(),
+        probe=probe,
+        variants_of=variants_of,
+        seed=config.seed,
+    )
+    report_target = artefacts.path("evaluation", context.run_id, "report.html")
+    summary_target = artefacts.path("evaluation", context.run_id, "evaluation.json")
+    summary_target.write_text(json.dumps(evaluation.summary, indent=2, default=str))
+    metadata, images = _metadata(evaluation, str(report_target), str(summary_target))
+    report_target.write_text(html_report(evaluation.summary, images))
+    context.log.info(
+        f"challenger {picked['uri']} ({picked['chosen_because']}) against "
+        f"{champion.uri if champion else 'no champion'}: "
+        + ", ".join(
+            f"{g['name']} {'PASS' if g['passed'] else 'FAIL'}" for g in evaluation.summary["gates"]
+        )
+    )
+    return dg.MaterializeResult(
+        metadata=metadata,
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=gate["name"],
+                passed=bool(gate["passed"]),
+                severity=dg.AssetCheckSeverity.ERROR,
+                description=gate["detail"],
+                metadata={
+                    "detail": dg.MetadataValue.text(gate["detail"]),
+                    "value": dg.MetadataValue.float(float(gate["value"]))
+                    if gate["value"] is not None
+                    else dg.MetadataValue.text("n/a"),
+                    "limit": dg.MetadataValue.float(float(gate["limit"])),
+                },
+            )
+            for gate in evaluation.summary["gates"]
+        ],
+    )
+
+
+EVALUATION_ASSETS = [challenger_evaluation]

@@ -1,0 +1,132 @@
+"""The feature store as assets: the applied Feast registry, the online store, training sets.
+
+The maths lives in ``keel.features``; these wrappers pick the profile's store through
+``FeatureStoreResource`` and report what a person checks first. Steps that write the Feast
+registry or the online store share the ``feast`` pool: Feast's file registry and SQLite online
+store take one writer at a time.
+"""
+
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import dagster as dg
+
+from assets.partitions import DAILY_PARTITIONS
+from keel import schema
+from orchestration.resources import ArtefactStore, FeatureStoreResource
+
+GROUP = "features"
+FEAST_POOL = "feast"
+
+FEATURES_MART = dg.AssetKey("fct_account_features_daily")
+LABELS_MART = dg.AssetKey("fct_default_labels")
+TAIWAN_FEATURES_MART = dg.AssetKey("fct_taiwan_features_monthly")
+TAIWAN_LABELS_MART = dg.AssetKey("fct_taiwan_labels")
+
+
+@dg.asset(group_name=GROUP, kinds={"feast"}, pool=FEAST_POOL)
+def feast_registry(feature_store: FeatureStoreResource) -> dg.MaterializeResult:
+    """The Feast registry with every entity, source, feature view and service of feature_repo/."""
+    from keel.features import apply_repo
+
+    store = feature_store.store()
+    result = apply_repo(store)
+    metadata: dict[str, dg.MetadataValue] = {
+        kind: dg.MetadataValue.json(names) for kind, names in result.applied.items()
+    }
+    metadata["objects"] = dg.MetadataValue.int(sum(map(len, result.applied.values())))
+    metadata["deleted"] = dg.MetadataValue.json(result.deleted)
+    metadata["changes"] = dg.MetadataValue.md(f"```\n{result.diff.strip() or 'no changes'}\n```")
+    metadata["project"] = dg.MetadataValue.text(store.project)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"feast"},
+    deps=[feast_registry, FEATURES_MART],
+    partitions_def=DAILY_PARTITIONS,
+    pool=FEAST_POOL,
+)
+def online_features(
+    context: dg.AssetExecutionContext, feature_store: FeatureStoreResource
+) -> dg.MaterializeResult:
+    """The online store holding the newest daily account features, written one day at a time."""
+    from keel.features import materialize_day
+
+    day = date.fromisoformat(context.partition_key)
+    result = materialize_day(feature_store.store(), day)
+    metadata: dict[str, dg.MetadataValue] = {
+        "feature_views": dg.MetadataValue.json(result.feature_views),
+        "window_start": dg.MetadataValue.timestamp(result.start),
+        "window_end": dg.MetadataValue.timestamp(result.end),
+    }
+    if None not in result.rows.values():
+        metadata["rows"] = dg.MetadataValue.int(sum(result.rows.values()))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _training_set(
+    feature_store: FeatureStoreResource,
+    artefacts: ArtefactStore,
+    labels_mart: str,
+    feature_service: str,
+    entity_key: str,
+) -> dg.MaterializeResult:
+    from keel.features import build_training_set, read_mart
+
+    store = feature_store.store()
+    labels = read_mart(f"{feature_store.marts.rstrip('/')}/{labels_mart}", "labels")
+    target = artefacts.path("training_sets", feature_service)
+    if target.protocol in ("", "file", "local"):
+        result = build_training_set(store, labels, Path(target.path), feature_service, entity_key)
+        location = str(result.path)
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            result = build_training_set(store, labels, Path(scratch), feature_service, entity_key)
+            for name in (result.path.name, "latest.json"):
+                target.joinpath(name).write_bytes((Path(scratch) / name).read_bytes())
+        location = str(target.joinpath(result.path.name))
+    return dg.MaterializeResult(
+        metadata={
+            "dataset_version": dg.MetadataValue.text(result.dataset_version),
+            "path": dg.MetadataValue.path(location),
+            "rows": dg.MetadataValue.int(result.rows),
+            "label_rate": dg.MetadataValue.float(result.label_rate),
+            "features": dg.MetadataValue.int(len(result.features)),
+            "feature_service": dg.MetadataValue.text(result.feature_service),
+            "first_event": dg.MetadataValue.timestamp(result.start),
+            "last_event": dg.MetadataValue.timestamp(result.end),
+        }
+    )
+
+
+@dg.asset(
+    group_name=GROUP, kinds={"feast", "parquet"}, deps=[feast_registry, FEATURES_MART, LABELS_MART]
+)
+def training_set(
+    feature_store: FeatureStoreResource, artefacts: ArtefactStore
+) -> dg.MaterializeResult:
+    """Every label joined point-in-time to default_risk_v1, as Parquet named by its content hash."""
+    return _training_set(
+        feature_store, artefacts, schema.LABELS_MART, schema.FEATURE_SERVICE, schema.ENTITY_KEY
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"feast", "parquet"},
+    deps=[feast_registry, TAIWAN_FEATURES_MART, TAIWAN_LABELS_MART],
+)
+def taiwan_training_set(
+    feature_store: FeatureStoreResource, artefacts: ArtefactStore
+) -> dg.MaterializeResult:
+    """The Taiwan labels joined point-in-time to taiwan_default_v1, named by its content hash."""
+    return _training_set(
+        feature_store,
+        artefacts,
+        schema.TAIWAN_LABELS_MART,
+        schema.TAIWAN_FEATURE_SERVICE,
+        schema.TAIWAN_ENTITY_KEY,
+    )

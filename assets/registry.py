@@ -1,0 +1,196 @@
+"""Registry assets: the evaluated challenger registered in MLflow, and the registry actions job.
+
+The maths lives in ``keel.registry``. ``registered_model`` re-reads the gate results of the
+evaluation it registers, because blocking checks only stop steps of the same run: a separate
+run (a sensor, a manual launch) must not register a candidate that failed its gates.
+"""
+
+import json
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import dagster as dg
+from pydantic import Field
+
+from assets.evaluation import EVALUATION_KEY, ModelGovernance, materialisation_metadata
+from orchestration.resources import MlflowResource
+
+if TYPE_CHECKING:
+    from keel.registry import AuditRecord, ModelRegistry
+
+GROUP = "registry"
+REGISTERED_MODEL_KEY = dg.AssetKey("registered_model")
+AUDIT_ROWS_SHOWN = 25
+
+
+class RegistrationConfig(dg.Config):
+    """Who registers, and why."""
+
+    registered_by: str = Field(default="keel-pipeline", description="Actor in the audit trail.")
+    reason: str = Field(default="", description="Why, for the audit trail.")
+
+
+def audit_table(records: list["AuditRecord"]) -> dg.TableMetadataValue:
+    """The latest audit records as a Dagster table (newest first)."""
+    columns = ("id", "recorded_at", "action", "actor", "from_version", "to_version", "reason")
+    return dg.MetadataValue.table(
+        records=[
+            dg.TableRecord({name: getattr(record, name) or "" for name in columns})
+            for record in reversed(records)
+        ],
+        schema=dg.TableSchema(
+            columns=[dg.TableColumn(name, "int" if name == "id" else "string") for name in columns]
+        ),
+    )
+
+
+def registry_state(registry: "ModelRegistry") -> dict[str, Any]:
+    """Champion, challenger and the audit trail, as metadata."""
+    return {
+        "champion_version": dg.MetadataValue.text(registry.champion() or "none"),
+        "challenger_version": dg.MetadataValue.text(registry.challenger() or "none"),
+        "audit_trail": audit_table(registry.audit_records(limit=AUDIT_ROWS_SHOWN)),
+    }
+
+
+def _read_evaluation(path: str) -> dict[str, Any]:
+    from upath import UPath
+
+    target = UPath(path)
+    if not target.exists():
+        raise dg.Failure(f"the evaluation summary {path} is gone: materialise the evaluation again")
+    return json.loads(target.read_text())
+
+
+@dg.asset(deps=[EVALUATION_KEY], group_name=GROUP, kinds={"mlflow"})
+def registered_model(
+    context: dg.AssetExecutionContext,
+    config: RegistrationConfig,
+    mlflow: MlflowResource,
+    governance: ModelGovernance,
+) -> dg.MaterializeResult:
+    """The evaluated challenger as an MLflow model version with lineage, gates and approval."""
+    from keel.evaluation import flat_metrics
+
+    metadata = materialisation_metadata(context, EVALUATION_KEY)
+    if metadata is None:
+        raise dg.Failure("challenger_evaluation has never been materialised")
+    evaluation = _read_evaluation(str(metadata["evaluation_path"]))
+    gates = {gate["name"]: bool(gate["passed"]) for gate in evaluation["gates"]}
+    failed = [name for name, passed in gates.items() if not passed]
+    if failed:
+        raise dg.Failure(
+            f"the evaluated challenger failed the gates {', '.join(failed)}; not registered",
+            metadata={"evaluation": dg.MetadataValue.path(str(metadata["evaluation_path"]))},
+        )
+    challenger = evaluation["challenger"]
+    mlflow.configure()
+    registry = governance.registry(mlflow)
+    try:
+        info = registry.register(
+            challenger["details"]["run_id"],
+            flat_metrics(evaluation),
+            gates,
+            actor=config.registered_by,
+            auto_approve=governance.auto_approve,
+            model_uri=challenger["uri"],
+            evaluation_report=str(metadata.get("report", "")),
+            reason=config.reason,
+        )
+        state = registry_state(registry)
+    finally:
+        registry.close()
+    context.log.info(
+        f"version {info.version} ({'new' if info.created else 'already registered'}): "
+        f"{info.approval_status}, stage {info.stage}"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "version": dg.MetadataValue.int(int(info.version)),
+            "newly_registered": dg.MetadataValue.bool(info.created),
+            "stage": dg.MetadataValue.text(info.stage),
+            "approval_status": dg.MetadataValue.text(info.approval_status),
+            "aliases": dg.MetadataValue.text(", ".join(info.aliases) or "none"),
+            "model_uri": dg.MetadataValue.text(f"models:/{registry.name}/{info.version}"),
+            "dataset_version": dg.MetadataValue.text(info.dataset_version),
+            "model_family": dg.MetadataValue.text(info.model_family),
+            "auto_approve": dg.MetadataValue.bool(governance.auto_approve),
+            **state,
+        }
+    )
+
+
+class RegistryAction(StrEnum):
+    """What the ``registry_action`` job does."""
+
+    approve = "approve"
+    reject = "reject"
+    promote = "promote"
+    rollback = "rollback"
+
+
+class RegistryActionConfig(dg.Config):
+    """One approval-workflow step, as ``keel registry ...`` takes it."""
+
+    action: RegistryAction = Field(description="approve, reject, promote or rollback.")
+    version: str = Field(default="", description="Version number or alias (not for rollback).")
+    actor: str = Field(description="Who acts; the model's trainer may not approve it.")
+    reason: str = Field(default="", description="Why; required for reject and rollback.")
+
+
+@dg.op(tags={"kind": "mlflow"})
+def apply_registry_action(
+    context: dg.OpExecutionContext,
+    config: RegistryActionConfig,
+    mlflow: MlflowResource,
+    governance: ModelGovernance,
+) -> None:
+    """Approve, reject, promote or roll back a model version, and record it in the audit trail."""
+    from keel.registry import RegistryError
+
+    if config.action != RegistryAction.rollback and not config.version:
+        raise dg.Failure(f"{config.action.value} needs a version (a number or an alias)")
+    mlflow.configure()
+    registry = governance.registry(mlflow)
+    try:
+        if config.action == RegistryAction.rollback:
+            info = registry.rollback(config.actor, config.reason)
+        else:
+            act = getattr(registry, config.action.value)
+            info = act(config.version, config.actor, config.reason)
+        record = registry.audit_records(limit=1)[-1]
+        state = registry_state(registry)
+    except RegistryError as error:
+        raise dg.Failure(str(error)) from error
+    finally:
+        registry.close()
+    context.log.info(
+        f"{record.action} by {record.actor}: {record.from_version or '-'} -> "
+        f"{record.to_version or '-'} ({record.reason})"
+    )
+    # An observation puts the action on the registered_model page next to its materialisations.
+    context.log_event(
+        dg.AssetObservation(
+            asset_key=REGISTERED_MODEL_KEY,
+            metadata={
+                "action": dg.MetadataValue.text(record.action),
+                "actor": dg.MetadataValue.text(record.actor),
+                "from_version": dg.MetadataValue.text(record.from_version or "none"),
+                "to_version": dg.MetadataValue.text(record.to_version or "none"),
+                "reason": dg.MetadataValue.text(record.reason),
+                "stage": dg.MetadataValue.text(info.stage),
+                "approval_status": dg.MetadataValue.text(info.approval_status),
+                **state,
+            },
+        )
+    )
+
+
+@dg.job(tags={"keel/stage": "registry"})
+def registry_action() -> None:
+    """Approve, reject, promote or roll back a model version (config: action, version, actor)."""
+    apply_registry_action()
+
+
+REGISTRY_ASSETS = [registered_model]
+REGISTRY_JOBS = [registry_action]

@@ -1,0 +1,141 @@
+"""Keel's Feast objects: entities, sources over the dbt marts, feature views, feature services.
+
+`feast plan` and `feast apply` read this file from this folder; ``keel.features.apply_repo``
+applies the same objects from Python. Locally the sources are the Parquet marts under
+``$KEEL_HOME/marts``; with ``KEEL_PROFILE=production`` they are the same marts as BigQuery
+tables in the dataset named by ``KEEL_BIGQUERY_DATASET``.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pandas as pd
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.data_format import ParquetFormat
+from feast.data_source import DataSource
+from feast.on_demand_feature_view import on_demand_feature_view
+from feast.types import Float64, Int64, String
+
+from keel import schema
+from keel.features import RATIO_INPUTS
+from keel.settings import KeelPaths, SettingsError, active_profile
+
+MARTS = KeelPaths.current().marts
+PRODUCTION = active_profile() == "production"
+
+
+def _mart_source(name: str, local_path: Path, table: str, description: str) -> DataSource:
+    """A Parquet mart locally, the same mart as a BigQuery table in production."""
+    if not PRODUCTION:
+        return FileSource(
+            name=name,
+            path=str(local_path),
+            file_format=ParquetFormat(),
+            timestamp_field=schema.EVENT_TIMESTAMP,
+            created_timestamp_column=schema.CREATED_TIMESTAMP,
+            description=description,
+        )
+    from feast import BigQuerySource
+
+    dataset = os.environ.get("KEEL_BIGQUERY_DATASET", "").strip()
+    if not dataset:
+        raise SettingsError(
+            "KEEL_PROFILE=production reads the marts from BigQuery: set KEEL_BIGQUERY_DATASET "
+            "to the dataset that holds them."
+        )
+    return BigQuerySource(
+        name=name,
+        table=f"{dataset}.{table}",
+        timestamp_field=schema.EVENT_TIMESTAMP,
+        created_timestamp_column=schema.CREATED_TIMESTAMP,
+        description=description,
+    )
+
+
+account = Entity(
+    name=schema.ENTITY,
+    join_keys=[schema.ENTITY_KEY],
+    value_type=ValueType.INT64,
+    description="A credit-card account.",
+)
+
+account_daily_source = _mart_source(
+    "account_daily_source",
+    MARTS / schema.FEATURES_MART,
+    "fct_account_features_daily",
+    "dbt mart fct_account_features_daily: one row per account per day, stamped at day end.",
+)
+
+# The mart writes a row for every open account every day, so on a healthy pipeline the newest
+# row is at most one day old. Two days tolerate one late or missed daily run; after that a
+# training row gets nulls instead of silently reusing a value from before the outage.
+account_daily_fv = FeatureView(
+    name="account_daily_fv",
+    entities=[account],
+    ttl=timedelta(days=2),
+    schema=[Field(name=schema.ENTITY_KEY, dtype=Int64)]
+    + [Field(name=name, dtype=Float64) for name in schema.DAILY_NUMERIC_FEATURES]
+    + [Field(name=name, dtype=String) for name in schema.DAILY_CATEGORICAL_FEATURES],
+    source=account_daily_source,
+    online=True,
+    description="Rolling spend, payment and utilisation features of an account, per day.",
+)
+
+
+@on_demand_feature_view(
+    sources=[account_daily_fv[list(RATIO_INPUTS)]],
+    schema=[Field(name=name, dtype=Float64) for name in schema.ON_DEMAND_FEATURES],
+    mode="pandas",
+    description="Ratios computed at request time from the daily features.",
+)
+def account_ratios_odfv(inputs: pd.DataFrame) -> pd.DataFrame:
+    """Payment, spend-trend and balance ratios (``keel.features.account_ratios``)."""
+    # Feast rebuilds this function from its source text with only pd and np in scope.
+    from keel.features import account_ratios
+
+    return pd.DataFrame(account_ratios(inputs))
+
+
+default_risk_v1 = FeatureService(
+    name=schema.FEATURE_SERVICE,
+    features=[account_daily_fv, account_ratios_odfv],
+    description="Every feature the default-risk model reads, version 1.",
+)
+
+
+client = Entity(
+    name=schema.TAIWAN_ENTITY,
+    join_keys=[schema.TAIWAN_ENTITY_KEY],
+    value_type=ValueType.INT64,
+    description="A credit-card client of the Taiwan default data set.",
+)
+
+taiwan_monthly_source = _mart_source(
+    "taiwan_monthly_source",
+    MARTS / schema.TAIWAN_FEATURES_MART,
+    "fct_taiwan_features_monthly",
+    "Taiwan credit-card clients, one row per client per month end (April to September 2005).",
+)
+
+# One snapshot per month end, each current until the next: a month has at most 31 days, so a
+# label stamped at the next month end (2005-10-31 after 2005-09-30) still sees the last one;
+# 35 days leave room for a late monthly load.
+taiwan_monthly_fv = FeatureView(
+    name="taiwan_monthly_fv",
+    entities=[client],
+    ttl=timedelta(days=35),
+    schema=[Field(name=schema.TAIWAN_ENTITY_KEY, dtype=Int64)]
+    + [Field(name=name, dtype=Float64) for name in schema.TAIWAN_FEATURES],
+    source=taiwan_monthly_source,
+    online=True,
+    description="Monthly bill, payment and repayment-status features of a Taiwan client.",
+)
+
+taiwan_default_v1 = FeatureService(
+    name=schema.TAIWAN_FEATURE_SERVICE,
+    features=[taiwan_monthly_fv],
+    description="Every feature the Taiwan default model reads, version 1.",
+)

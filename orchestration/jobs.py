@@ -1,0 +1,60 @@
+"""Jobs are asset selections: what runs together, on a schedule, from a sensor or by hand."""
+
+import dagster as dg
+
+from assets.partitions import DAILY_PARTITIONS
+from assets.transformation import daily_dbt_models, dbt_models, dbt_unit_tests
+
+# dbt's unit tests check SQL logic, not data: they run with `dbt build` itself and on demand as
+# the dbt_unit_tests checks, not in every scheduled run.
+WITHOUT_UNIT_TESTS = dg.AssetSelection.checks(dbt_unit_tests)
+
+# Raw data in, validated, through dbt to the marts, into the online store, scored and
+# monitored: everything a day needs, one partition at a time.
+daily_pipeline = dg.define_asset_job(
+    "daily_pipeline",
+    selection=(
+        dg.AssetSelection.assets("raw_account_activity", "raw_default_labels")
+        | dg.AssetSelection.assets(daily_dbt_models)
+        | dg.AssetSelection.assets(
+            "online_features", "batch_predictions", "drift_report", "performance_report"
+        )
+    )
+    - WITHOUT_UNIT_TESTS,
+    partitions_def=DAILY_PARTITIONS,
+    description="One day: ingest, validate, dbt, online features, batch scores, monitoring.",
+)
+
+# Slowly changing data: the account holders, the unpartitioned marts, the Feast registry.
+reference_data = dg.define_asset_job(
+    "reference_data",
+    selection=dg.AssetSelection.assets("raw_account_holders", "feast_registry")
+    | dg.AssetSelection.assets(dbt_models) - WITHOUT_UNIT_TESTS,
+    description="Account holders, the unpartitioned dbt models and the applied Feast registry.",
+)
+
+# The real Taiwan data: load, validate, dbt, training set.
+taiwan = dg.define_asset_job(
+    "taiwan",
+    selection=dg.AssetSelection.assets("raw_taiwan_credit_clients", "taiwan_training_set")
+    | dg.AssetSelection.assets(
+        "stg_taiwan__credit_clients",
+        "int_taiwan_statements_unpivoted",
+        "fct_taiwan_features_monthly",
+        "fct_taiwan_labels",
+    )
+    - WITHOUT_UNIT_TESTS,
+    description="Load and validate the Taiwan data, build its marts and its training set.",
+)
+
+# A fresh training set, both model families, the gates against the champion, the registry.
+retrain = dg.define_asset_job(
+    "retrain",
+    selection=dg.AssetSelection.assets("training_set")
+    | dg.AssetSelection.groups("training", "evaluation", "registry"),
+    description="Training set, LightGBM and PyTorch models, evaluation gates, registration.",
+    # The instance's `gpu` limit counts run tags: one retraining holds the GPU at a time.
+    tags={"gpu": "true"},
+)
+
+JOBS = [daily_pipeline, reference_data, taiwan, retrain]

@@ -1,0 +1,249 @@
+"""The closed loop, played day by day on generated data: `make demo` and the end-to-end test.
+
+A scenario first builds a history (one backfill run), trains and promotes a first champion,
+then runs the daily pipeline one day at a time, as the daily schedule would, and after each
+day ticks the drift and performance sensors exactly as the daemon does: a retraining they ask
+for runs at once, under its run key, before the next day starts. Everything is recorded in
+the Dagster instance, MLflow and the registry's audit log, so the UIs show what happened.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import Any
+
+import dagster as dg
+
+from assets.partitions import FIRST_DAY
+from assets.transformation import daily_dbt_models
+from orchestration.jobs import WITHOUT_UNIT_TESTS, daily_pipeline, reference_data, retrain
+from orchestration.resources import DriftScenarioConfig, SourcesResource
+from orchestration.sensors import drift_sensor, performance_sensor
+
+# Light training settings: the loop, not the last decimal of AUC, is what a scenario shows.
+QUICK_TRAINING = {
+    "lightgbm_model": {"config": {"trials": 4, "time_budget_s": 60.0}},
+    "torch_model": {
+        "config": {"trials": 2, "time_budget_s": 90.0, "max_epochs": 15, "tuning_epochs": 3}
+    },
+}
+
+history = dg.define_asset_job(
+    "history",
+    selection=dg.AssetSelection.assets("raw_account_activity", "raw_default_labels")
+    | dg.AssetSelection.assets(daily_dbt_models) - WITHOUT_UNIT_TESTS,
+)
+# Scenario runs log warnings and errors only; the Dagster UI has every event.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A generated world with a covariate drift switched on part-way through."""
+
+    # One label per account per month: 5,000 accounts give ~170 labels a day, enough for the
+    # evaluation gates and the fairness report to judge.
+    accounts: int = 5_000
+    history_days: int = 45
+    days: int = 14
+    drift_day: int | None = 7  # index into the monitored days; None: no drift
+    drift_strength: float = 0.6
+    # Short, so that a retraining soon after the drift starts already sees drifted labels.
+    label_delay_days: int = 1
+    seed: int = 7
+
+    @property
+    def first_day(self) -> date:
+        return date.fromisoformat(FIRST_DAY)
+
+    @property
+    def monitored_days(self) -> list[date]:
+        start = self.first_day + timedelta(days=self.history_days)
+        return [start + timedelta(days=i) for i in range(self.days)]
+
+    def sources(self, base: SourcesResource) -> SourcesResource:
+        drifts = []
+        if self.drift_day is not None:
+            start = self.monitored_days[self.drift_day]
+            drifts = [
+                DriftScenarioConfig(
+                    kind="covariate", start=start.isoformat(), strength=self.drift_strength
+                )
+            ]
+        return SourcesResource(
+            **{
+                **base.model_dump(),
+                "accounts": self.accounts,
+                "seed": self.seed,
+                "label_delay_days": self.label_delay_days,
+                "late_share": 0.0,
+                "scenarios": drifts,
+            }
+        )
+
+
+@dataclass
+class ScenarioResult:
+    """What happened, day by day, and where to look."""
+
+    drift_by_day: dict[str, bool] = field(default_factory=dict)
+    drifted_features: dict[str, list[str]] = field(default_factory=dict)
+    auc_by_day: dict[str, float | None] = field(default_factory=dict)
+    retraining_runs: list[dict[str, Any]] = field(default_factory=list)
+    champions: list[str] = field(default_factory=list)
+    audit: list[dict[str, Any]] = field(default_factory=list)
+    champion_lineage: dict[str, Any] = field(default_factory=dict)
+
+    def false_alarms(self, drift_start: str | None) -> list[str]:
+        """Days flagged as drifted before the drift started."""
+        return [
+            day
+            for day, drifted in self.drift_by_day.items()
+            if drifted and (drift_start is None or day < drift_start)
+        ]
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, default=str)
+
+
+def _execute(
+    defs: dg.Definitions,
+    job: str,
+    instance,
+    run_config: dict | None = None,
+    must_succeed: bool = True,
+    **kwargs,
+) -> dg.ExecuteInProcessResult:
+    result = defs.resolve_job_def(job).execute_in_process(
+        instance=instance,
+        raise_on_error=False,
+        run_config={**QUIET, **(run_config or {})},
+        **kwargs,
+    )
+    if must_succeed and not result.success:
+        failures = [e.message for e in result.all_events if e.is_failure]
+        raise RuntimeError(f"job {job} failed: {failures[-3:]}")
+    return result
+
+
+def failed_gates(result: dg.ExecuteInProcessResult) -> list[str]:
+    """The blocking checks that failed in a run (a retraining whose challenger was rejected)."""
+    return sorted(e.check_name for e in result.get_asset_check_evaluations() if not e.passed)
+
+
+def _latest_metadata(instance, key: str, partition: str) -> dict[str, Any]:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=[partition]), limit=1
+    ).records
+    return records[0].asset_materialization.metadata if records else {}
+
+
+def run_scenario(
+    scenario: Scenario,
+    instance: dg.DagsterInstance,
+    resources: dict[str, Any],
+    echo: Callable[[str], None] = print,
+) -> ScenarioResult:
+    """Play ``scenario`` against ``instance`` with ``resources`` (the local profile's)."""
+    from orchestration.definitions import defs as project
+
+    resources = {**resources, "sources": scenario.sources(resources["sources"])}
+    defs = dg.Definitions(
+        assets=project.assets,
+        asset_checks=project.asset_checks,
+        jobs=[daily_pipeline, reference_data, retrain, history],
+        sensors=[drift_sensor, performance_sensor],
+        resources=resources,
+    )
+    result = ScenarioResult()
+    first, days = scenario.first_day, scenario.monitored_days
+    last_history = days[0] - timedelta(days=1)
+
+    echo(f"1/4 reference data and {scenario.history_days} days of history ({first}..)")
+    _execute(defs, "reference_data", instance)
+    _execute(
+        defs,
+        "history",
+        instance,
+        tags={
+            "dagster/asset_partition_range_start": first.isoformat(),
+            "dagster/asset_partition_range_end": last_history.isoformat(),
+        },
+    )
+    echo("2/4 training, evaluating and registering the first champion")
+    _execute(defs, "retrain", instance, run_config={"ops": QUICK_TRAINING})
+
+    echo(f"3/4 {len(days)} daily runs, sensors ticking after each")
+    cursors: dict[str, str | None] = {"drift_sensor": None, "performance_sensor": None}
+    for day in days:
+        key = day.isoformat()
+        _execute(defs, "daily_pipeline", instance, partition_key=key)
+        drift = _latest_metadata(instance, "drift_report", key)
+        result.drift_by_day[key] = bool(drift["dataset_drift"].value)
+        result.drifted_features[key] = list(drift["drifted_features"].value)
+        performance = _latest_metadata(instance, "performance_report", key)
+        auc = performance.get("auc")
+        result.auc_by_day[key] = None if auc is None or auc.value != auc.value else auc.value
+        echo(
+            f"    {key}: drift={'yes' if result.drift_by_day[key] else 'no '} "
+            f"({len(result.drifted_features[key])} features) "
+            f"auc={'-' if result.auc_by_day[key] is None else f'{result.auc_by_day[key]:.3f}'}"
+        )
+        for sensor in (drift_sensor, performance_sensor):
+            context = dg.build_sensor_context(
+                instance=instance,
+                cursor=cursors[sensor.name],
+                definitions=defs,
+                resources={"monitoring": resources["monitoring"]},
+            )
+            tick = sensor(context)
+            if isinstance(tick, dg.SkipReason):
+                continue
+            cursors[sensor.name] = tick.cursor
+            for request in tick.run_requests or []:
+                _run_requested(defs, instance, request, sensor.name, result, echo)
+    echo("4/4 summary")
+    registry = resources["governance"].registry(resources["mlflow"])
+    result.champions = [
+        r.to_version for r in registry.audit_records() if r.action in ("promote", "rollback")
+    ]
+    result.audit = [r.__dict__ for r in registry.audit_records()]
+    result.champion_lineage = registry.lineage("champion")
+    return result
+
+
+def _run_requested(defs, instance, request, sensor_name, result, echo) -> None:
+    """Launch a sensor's run request as the daemon would: once per run key."""
+    existing = instance.get_run_records(
+        dg.RunsFilter(tags={"dagster/run_key": request.run_key}), limit=1
+    )
+    if existing:
+        return
+    echo(f"    {sensor_name} requests a retraining ({request.run_key})")
+    run = _execute(
+        defs,
+        request.job_name,
+        instance,
+        run_config={"ops": QUICK_TRAINING},
+        must_succeed=False,
+        tags={
+            **request.tags,
+            "dagster/run_key": request.run_key,
+            "dagster/sensor_name": sensor_name,
+        },
+    )
+    gates = failed_gates(run)
+    outcome = "registered" if run.success else f"rejected by {', '.join(gates) or 'a failed step'}"
+    echo(f"    retraining run {run.run_id[:8]}: {outcome}")
+    result.retraining_runs.append(
+        {
+            "run_id": run.run_id,
+            "run_key": request.run_key,
+            "tags": dict(request.tags),
+            "success": run.success,
+            "failed_gates": gates,
+        }
+    )
