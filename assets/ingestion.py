@@ -20,6 +20,18 @@ LANDING_SUFFIXES = (".csv", ".parquet", ".jsonl")
 SNAPSHOT = "snapshot"
 
 
+# The generator's daily extracts: a backfill loads its whole range in one run, one transaction
+# per group of files; every warehouse writer shares the `warehouse` pool.
+DAILY_EXTRACT = {
+    "group_name": GROUP,
+    "kinds": {"python", "duckdb"},
+    "partitions_def": DAILY_PARTITIONS,
+    "backfill_policy": dg.BackfillPolicy.single_run(),
+    "pool": "warehouse",
+    "code_version": "1",
+}
+
+
 def _loaded(tables: dict[str, int], source: str) -> dg.MaterializeResult:
     return dg.MaterializeResult(
         metadata={
@@ -70,14 +82,7 @@ def _load_generated_days(
     return rows
 
 
-@dg.asset(
-    group_name=GROUP,
-    kinds={"python", "duckdb"},
-    partitions_def=DAILY_PARTITIONS,
-    backfill_policy=dg.BackfillPolicy.single_run(),
-    pool="warehouse",
-    code_version="1",
-)
+@dg.asset(**DAILY_EXTRACT)
 def raw_account_activity(
     context: dg.AssetExecutionContext, sources: SourcesResource, warehouse: WarehouseResource
 ):
@@ -86,18 +91,11 @@ def raw_account_activity(
     return _loaded(rows, sources.generated_dir)
 
 
-@dg.asset(
-    group_name=GROUP,
-    kinds={"python", "duckdb"},
-    partitions_def=DAILY_PARTITIONS,
-    backfill_policy=dg.BackfillPolicy.single_run(),
-    pool="warehouse",
-    code_version="1",
-)
+@dg.asset(**DAILY_EXTRACT)
 def raw_default_labels(
     context: dg.AssetExecutionContext, sources: SourcesResource, warehouse: WarehouseResource
 ):
-    """Default outcomes that arrived on each day (they describe accounts 30 days earlier)."""
+    """Default outcomes that arrived on each day (they describe accounts observed earlier)."""
     rows = _load_generated_days(context, sources, warehouse, "default_labels")
     return _loaded(rows, sources.generated_dir)
 

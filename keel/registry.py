@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from keel.schema import LINEAGE_TAGS
 from keel.settings import KeelPaths
 from keel.training import REGISTERED_MODEL_NAME
 
@@ -40,20 +41,6 @@ PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
 AUTO_APPROVER = "policy:auto-approve"
 ACTIONS = ("register", "approve", "reject", "promote", "rollback")
 
-# Lineage tags every training run carries (keel.tracking.LINEAGE_TAGS, kept here so that the
-# registry loads without MLflow's tracking helpers); each is copied onto the registered version.
-LINEAGE_TAGS = (
-    "keel.dataset_version",
-    "keel.training_set_path",
-    "keel.dagster_data_version",
-    "keel.code_commit",
-    "keel.code_dirty",
-    "keel.feature_service",
-    "keel.dbt_manifest_hash",
-    "keel.dbt_models",
-    "keel.model_family",
-    "keel.trained_by",
-)
 TAG_TRAINING_SET_SHA256 = "keel.training_set_sha256"
 TAG_STAGE = "keel.stage"
 TAG_APPROVAL = "keel.approval_status"

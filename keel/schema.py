@@ -54,6 +54,21 @@ REGIONS = ("north", "south", "east", "west", "central")
 SEXES = ("F", "M")
 AGE_BANDS = ("18-25", "26-35", "36-50", "51-65", "66+")
 
+# Tags every training run carries in MLflow and every registered model version copies: the
+# lineage from a model back to its data, features, transformations and code.
+LINEAGE_TAGS = (
+    "keel.dataset_version",
+    "keel.training_set_path",
+    "keel.dagster_data_version",
+    "keel.code_commit",
+    "keel.code_dirty",
+    "keel.feature_service",
+    "keel.dbt_manifest_hash",
+    "keel.dbt_models",
+    "keel.model_family",
+    "keel.trained_by",
+)
+
 # Where dbt lands the marts for Feast and other readers, relative to the marts folder
 # ($KEEL_HOME/marts): one Parquet file per daily partition, named YYYY-MM-DD.parquet.
 # Timestamps are UTC (`timestamp with time zone` in DuckDB, tz=UTC in Arrow).

@@ -29,7 +29,12 @@ import numpy as np
 import pandas as pd
 from mlflow.models import infer_signature
 
-from keel.schema import ACCOUNTS_MART, FEATURES_MART, LABELS_MART, MODEL_FEATURES
+from keel.schema import (
+    ACCOUNTS_MART,
+    FEATURES_MART,
+    LABELS_MART,
+    MODEL_FEATURES,
+)
 from keel.settings import DBT_PROJECT_DIR, PROJECT_ROOT
 from keel.training import RiskModel, TrainingOutcome, load_model_folder, save_risk_model
 
@@ -37,18 +42,6 @@ DBT_MANIFEST = DBT_PROJECT_DIR / "target" / "manifest.json"
 # The marts the point-in-time training set is read from (features, labels, accounts).
 TRAINING_MARTS = (FEATURES_MART, LABELS_MART, Path(ACCOUNTS_MART).stem)
 MODEL_ARTIFACT = "model"
-LINEAGE_TAGS = (
-    "keel.dataset_version",
-    "keel.training_set_path",
-    "keel.dagster_data_version",
-    "keel.code_commit",
-    "keel.code_dirty",
-    "keel.feature_service",
-    "keel.dbt_manifest_hash",
-    "keel.dbt_models",
-    "keel.model_family",
-    "keel.trained_by",
-)
 # Logged as params for a quick look in the UI; the full list goes to an artefact.
 KEY_PACKAGES = (
     "dagster",

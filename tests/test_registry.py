@@ -21,7 +21,6 @@ from keel.registry import (
     AUTO_APPROVER,
     CHALLENGER,
     CHAMPION,
-    LINEAGE_TAGS,
     PRODUCTION,
     STAGING,
     ApprovalError,
@@ -150,12 +149,6 @@ def registry(config: RegistryConfig):
     opened = ModelRegistry(config)
     yield opened
     opened.close()
-
-
-def test_the_registry_copies_exactly_the_tags_training_writes():
-    from keel import tracking
-
-    assert LINEAGE_TAGS == tracking.LINEAGE_TAGS
 
 
 def test_registration_tags_lineage_and_sets_the_challenger(registry, config, keel_home):
