@@ -260,8 +260,7 @@ class AsofRetrievalJob(RetrievalJob):
         rows = features.column("__keel_row").to_numpy()
         inverse = np.empty_like(rows)
         inverse[rows] = np.arange(len(rows))
-        # One chunk first: a take across DuckDB's batches costs three times as much.
-        features = features.combine_chunks().take(inverse).drop_columns(["__keel_row"])
+        features = features.take(inverse).drop_columns(["__keel_row"])
         table = entity.drop_columns(["__keel_row"])
         for name, column in zip(features.column_names, features.columns, strict=True):
             table = table.append_column(name, column)

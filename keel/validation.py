@@ -269,9 +269,7 @@ def prepared_batch_sql(suite: Suite) -> str:
         parsed.append(f'{value} as "{column}__value"')
         parsed.append(f'("{column}" is null or {value} is not null) as "{column}__parses"')
     if suite.partition_column:
-        parsed.append(
-            f'coalesce("{suite.partition_column}" = _partition, false) as _in_partition'
-        )
+        parsed.append(f'coalesce("{suite.partition_column}" = _partition, false) as _in_partition')
     # Text columns that were parsed are left out: their values and flags say it all, and
     # Great Expectations hashes every column of a batch, which is slow for text.
     text = [f'"{c}"' for c in suite.table.columns if c not in suite.types]
@@ -373,7 +371,7 @@ def validate_partitions(
     verdicts = []
     for batch in _batches(partitions, sizes):
         frame = (
-            connection.execute(prepared_batch_sql(suite), [batch])
+            connection.sql(prepared_batch_sql(suite), params=[batch])
             .to_arrow_table()
             .to_pandas(types_mapper=pd.ArrowDtype)
         )

@@ -33,3 +33,39 @@ def test_dagster_cli_validates_the_workspace(venv_bin):
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_pipeline_stage_is_an_asset_group():
+    from orchestration.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    groups = {graph.get(key).group_name for key in graph.get_all_asset_keys()}
+    assert groups == {
+        "ingestion",
+        "transformation",
+        "features",
+        "training",
+        "evaluation",
+        "registry",
+        "inference",
+        "monitoring",
+    }
+
+
+def test_jobs_schedules_and_sensors_are_wired():
+    from orchestration.definitions import defs
+
+    for job in ("daily_pipeline", "reference_data", "retrain", "taiwan", "registry_action"):
+        assert defs.resolve_job_def(job) is not None
+    assert {s.name for s in defs.schedules} == {
+        "daily_pipeline_schedule",
+        "reference_data_schedule",
+        "weekly_retrain_schedule",
+    }
+    assert {s.name for s in defs.sensors} == {
+        "landing_file_sensor",
+        "drift_sensor",
+        "performance_sensor",
+        "run_failure_alert",
+    }
+    assert defs.resolve_job_def("retrain").tags["gpu"] == "true"

@@ -208,9 +208,9 @@ def test_landing_sensor_loads_each_file_exactly_once(data_resources, small_sourc
         instance=instance,
     )
     assert result.success
-    assert result.asset_materializations_for_node("raw_landed_activity")[0].metadata[
-        "rows"
-    ].value == 5
+    assert (
+        result.asset_materializations_for_node("raw_landed_activity")[0].metadata["rows"].value == 5
+    )
 
 
 def test_holders_snapshot_loads_and_passes(data_resources):

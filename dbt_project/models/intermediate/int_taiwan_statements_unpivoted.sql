@@ -13,15 +13,15 @@ clients as (
 
 statements as (
     {%- for status, amount, month_end in months %}
-    select
-        client_id,
-        limit_bal,
-        cast('{{ month_end }}' as date) as statement_month,
-        pay_{{ status }} as repayment_status,
-        bill_amt{{ amount }} as bill_amount,
-        pay_amt{{ amount }} as paid_amount
-    from clients
-    {% if not loop.last %}union all{% endif %}
+        select
+            client_id,
+            limit_bal,
+            cast('{{ month_end }}' as date) as statement_month,
+            pay_{{ status }} as repayment_status,
+            bill_amt{{ amount }} as bill_amount,
+            pay_amt{{ amount }} as paid_amount
+        from clients
+        {% if not loop.last %}union all{% endif %}
     {%- endfor %}
 )
 

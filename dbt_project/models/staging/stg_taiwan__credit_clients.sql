@@ -13,11 +13,11 @@ renamed as (
         cast(marriage as integer) as marriage,
         cast(age as integer) as age,
         {%- for i in [0, 2, 3, 4, 5, 6] %}
-        cast(pay_{{ i }} as integer) as pay_{{ i }},
+            cast(pay_{{ i }} as integer) as pay_{{ i }},
         {%- endfor %}
         {%- for i in range(1, 7) %}
-        cast(bill_amt{{ i }} as double) as bill_amt{{ i }},
-        cast(pay_amt{{ i }} as double) as pay_amt{{ i }},
+            cast(bill_amt{{ i }} as double) as bill_amt{{ i }},
+            cast(pay_amt{{ i }} as double) as pay_amt{{ i }},
         {%- endfor %}
         cast(default_payment as bigint) as defaulted
     from source
