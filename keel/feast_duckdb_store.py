@@ -21,7 +21,7 @@ pinned ibis 12 and sqlglot 30. Select this store in ``feature_store.yaml``::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import duckdb
@@ -123,7 +123,10 @@ def _view_plan(
 
 
 def point_in_time_sql(
-    plans: list[_ViewPlan], event_timestamp: str, filter_by_created_timestamp: bool = False
+    plans: list[_ViewPlan],
+    event_timestamp: str,
+    filter_by_created_timestamp: bool = False,
+    entity_range: tuple[datetime, datetime] | None = None,
 ) -> str:
     """The feature columns of every entity row, with its ``__keel_row``, as one statement.
 
@@ -131,26 +134,28 @@ def point_in_time_sql(
     ``filter_by_created_timestamp`` a row also needs a created time at or before the entity
     row, a second inequality ASOF cannot take, so that view ranks an inequality join instead.
     Only join keys and times go through the joins; the entity's other columns stay in Arrow.
+    ``entity_range`` (earliest, latest entity time) skips feature rows no entity row can use.
     """
     entity_ts = f"CAST({_quote(event_timestamp)} AS TIMESTAMPTZ)"
     keys = sorted({entity for plan in plans for entity in plan.join_keys.values()})
     ctes = [
         f"__entity AS (SELECT __keel_row, {', '.join(map(_quote, keys))}, "
-        f"{entity_ts} AS __entity_ts, "
+        f"{entity_ts} AS __entity_ts, epoch_us({entity_ts}) AS __entity_us, "
         f"epoch_us({entity_ts})::HUGEINT * {_HIGH} + {_ENTITY_LOW} AS __entity_order "
         f"FROM {_ENTITY_TABLE})"
     ]
     joins, selected = [], ["__entity.__keel_row"]
     for plan in plans:
-        ctes.append(_view_cte(plan))
+        ctes.append(_view_cte(plan, entity_range))
         keys = [
             f"__entity.{_quote(entity)} = {plan.alias}.{_quote(f'__key_{i}')}"
             for i, entity in enumerate(plan.join_keys.values())
         ]
         fresh = ""
         if plan.ttl:
+            # The event time is the order's high 64 bits: no timestamp column to carry along.
             micros = plan.ttl // timedelta(microseconds=1)
-            fresh = f"{plan.alias}.__ts + INTERVAL ({micros}) MICROSECONDS >= __entity_ts"
+            fresh = f"({plan.alias}.__order >> 64) + {micros} >= __entity.__entity_us"
         if filter_by_created_timestamp and plan.created:
             conditions = [
                 *keys,
@@ -181,7 +186,7 @@ def point_in_time_sql(
     return f"WITH {', '.join(ctes)} SELECT {', '.join(selected)} FROM __entity {' '.join(joins)}"
 
 
-def _view_cte(plan: _ViewPlan) -> str:
+def _view_cte(plan: _ViewPlan, entity_range: tuple[datetime, datetime] | None) -> str:
     """One feature view's rows: join keys, features, event time and the packed order."""
     event = f"CAST({_quote(plan.timestamp)} AS TIMESTAMPTZ)"
     created = f"CAST({_quote(plan.created)} AS TIMESTAMPTZ)" if plan.created else "NULL"
@@ -192,10 +197,20 @@ def _view_cte(plan: _ViewPlan) -> str:
         f"epoch_us({event})::HUGEINT * {_HIGH} + "
         f"(coalesce(epoch_us({created}), -{_BIAS}) + {_BIAS})"
     )
+    # Rows after the last entity row never match; rows older than the first one minus the TTL
+    # only match to be nulled, which no match does too.
+    where = []
+    if entity_range:
+        earliest, latest = entity_range
+        where.append(f"{event} <= TIMESTAMPTZ {_literal(latest.isoformat())}")
+        if plan.ttl:
+            oldest = (earliest - plan.ttl).isoformat()
+            where.append(f"{event} >= TIMESTAMPTZ {_literal(oldest)}")
     return (
         f"{plan.alias} AS (SELECT {', '.join(fields)}, {event} AS __ts, "
         f"{created} AS __created_ts, {order} AS __order "
-        f"FROM read_parquet({_literal(plan.path)}))"
+        f"FROM read_parquet({_literal(plan.path)})"
+        f"{' WHERE ' + ' AND '.join(where) if where else ''})"
     )
 
 
@@ -364,7 +379,17 @@ class KeelDuckDBOfflineStore(DuckDBOfflineStore):
             max_event_timestamp=timestamps.max().to_pydatetime(),
         )
         return AsofRetrievalJob(
-            sql=point_in_time_sql(plans, event_timestamp, filter_by_created_timestamp),
+            sql=point_in_time_sql(
+                plans,
+                event_timestamp,
+                filter_by_created_timestamp,
+                (
+                    timestamps.min().floor("us").to_pydatetime(),
+                    timestamps.max().ceil("us").to_pydatetime(),
+                )
+                if timestamps.notna().any()
+                else None,
+            ),
             entity_df=entity_df,
             on_demand_views=on_demand,
             full_feature_names=full_feature_names,

@@ -7,7 +7,8 @@ import pytest
 from orchestration.profiles import resources_for
 from orchestration.scenario import Scenario, run_scenario
 
-pytestmark = pytest.mark.slow
+# About twenty minutes on two cores: sixty daily runs, two trainings.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
 def test_sixty_days_with_covariate_drift_from_day_45(keel_home, capsys):
