@@ -2,10 +2,12 @@
 
 ``store.get_online_features`` builds protobuf requests and responses, a pandas frame for every
 on-demand view, and Python objects for every value: about 0.4 ms for one entity and 7 ms for a
-hundred on SQLite. ``OnlineFeatureReader`` resolves the service once, reads Feast's own online
-tables (SQLite) or hashes (Redis) directly, decodes the stored values without building
-protobuf objects, and runs the on-demand transformations on plain arrays. It returns exactly
-what ``store.get_online_features(features=service, entity_rows=...).to_dict()`` returns.
+hundred on SQLite. ``OnlineFeatureReader`` resolves the service once, then reads the store
+directly: on SQLite one JSON row per entity that ``KeelSqliteOnlineStore`` keeps beside
+Feast's rows (Feast's rows where there is none), on Redis Feast's hashes with one server-side
+call, decoding a column of doubles at once; on-demand views run on plain arrays. It returns
+exactly what ``store.get_online_features(features=service, entity_rows=...).to_dict()``
+returns.
 
 Usage::
 

@@ -92,6 +92,16 @@ def production_resources() -> dict[str, Any]:
             repo_path=str(FEATURE_REPO_DIR),
             config_file="feature_store.production.yaml",
             marts=dg.EnvVar("KEEL_MARTS_DIR"),
+            variables={
+                name: dg.EnvVar(name)
+                for name in (
+                    "KEEL_FEAST_REGISTRY_URL",
+                    "KEEL_FEAST_REDIS",
+                    "KEEL_BIGQUERY_PROJECT",
+                    "KEEL_BIGQUERY_DATASET",
+                    "KEEL_BIGQUERY_LOCATION",
+                )
+            },
         ),
         # An MLflow server backed by Postgres and object storage.
         "mlflow": MlflowResource(

@@ -174,7 +174,18 @@ def run_scenario(
         },
     )
     echo("2/4 training, evaluating and registering the first champion")
-    _execute(defs, "retrain", instance, run_config={"ops": QUICK_TRAINING})
+    first_training = _execute(
+        defs, "retrain", instance, run_config={"ops": QUICK_TRAINING}, must_succeed=False
+    )
+    registry = resources["governance"].registry(resources["mlflow"])
+    if registry.champion() is None:
+        raise RuntimeError(
+            f"the first training produced no champion (failed: {failed_gates(first_training)})"
+        )
+    if not first_training.success:
+        # A scenario played again on the same data folder keeps the champion it already has
+        # when the new candidate does not beat it.
+        echo(f"    kept champion v{registry.champion()}: {failed_gates(first_training)} failed")
 
     echo(f"3/4 {len(days)} daily runs, sensors ticking after each")
     cursors: dict[str, str | None] = {"drift_sensor": None, "performance_sensor": None}
@@ -206,7 +217,6 @@ def run_scenario(
             for request in tick.run_requests or []:
                 _run_requested(defs, instance, request, sensor.name, result, echo)
     echo("4/4 summary")
-    registry = resources["governance"].registry(resources["mlflow"])
     result.champions = [
         r.to_version for r in registry.audit_records() if r.action in ("promote", "rollback")
     ]

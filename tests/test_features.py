@@ -142,7 +142,6 @@ def assert_same_values(actual: pd.DataFrame, expected: pd.DataFrame, names) -> N
 
 
 FEAST_CLI = """
-import sys
 from feast.cli.cli import cli
 
 for command in (["plan"], ["apply"], ["plan"], ["feature-services", "list"]):
