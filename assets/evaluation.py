@@ -104,7 +104,7 @@ def materialisation_metadata(
 ) -> dict[str, Any] | None:
     """Metadata of ``key``'s materialisation in this run, else of its latest one."""
     records = context.instance.get_records_for_run(
-        context.run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+        context.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
     ).records
     for record in reversed(records):
         materialisation = record.event_log_entry.asset_materialization
@@ -291,8 +291,8 @@ def challenger_evaluation(
         variants_of=variants_of,
         seed=config.seed,
     )
-    report_target = artefacts.path("evaluation", context.run.run_id, "report.html")
-    summary_target = artefacts.path("evaluation", context.run.run_id, "evaluation.json")
+    report_target = artefacts.path("evaluation", context.run_id, "report.html")
+    summary_target = artefacts.path("evaluation", context.run_id, "evaluation.json")
     summary_target.write_text(json.dumps(evaluation.summary, indent=2, default=str))
     metadata, images = _metadata(evaluation, str(report_target), str(summary_target))
     report_target.write_text(html_report(evaluation.summary, images))

@@ -669,7 +669,7 @@ def test_training_assets_log_runs_with_full_lineage(
 ):
     import mlflow
 
-    from keel.tracking import LINEAGE_TAGS
+    from keel.schema import LINEAGE_TAGS
     from keel.training import EXPERIMENT_NAME
 
     result, instance = materialise_training(
