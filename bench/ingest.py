@@ -23,10 +23,11 @@ DAYS = int(os.environ.get("KEEL_BENCH_DAYS", "100"))
 FIRST_DAY = "2026-01-01"
 
 
-def _peak_rss_mb() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024
+def _peak_rss_mb() -> dict[str, float]:
+    """Peak memory of this process and of its largest child (dbt runs as a subprocess)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"peak_rss_mb": max(own, children), "own_mb": own, "largest_child_mb": children}
 
 
 def run_pipeline(home: Path) -> dict:
@@ -130,6 +131,8 @@ def main() -> None:
                 "days": DAYS,
                 "generate_seconds": round(ours["generate_seconds"], 2),
                 "baseline_peak_rss_mb": round(baseline["peak_rss_mb"], 1),
+                "pipeline_process_peak_rss_mb": round(ours["own_mb"], 1),
+                "dbt_process_peak_rss_mb": round(ours["largest_child_mb"], 1),
                 "baseline_feature_rows": baseline["baseline_feature_rows"],
                 "cpu_count": os.cpu_count(),
             },
@@ -142,4 +145,4 @@ if __name__ == "__main__":
     os.environ["KEEL_HOME"] = str(home)
     os.environ["KEEL_PROFILE"] = "local"
     figures = run_pipeline(home) if role == "pipeline" else run_baseline(home, Path(sys.argv[3]))
-    print(json.dumps({**figures, "peak_rss_mb": _peak_rss_mb()}))
+    print(json.dumps({**figures, **_peak_rss_mb()}))

@@ -19,6 +19,8 @@ class WarehouseResource(dg.ConfigurableResource):
 
     database: str
     marts_dir: str
+    # DuckDB otherwise caches up to 80% of the machine's memory; past this it spills to disk.
+    memory_limit: str = "2GB"
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -26,7 +28,9 @@ class WarehouseResource(dg.ConfigurableResource):
 
         if not self.database.startswith("md:"):
             Path(self.database).parent.mkdir(parents=True, exist_ok=True)
-        connection = duckdb.connect(self.database, read_only=read_only)
+        connection = duckdb.connect(
+            self.database, read_only=read_only, config={"memory_limit": self.memory_limit}
+        )
         try:
             yield connection
         finally:
