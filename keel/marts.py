@@ -73,36 +73,55 @@ def _columns(export: MartExport) -> str:
     return ", ".join(f'"{c}"' for c in export.columns)
 
 
+# Days written by one COPY: each day keeps an open Parquet writer that buffers a row group, so
+# a 100-day backfill in one COPY held about 2 GB; 30 days hold a third of that.
+DAYS_PER_COPY = 30
+
+
 def export_days(
     connection: duckdb.DuckDBPyConnection, export: MartExport, marts: Path, days: list[str]
 ) -> dict[str, int]:
     """Write ``<marts>/<target>/<day>.parquet`` for each day; returns rows per day written.
 
-    One scan writes every day into a scratch folder; each file then replaces its predecessor
+    A few scans write the days into a scratch folder; each file then replaces its predecessor
     with an atomic rename, and a day left without rows loses its stale file.
     """
     folder = marts / export.target
     scratch = marts / f".scratch-{uuid.uuid4().hex}"
     folder.mkdir(parents=True, exist_ok=True)
+    ordered = sorted(days)
     try:
         connection.execute("set timezone = 'UTC'")
-        connection.execute(
-            f"""copy (
-                    select {_columns(export)}, strftime({export.partition_column}, '%Y-%m-%d')
-                        as __day
-                    from {export.model}
-                    where strftime({export.partition_column}, '%Y-%m-%d')
-                        in (select unnest(?::varchar[]))
-                ) to '{scratch}' (format parquet, partition_by (__day), compression zstd)""",
-            [days],
-        )
+        for first in range(0, len(ordered), DAYS_PER_COPY):
+            chunk = ordered[first : first + DAYS_PER_COPY]
+            connection.execute(
+                f"""copy (
+                        select {_columns(export)}, strftime({export.partition_column}, '%Y-%m-%d')
+                            as __day
+                        from {export.model}
+                        -- The range lets DuckDB skip row groups outside the days by min/max.
+                        where {export.partition_column} between ? and ?
+                            and strftime({export.partition_column}, '%Y-%m-%d')
+                                in (select unnest(?::varchar[]))
+                    ) to '{scratch}' (format parquet, partition_by (__day), append)""",
+                [chunk[0], chunk[-1], chunk],
+            )
         written = {}
-        for day in days:
+        for day in ordered:
             produced = sorted((scratch / f"__day={day}").glob("*.parquet"))
             target = folder / f"{day}.parquet"
             if not produced:
                 target.unlink(missing_ok=True)
                 continue
+            if len(produced) > 1:
+                # DuckDB starts a new file when it has too many open: merge them into one.
+                merged = scratch / f"{day}.parquet"
+                listed = ", ".join(f"'{path}'" for path in produced)
+                connection.execute(
+                    f"copy (select * from read_parquet([{listed}], "
+                    f"hive_partitioning = false)) to '{merged}' (format parquet)"
+                )
+                produced = [merged]
             produced[0].replace(target)
             written[day] = int(
                 connection.execute(f"select count(*) from read_parquet('{target}')").fetchone()[0]
@@ -119,8 +138,7 @@ def export_table(connection: duckdb.DuckDBPyConnection, export: MartExport, mart
     target.parent.mkdir(parents=True, exist_ok=True)
     connection.execute("set timezone = 'UTC'")
     connection.execute(
-        f"copy (select {_columns(export)} from {export.model}) to '{temporary}' "
-        "(format parquet, compression zstd)"
+        f"copy (select {_columns(export)} from {export.model}) to '{temporary}' (format parquet)"
     )
     temporary.replace(target)
     return int(connection.execute(f"select count(*) from read_parquet('{target}')").fetchone()[0])

@@ -242,3 +242,32 @@ def test_a_ninety_day_backfill_runs_as_one_range(data_resources, keel_home):
         "select count(distinct _partition) from validation.partition_verdicts where passed",
     )
     assert days == [(90,)]
+
+
+def test_batches_validated_in_parallel_match_one_at_a_time(keel_home, tmp_path, monkeypatch):
+    import keel.validation as validation
+
+    start = date(2026, 1, 1)
+    config = GeneratorConfig(accounts=500, scenarios=(DriftScenario("malformed", start, 0.04),))
+    days = [(start + timedelta(days=i)).isoformat() for i in range(4)]
+    monkeypatch.setattr(validation, "BATCH_ROWS", 1)  # one partition per batch
+
+    def quarantine_after_validation(threads: int) -> tuple[list, list]:
+        monkeypatch.setattr(validation, "VALIDATION_THREADS", threads)
+        with duckdb.connect(str(keel_home.warehouse)) as connection:
+            for day in days:
+                table = activity_table(config, date.fromisoformat(day))
+                source = write_landing_file(table, tmp_path / day, "day", "parquet")
+                load_partition(connection, ACCOUNT_ACTIVITY, day, source)
+            verdicts = validation.validate_partitions(connection, ACCOUNT_ACTIVITY, days, 0.05)
+            rows = connection.execute(
+                """select _partition, _row_number, reason_code, reasons
+                   from quarantine.account_activity order by all"""
+            ).fetchall()
+        return [(v.partition, v.quarantined_rows, v.reasons) for v in verdicts], rows
+
+    serial = quarantine_after_validation(1)
+    parallel = quarantine_after_validation(2)
+    assert [v[0] for v in serial[0]] == days
+    assert all(quarantined > 0 for _, quarantined, _ in serial[0])
+    assert parallel == serial

@@ -232,3 +232,18 @@ def test_taiwan_data_loads_and_its_features_use_no_month_after_the_label(data_re
     )
     assert (merged[schema.EVENT_TIMESTAMP] < merged[f"{schema.EVENT_TIMESTAMP}_label"]).all()
     assert features[schema.EVENT_TIMESTAMP].max().isoformat() == "2005-09-30T00:00:00+00:00"
+
+
+def test_dbt_resource_skips_the_version_subprocess_and_the_unused_adapter():
+    import importlib.metadata
+
+    from dagster_dbt import DbtCliResource
+    from packaging.version import Version
+
+    from assets.transformation import dbt_resource
+
+    # The hooks overridden must still be dagster-dbt's: an upgrade that renames them fails here.
+    assert {"_cli_version", "_initialize_dbt_core_adapter"} <= set(vars(DbtCliResource))
+    resource = dbt_resource()
+    assert resource._cli_version == Version(importlib.metadata.version("dbt-core"))
+    assert resource._initialize_dbt_core_adapter(["build"]) is None
