@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 from pydantic import Field
 
-from keel.evaluation import GATE_NAMES, GatePolicy
+from keel.gates import GATE_NAMES, GatePolicy
 from orchestration.resources import ArtefactStore, MlflowResource
 
 if TYPE_CHECKING:

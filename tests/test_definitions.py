@@ -5,7 +5,15 @@ import dagster as dg
 
 from tests.conftest import REPO_ROOT
 
-HEAVY_MODULES = ("feast", "evidently", "mlflow", "torch", "great_expectations", "lightgbm")
+HEAVY_MODULES = (
+    "feast",
+    "evidently",
+    "mlflow",
+    "torch",
+    "great_expectations",
+    "lightgbm",
+    "pandas",
+)
 
 
 def test_definitions_load_and_validate():

@@ -14,8 +14,6 @@ import pytest
 from keel import schema
 from keel.evaluation import (
     Candidate,
-    EvaluationError,
-    GatePolicy,
     ServingProbe,
     bootstrap_auc_difference,
     choose_threshold,
@@ -26,6 +24,7 @@ from keel.evaluation import (
     quality_metrics,
     weighted_auc,
 )
+from keel.gates import EvaluationError, GatePolicy
 from keel.settings import KeelPaths
 
 # Small but honest: enough rows per group for the fairness bounds to mean something.
