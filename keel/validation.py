@@ -302,6 +302,8 @@ def failing_rows(frame: pd.DataFrame, suite: Suite):
     Returns:
         ``{(partition, row number): [reasons]}`` and the failed expectations with their counts.
     """
+    if frame.empty:
+        return {}, []
     batch = (
         _context()
         .data_sources.add_pandas("raw")
@@ -384,7 +386,7 @@ def validate_partitions(
         running: deque = deque()
         for batch in _batches(partitions, sizes):
             frame = _to_pandas(connection.sql(prepared_batch_sql(suite), params=[batch]))
-            running.append((batch, pool.submit(_failing_rows_of_batch, frame, suite)))
+            running.append((batch, pool.submit(failing_rows, frame, suite)))
             if len(running) >= VALIDATION_THREADS:
                 verdicts += _record_batch(
                     connection, suite, sizes, max_bad_share, *running.popleft()
@@ -392,10 +394,6 @@ def validate_partitions(
         while running:
             verdicts += _record_batch(connection, suite, sizes, max_bad_share, *running.popleft())
     return verdicts
-
-
-def _failing_rows_of_batch(frame: pd.DataFrame, suite: Suite):
-    return failing_rows(frame, suite) if len(frame) else ({}, [])
 
 
 def _record_batch(connection, suite, sizes, max_bad_share, batch, validation) -> list[Verdict]:
