@@ -156,7 +156,7 @@ def _verdict_table(verdicts) -> str:
         "| --- | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for v in verdicts:
-        reasons = ", ".join(f"{k}: {n}" for k, n in sorted(v.reasons.items())) or "-"
+        reasons = v.summary()
         lines.append(
             f"| {v.partition} | {v.raw_rows} | {v.clean_rows} | {v.quarantined_rows} "
             f"| {v.bad_share:.2%} | {'yes' if v.passed else '**no**'} | {reasons} |"
@@ -191,6 +191,7 @@ def validation_check(asset: dg.AssetsDefinition, table_name: str) -> dg.AssetChe
                 connection, table, _checked_partitions(context), sources.max_bad_share
             )
         failed = [v.partition for v in verdicts if not v.passed]
+        why = {v.partition: v.partition_reason for v in verdicts if v.partition_reason}
         reasons: dict[str, int] = {}
         for v in verdicts:
             for reason, count in v.reasons.items():
@@ -198,7 +199,10 @@ def validation_check(asset: dg.AssetsDefinition, table_name: str) -> dg.AssetChe
         return dg.AssetCheckResult(
             passed=not failed,
             description=(
-                f"blocked partitions: {', '.join(failed)}" if failed else "every partition passed"
+                "blocked partitions: "
+                + ", ".join(f"{p} ({why[p]})" if p in why else p for p in failed)
+                if failed
+                else "every partition passed"
             ),
             metadata={
                 "raw_rows": dg.MetadataValue.int(sum(v.raw_rows for v in verdicts)),
@@ -207,6 +211,7 @@ def validation_check(asset: dg.AssetsDefinition, table_name: str) -> dg.AssetChe
                 "max_bad_share": dg.MetadataValue.float(max(v.bad_share for v in verdicts)),
                 "allowed_bad_share": dg.MetadataValue.float(sources.max_bad_share),
                 "quarantine_reasons": dg.MetadataValue.json(reasons),
+                "partition_reasons": dg.MetadataValue.json(why),
                 "failed_partitions": dg.MetadataValue.json(failed),
                 "partitions": dg.MetadataValue.md(_verdict_table(verdicts)),
             },

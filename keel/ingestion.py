@@ -125,7 +125,7 @@ def _source_relation(connection: duckdb.DuckDBPyConnection, path: Path) -> tuple
         sql = f"read_csv('{quoted}', all_varchar = true, header = true)"
         order = None
     elif suffix in (".jsonl", ".ndjson", ".json"):
-        sql = f"read_json('{quoted}', format = 'newline_delimited', union_by_name = true)"
+        sql = _json_lines_as_text(connection, path, quoted)
         order = None
     else:
         raise IngestionError(f"{path.name}: unsupported format {suffix!r} (csv, parquet, jsonl)")
@@ -140,6 +140,26 @@ def _source_relation(connection: duckdb.DuckDBPyConnection, path: Path) -> tuple
         else f"(select *, row_number() over () - 1 as __row from {sql})"
     )
     return numbered, columns
+
+
+def _json_lines_as_text(connection: duckdb.DuckDBPyConnection, path: Path, quoted: str) -> str:
+    """JSON lines with every value read as its scalar text: ``106`` and ``"106"`` both give 106.
+
+    DuckDB infers one type per key; a key with numbers in some lines and strings in others
+    becomes JSON, whose text keeps the quotes. Read as JSON, ``->> '$'`` gives a string without
+    its quotes, a number or boolean as written, an object as its JSON, and null as null.
+    """
+    lines = f"read_json('{quoted}', format = 'newline_delimited'"
+    try:
+        # Every line is sampled, so a key that first appears late is still a column.
+        described = connection.execute(f"describe select * from {lines}, sample_size = -1)")
+        keys = [row[0] for row in described.fetchall()]
+    except duckdb.Error as error:
+        raise IngestionError(f"{path.name} cannot be read: {error}") from error
+    identifiers = ['"' + key.replace('"', '""') + '"' for key in keys]
+    as_json = ", ".join("'" + key.replace("'", "''") + "': 'JSON'" for key in keys)
+    values = ", ".join(f"{name} ->> '$' as {name}" for name in identifiers)
+    return f"(select {values} from {lines}, columns = {{{as_json}}}))"
 
 
 def _as_text(column: str) -> str:

@@ -48,6 +48,9 @@ REASON_PRIORITY = (
     "wrong_partition",
 )
 UNIQUENESS = ("expect_compound_columns_to_be_unique", "expect_column_values_to_be_unique")
+# The reason code of a partition that has no rows at all where rows are expected.
+EMPTY_FILE = "empty_file"
+EMPTY_FILE_MESSAGE = "the source file holds no rows"
 # Great Expectations runs in pandas: a batch of about a million rows keeps its per-expectation
 # overhead small without holding a whole backfill in memory.
 BATCH_ROWS = 1_000_000
@@ -226,8 +229,19 @@ class Verdict:
         return self.quarantined_rows / self.raw_rows if self.raw_rows else 0.0
 
     @property
+    def partition_reason(self) -> str | None:
+        """The reason code when the whole partition fails rather than its rows, else None."""
+        return EMPTY_FILE if self.raw_rows == 0 and not self.allow_empty else None
+
+    @property
     def passed(self) -> bool:
-        return (self.raw_rows > 0 or self.allow_empty) and self.bad_share <= self.max_bad_share
+        return self.partition_reason is None and self.bad_share <= self.max_bad_share
+
+    def summary(self) -> str:
+        """Reason codes with their row counts, or the reason the whole partition failed."""
+        if self.partition_reason == EMPTY_FILE:
+            return f"{EMPTY_FILE}: {EMPTY_FILE_MESSAGE}"
+        return ", ".join(f"{code}: {rows}" for code, rows in sorted(self.reasons.items())) or "-"
 
 
 def _expectation(rule: Rule, suite: Suite):
@@ -488,7 +502,7 @@ def _record(connection, suite, batch, sizes, reasons, failed, max_bad_share) -> 
                     v.bad_share,
                     max_bad_share,
                     v.passed,
-                    json.dumps(failed),
+                    json.dumps(failed + _partition_failures(v)),
                     json.dumps(v.reasons),
                 ]
                 for v in verdicts
@@ -501,6 +515,20 @@ def _record(connection, suite, batch, sizes, reasons, failed, max_bad_share) -> 
     finally:
         connection.unregister("flagged_rows")
     return verdicts
+
+
+def _partition_failures(verdict: Verdict) -> list[dict]:
+    if verdict.partition_reason != EMPTY_FILE:
+        return []
+    return [
+        {
+            "expectation": "expect_table_row_count_to_be_between",
+            "column": None,
+            "reason": EMPTY_FILE,
+            "message": EMPTY_FILE_MESSAGE,
+            "unexpected_count": 0,
+        }
+    ]
 
 
 def _primary(reasons: list[str]) -> str:
@@ -519,7 +547,8 @@ def blocked_partitions(
         []
         if not has_verdicts
         else connection.execute(
-            f"""select _partition, passed, bad_share, max_bad_share from {VERDICTS_TABLE}
+            f"""select _partition, passed, bad_share, max_bad_share, raw_rows
+            from {VERDICTS_TABLE}
             where table_name = ? and _partition in (select unnest(?::varchar[]))""",
             [table.name, partitions],
         ).fetchall()
@@ -530,6 +559,10 @@ def blocked_partitions(
         if partition not in verdicts:
             blocked[partition] = "not validated (load and validate it first)"
         elif not verdicts[partition][0]:
-            share, limit = verdicts[partition][1:]
-            blocked[partition] = f"failed validation: {share:.1%} bad rows > {limit:.1%} allowed"
+            share, limit, raw_rows = verdicts[partition][1:]
+            blocked[partition] = (
+                f"failed validation: {EMPTY_FILE} ({EMPTY_FILE_MESSAGE})"
+                if raw_rows == 0
+                else f"failed validation: {share:.1%} bad rows > {limit:.1%} allowed"
+            )
     return blocked
