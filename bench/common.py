@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,3 +39,14 @@ def write_result(name: str, figures: dict) -> Path:
     target.write_text(json.dumps(figures, indent=2, sort_keys=True, default=str) + "\n")
     print(json.dumps(figures, indent=2, sort_keys=True, default=str))
     return target
+
+
+def require_same_answers(name: str, checks: dict[str, bool]) -> None:
+    """Exit non-zero when the measured side and its baseline disagree on any check.
+
+    Called after the result file is written, so that the figures of a failed run stay readable.
+    """
+    failed = sorted(check for check, same in checks.items() if not same)
+    if failed:
+        print(f"{name}: the compared sides disagree on {', '.join(failed)}", file=sys.stderr)
+        raise SystemExit(1)

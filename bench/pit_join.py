@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
-from bench.common import write_result
+from bench.common import require_same_answers, write_result
 from keel import schema
 
 FIRST_DAY = date(2026, 1, 1)
@@ -373,6 +373,14 @@ def main() -> None:
                 "params": params,
             },
         )
+        checks = {"same_rows_as_asof": same_as_asof}
+        if "same_rows_as_feast_file" in params:
+            checks["same_rows_as_feast_file"] = params["same_rows_as_feast_file"]
+        if "same_rows_as_feast_file" in params.get("feast_file_small", {}):
+            checks["feast_file_small.same_rows_as_feast_file"] = params["feast_file_small"][
+                "same_rows_as_feast_file"
+            ]
+        require_same_answers("pit_join", checks)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
