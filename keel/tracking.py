@@ -36,7 +36,8 @@ from keel.schema import (
     MODEL_FEATURES,
 )
 from keel.settings import DBT_PROJECT_DIR, PROJECT_ROOT
-from keel.training import RiskModel, TrainingOutcome, load_model_folder, save_risk_model
+from keel.training.models import RiskModel, load_model_folder, save_risk_model
+from keel.training.run import TrainingOutcome
 
 DBT_MANIFEST = DBT_PROJECT_DIR / "target" / "manifest.json"
 # The marts the point-in-time training set is read from (features, labels, accounts).

@@ -20,14 +20,14 @@ from typing import Any
 import optuna
 import pandas as pd
 
-from keel.training import (
+from keel.training.lightgbm_fit import train_lightgbm
+from keel.training.options import (
     DEFAULT_LIGHTGBM_PARAMS,
     DEFAULT_TORCH_PARAMS,
     FAMILIES,
     TrainingOptions,
-    train_lightgbm,
-    train_torch,
 )
+from keel.training.torch_fit import train_torch
 
 # A killed trial is failed and retried once nobody has heard from it for this long.
 HEARTBEAT_SECONDS = 30
