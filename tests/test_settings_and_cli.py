@@ -1,5 +1,6 @@
 import subprocess
 
+import dagster as dg
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -7,6 +8,7 @@ from click.testing import CliRunner
 from keel import cli as keel_cli
 from keel.settings import KeelPaths, SettingsError, active_profile
 from orchestration.profiles import resources_for
+from orchestration.resources import ArtefactStore, MlflowResource, WarehouseResource
 from tests.conftest import REPO_ROOT
 
 
@@ -23,14 +25,67 @@ def test_unknown_profile_is_refused(monkeypatch):
         active_profile()
 
 
-def test_profile_switch_changes_the_resources(keel_home, monkeypatch):
-    local = resources_for("local")
-    assert local["warehouse"].database == str(keel_home.warehouse)
-    monkeypatch.setenv("KEEL_WAREHOUSE", "md:keel_prod")
-    monkeypatch.setenv("KEEL_ARTEFACT_ROOT", "s3://bucket/keel")
-    production = resources_for("production")
-    assert production.keys() == local.keys()
-    assert production["warehouse"].database != local["warehouse"].database
+PRODUCTION_SETTINGS = {
+    "KEEL_WAREHOUSE": "md:keel_prod",
+    "KEEL_MARTS_DIR": "s3://bucket/keel/marts",
+    "KEEL_ARTEFACT_ROOT": "s3://bucket/keel",
+    "MLFLOW_TRACKING_URI": "https://mlflow.example.com",
+    "MLFLOW_REGISTRY_URI": "postgresql://mlflow@db/registry",
+    "KEEL_MLFLOW_ARTIFACTS": "s3://bucket/mlflow",
+    "KEEL_CODE_COMMIT": "0123abc",
+}
+
+
+@dg.asset
+def resolved_settings(
+    warehouse: WarehouseResource, artefacts: ArtefactStore, mlflow: MlflowResource
+) -> dict:
+    """What the resources hold once Dagster has resolved their configuration."""
+    return {
+        "KEEL_WAREHOUSE": warehouse.database,
+        "KEEL_MARTS_DIR": warehouse.marts_dir,
+        "KEEL_ARTEFACT_ROOT": artefacts.root,
+        "MLFLOW_TRACKING_URI": mlflow.tracking_uri,
+        "MLFLOW_REGISTRY_URI": mlflow.registry_uri,
+        "KEEL_MLFLOW_ARTIFACTS": mlflow.artifact_location,
+        "KEEL_CODE_COMMIT": mlflow.code_commit,
+    }
+
+
+def _resolve(profile: str) -> dict:
+    resources = resources_for(profile)
+    result = dg.materialize(
+        [resolved_settings],
+        resources={name: resources[name] for name in ("warehouse", "artefacts", "mlflow")},
+    )
+    return result.output_for_node("resolved_settings")
+
+
+def test_local_profile_resources_point_into_the_data_folder(keel_home):
+    seen = _resolve("local")
+    assert seen["KEEL_WAREHOUSE"] == str(keel_home.warehouse)
+    assert seen["KEEL_MARTS_DIR"] == str(keel_home.marts)
+    assert seen["KEEL_ARTEFACT_ROOT"] == str(keel_home.artefacts)
+
+
+def test_production_resources_read_their_settings_from_the_environment(keel_home, monkeypatch):
+    for name, value in PRODUCTION_SETTINGS.items():
+        monkeypatch.setenv(name, value)
+    assert resources_for("production").keys() == resources_for("local").keys()
+
+    # Dagster resolves each EnvVar when the run starts: the step sees the variable's value.
+    assert _resolve("production") == PRODUCTION_SETTINGS
+
+    monkeypatch.setenv("KEEL_WAREHOUSE", "md:keel_other")
+    assert _resolve("production")["KEEL_WAREHOUSE"] == "md:keel_other"
+
+
+def test_a_missing_production_setting_stops_the_run_and_names_the_variable(keel_home, monkeypatch):
+    for name, value in PRODUCTION_SETTINGS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("KEEL_WAREHOUSE")
+    with pytest.raises(dg.DagsterInvalidConfigError, match="KEEL_WAREHOUSE"):
+        _resolve("production")
 
 
 @pytest.mark.parametrize("profile", ["local", "production"])

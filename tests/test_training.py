@@ -409,14 +409,41 @@ def test_best_trial_parameters_feed_the_final_fit(keel_home: KeelPaths, frame):
     assert {"validation_auc", "test_auc", "test_log_loss"} <= set(outcome.metrics)
 
 
-def test_studies_prune_unpromising_trials(tmp_path):
+def test_a_trial_behind_the_median_stops_early_and_is_pruned(tmp_path, windows):
     import optuna
 
-    from keel.tuning import open_study
+    from keel.tuning import open_study, tune
 
-    study = open_study("torch", storage=str(tmp_path), study_name="pruning", seed=1)
-    assert isinstance(study.pruner, optuna.pruners.MedianPruner)
-    assert (tmp_path / "torch.db").exists()
+    max_rounds = 200
+    study = open_study("lightgbm", storage=str(tmp_path), study_name="pruning", seed=1)
+    # Three finished trials that reported an AUC no fit on this data reaches, at every round.
+    for _ in range(3):
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=0.999,
+                intermediate_values={step: 0.999 for step in range(10, max_rounds + 1, 10)},
+            )
+        )
+    options = TrainingOptions(
+        trials=4, max_rounds=max_rounds, early_stopping_rounds=max_rounds, num_threads=1
+    )
+
+    result = tune(
+        "lightgbm",
+        windows.train,
+        windows.validation,
+        storage=str(tmp_path),
+        study_name="pruning",
+        options=options,
+    )
+
+    assert (tmp_path / "lightgbm.db").exists()
+    assert (result.new_trials, result.pruned_trials) == (1, 1)
+    trial = study.get_trials(deepcopy=False)[-1]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    # Reported every 10 rounds and stopped at the first report past the 50 warm-up rounds.
+    assert sorted(trial.intermediate_values) == [10, 20, 30, 40, 50]
+    assert all(value < 0.999 for value in trial.intermediate_values.values())
 
 
 # --------------------------------------------------------------------------- behaviour
