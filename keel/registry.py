@@ -10,23 +10,36 @@ Stage 4 of the article. The article's stage words map onto MLflow aliases and on
 Only candidates that passed every gate are registered. Promotion to champion needs an
 approval by someone other than the person who trained the model, or the auto-approve policy
 (which only acts when every gate passed). Every registration, approval, rejection, promotion
-and rollback appends one record to an append-only, hash-chained audit table that lives in a
-SQL database (by default the registry's own). Registry writes are serialised across
-processes (a file lock, plus a Postgres advisory lock when the audit database is Postgres),
-and registration is idempotent per dataset version and model family.
+and rollback appends one record to an append-only audit table in a SQL database (by default
+the registry's own), chained with a key kept outside it (``keel.registry_audit``). The record
+is written before the aliases and tags move; a writer that dies in between leaves it pending
+and the next writer finishes the change. The audit log, not MLflow's tags, decides whether a
+version is approved (``require_approved``). Registry writes are serialised across processes
+(a file lock, plus a Postgres advisory lock when the audit database is Postgres), and
+registration is idempotent per dataset version and model family.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from keel.registry_audit import (
+    AUDIT_TABLE,
+    HEAD_TAG,
+    KEY_FILE_NAME,
+    AuditHead,
+    AuditKeyError,
+    AuditLog,
+    AuditRecord,
+    AuditVerdict,
+    load_key,
+)
 from keel.schema import LINEAGE_TAGS
 from keel.settings import KeelPaths
 from keel.training import REGISTERED_MODEL_NAME
@@ -50,8 +63,7 @@ TAG_EVALUATION_REPORT = "keel.evaluation_report"
 METRIC_PREFIX = "keel.metric."
 GATE_PREFIX = "keel.gate."
 
-AUDIT_TABLE = "keel_registry_audit"
-_GENESIS_HASH = "0" * 64
+__all__ = ["AUDIT_TABLE", "AuditRecord", "AuditVerdict"]
 _PG_LOCK_KEY = 0x6B65656C  # "keel": one advisory lock for every registry write
 
 
@@ -76,6 +88,10 @@ class RegistryConfig:
             database (must then be ``sqlite:`` or ``postgresql:``).
         model_name: The registered model.
         lock_timeout_s: How long a writer waits for the lock before giving up with an error.
+        audit_key: The secret that chains the audit log (shared profiles: an env var).
+        audit_key_file: A file holding it, created with mode 0600 on first use; empty means
+            ``registry-audit.key`` next to a SQLite audit database. A Postgres audit log
+            needs one of the two.
     """
 
     tracking_uri: str
@@ -84,6 +100,8 @@ class RegistryConfig:
     audit_uri: str = ""
     model_name: str = REGISTERED_MODEL_NAME
     lock_timeout_s: float = 300.0
+    audit_key: str = field(default="", repr=False)
+    audit_key_file: str = ""
 
     @classmethod
     def local(cls, paths: KeelPaths | None = None) -> RegistryConfig:
@@ -104,26 +122,6 @@ class RegistryConfig:
                 "needs its own: set audit_uri to a sqlite:/// or postgresql:// URL"
             )
         return uri
-
-
-@dataclass(frozen=True)
-class AuditRecord:
-    """One line of the audit trail: who did what, when, from which version to which, and why."""
-
-    id: int
-    recorded_at: str
-    model_name: str
-    action: str
-    actor: str
-    from_version: str | None
-    to_version: str | None
-    reason: str
-    details: dict[str, Any]
-    previous_hash: str
-    record_hash: str
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -162,16 +160,12 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-def _record_hash(previous_hash: str, fields: Mapping[str, Any]) -> str:
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256((previous_hash + canonical).encode()).hexdigest()
-
-
 class ModelRegistry:
     """The registered model ``keel-default-risk``: versions, approvals, aliases and audit trail.
 
     Every method that changes the registry runs under one cross-process lock, so parallel
-    pipelines never meet SQLite's "database is locked" and never race on aliases.
+    pipelines never meet SQLite's "database is locked" and never race on aliases. Use it as a
+    context manager (``with ModelRegistry(config) as registry:``) so its connections close.
     """
 
     def __init__(self, config: RegistryConfig):
@@ -186,23 +180,36 @@ class ModelRegistry:
         audit_uri = config.resolved_audit_uri()
         connect_args = {"timeout": 60} if audit_uri.startswith("sqlite:") else {}
         self._audit_engine = sqlalchemy.create_engine(audit_uri, connect_args=connect_args)
-        self._audit = _audit_table(sqlalchemy.MetaData())
         self._lock_file = config.lock_file
-        if not self._lock_file and self._audit_engine.dialect.name == "sqlite":
+        key_file = config.audit_key_file
+        if self._audit_engine.dialect.name == "sqlite":
             database = self._audit_engine.url.database or ""
             if database in ("", ":memory:"):
                 raise RegistryError("an in-memory audit database cannot be shared: give a file")
-            self._lock_file = f"{database}.lock"
-        with self._serialised():
-            _create_audit_table(self._audit_engine, self._audit)
+            self._lock_file = self._lock_file or f"{database}.lock"
+            key_file = key_file or str(Path(database).with_name(KEY_FILE_NAME))
+        try:
+            key = load_key(config.audit_key, key_file)
+        except AuditKeyError as error:
+            raise RegistryError(str(error)) from error
+        self._log = AuditLog(self._audit_engine, key, self.name)
+        with self._serialised(settle=False):
+            self._log.create()
 
     def close(self) -> None:
         self._audit_engine.dispose()
 
+    def __enter__(self) -> ModelRegistry:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     # -- locking -------------------------------------------------------------------------------
 
     @contextmanager
-    def _serialised(self) -> Iterator[None]:
+    def _serialised(self, settle: bool = True) -> Iterator[None]:
+        """Hold the registry lock; a writer first checks the audit log and finishes its backlog."""
         from filelock import FileLock, Timeout
 
         with ExitStack() as stack:
@@ -226,6 +233,14 @@ class ModelRegistry:
                     connection.execute,
                     sqlalchemy.text(f"select pg_advisory_unlock({_PG_LOCK_KEY})"),
                 )
+            if settle:
+                verdict = self.verify_audit()
+                if not verdict.intact:
+                    raise RegistryError(
+                        f"the registry audit log fails verification ({verdict.problem}): "
+                        "nothing is written until it is investigated (keel registry audit --verify)"
+                    )
+                self._recover()
             yield
 
     # -- reading -------------------------------------------------------------------------------
@@ -345,33 +360,71 @@ class ModelRegistry:
 
     def audit_records(self, limit: int | None = None) -> list[AuditRecord]:
         """The audit trail, oldest first (the last ``limit`` records when given)."""
-        import sqlalchemy
+        return self._log.records(limit)
 
-        table = self._audit
-        query = sqlalchemy.select(table).where(table.c.model_name == self.name)
-        if limit:
-            query = query.order_by(table.c.id.desc()).limit(limit)
-        with self._audit_engine.connect() as connection:
-            rows = [dict(row._mapping) for row in connection.execute(query)]
-        rows.sort(key=lambda row: row["id"])
-        return [AuditRecord(**{**row, "details": json.loads(row["details"])}) for row in rows]
+    def _head(self) -> AuditHead | None:
+        from mlflow.exceptions import MlflowException
 
-    def verify_audit(self) -> tuple[bool, int | None]:
-        """Recompute the hash chain over every record; returns (intact, first bad record id)."""
-        import sqlalchemy
+        try:
+            text = self.client.get_registered_model(self.name).tags.get(HEAD_TAG)
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        return AuditHead.from_json(text) if text else None
 
-        with self._audit_engine.connect() as connection:
-            rows = connection.execute(sqlalchemy.select(self._audit).order_by(self._audit.c.id))
-            previous = _GENESIS_HASH
-            for row in rows:
-                record = dict(row._mapping)
-                fields = {k: record[k] for k in _HASHED_FIELDS}
-                if record["previous_hash"] != previous or record["record_hash"] != _record_hash(
-                    previous, fields
-                ):
-                    return False, record["id"]
-                previous = record["record_hash"]
-        return True, None
+    def verify_audit(self) -> AuditVerdict:
+        """Check the keyed chain and the head kept in MLflow: (intact, first bad record, why)."""
+        return self._log.verify(self._head())
+
+    def _version_records(self, number: str) -> list[AuditRecord]:
+        return [r for r in self._log.records() if r.to_version == number]
+
+    def _approval_problem(self, number: str) -> str | None:
+        """Why the audit log does not approve ``number``, or None when it does."""
+        version = self._version(number)
+        records = self._version_records(number)
+        registered = [r for r in records if r.action == "register"]
+        if not registered:
+            return "the audit log has no registration of it (it was not registered by Keel)"
+        if registered[-1].details.get("run_id") not in (None, version.run_id):
+            return "its MLflow run is not the one the audit log registered"
+        decisions = [r for r in records if r.action in ("approve", "reject")]
+        if not decisions:
+            tag = version.tags.get(TAG_APPROVAL, "")
+            said = f" (its approval tag says {tag!r}, set outside Keel)" if tag == APPROVED else ""
+            return f"the audit log holds no approval of it{said}"
+        last = decisions[-1]
+        if last.action == "reject":
+            return f"{last.actor} rejected it ({last.reason})"
+        trained_by = registered[-1].details.get("trained_by") or version.tags.get("keel.trained_by")
+        if last.actor == trained_by:
+            return f"it was approved by {last.actor}, who trained it"
+        return None
+
+    def require_approved(self, version: str) -> None:
+        """Raise ApprovalError unless the verified audit log holds a valid approval of ``version``.
+
+        Anyone with MLflow access can move an alias or set a tag; only the audit log, chained
+        with a key MLflow never sees, says who approved what. Scoring and serving call this
+        before a version answers.
+        """
+        number = str(version).strip()
+        verdict = self.verify_audit()
+        if not verdict.intact:
+            raise ApprovalError(
+                f"the registry audit log fails verification ({verdict.problem}): no version of "
+                f"{self.name} is trusted until it is investigated"
+            )
+        try:
+            problem = self._approval_problem(number)
+        except RegistryError as error:
+            raise ApprovalError(str(error)) from error
+        if problem:
+            raise ApprovalError(
+                f"version {number} of {self.name} is not approved: {problem}. Approve it with "
+                f"`keel registry approve {number}` (someone other than its trainer)"
+            )
 
     def _append(
         self,
@@ -381,37 +434,105 @@ class ModelRegistry:
         to_version: str | None,
         reason: str,
         details: Mapping[str, Any] | None = None,
+        replay: bool = False,
     ) -> AuditRecord:
-        """Append one record; callers hold the registry lock, which keeps the chain linear."""
-        import sqlalchemy
+        """Record a change before the caller makes it (callers hold the lock).
 
-        table = self._audit
-        fields = {
-            "recorded_at": _now(),
-            "model_name": self.name,
-            "action": action,
-            "actor": actor,
-            "from_version": from_version,
-            "to_version": to_version,
-            "reason": reason,
-            "details": json.dumps(dict(details or {}), sort_keys=True, default=str),
-        }
-        with self._audit_engine.begin() as connection:
-            last = connection.execute(
-                sqlalchemy.select(table.c.record_hash).order_by(table.c.id.desc()).limit(1)
-            ).scalar()
-            previous = last or _GENESIS_HASH
-            record_hash = _record_hash(previous, fields)
-            result = connection.execute(
-                table.insert().values(**fields, previous_hash=previous, record_hash=record_hash)
-            )
-            record_id = result.inserted_primary_key[0]
-        return AuditRecord(
-            id=record_id,
-            **{**fields, "details": json.loads(fields["details"])},
-            previous_hash=previous,
-            record_hash=record_hash,
+        The record and its pending mark share one transaction, then the head moves. With
+        ``replay`` it stays pending until the caller settles it, so that a writer dying in
+        between leaves a change the next writer finishes (`_apply`); otherwise it is settled
+        at once.
+        """
+        record = self._log.append(_now(), action, actor, from_version, to_version, reason, details)
+        self._move_head(record)
+        if not replay:
+            self._log.settle(record.id)
+        return record
+
+    def _move_head(self, record: AuditRecord) -> None:
+        self.client.set_registered_model_tag(self.name, HEAD_TAG, self._log.head(record).to_json())
+
+    def _record(
+        self,
+        action: str,
+        actor: str,
+        from_version: str | None,
+        to_version: str | None,
+        reason: str,
+        details: Mapping[str, Any] | None = None,
+    ) -> AuditRecord:
+        """Write the audit record, then make the change it describes."""
+        record = self._append(action, actor, from_version, to_version, reason, details, True)
+        self._apply(record)
+        self._log.settle(record.id)
+        return record
+
+    def _recover(self) -> None:
+        """Finish the changes of records whose writer died before making them."""
+        for record in self._log.pending():
+            head = self._head()
+            if head is None or record.id > head.record_id:
+                self._move_head(record)
+            if record.action in ACTIONS:
+                self._apply(record)
+            self._log.settle(record.id)
+
+    def _apply(self, record: AuditRecord) -> None:
+        """Move the aliases and tags as ``record`` says; doing it twice changes nothing."""
+        number, old, actor, at = (
+            record.to_version,
+            record.from_version,
+            record.actor,
+            record.recorded_at,
         )
+        if record.action == "register":
+            if old and old != number and old != self.champion():
+                self._set_tags(old, {TAG_STAGE: ARCHIVED})
+            self.client.set_registered_model_alias(self.name, CHALLENGER, number)
+        elif record.action == "approve":
+            self._set_tags(
+                number,
+                {
+                    TAG_APPROVAL: APPROVED,
+                    "keel.approved_by": actor,
+                    "keel.approved_at": at,
+                    "keel.approval_reason": record.reason,
+                },
+            )
+        elif record.action == "reject":
+            self._set_tags(
+                number,
+                {
+                    TAG_APPROVAL: REJECTED,
+                    TAG_STAGE: ARCHIVED,
+                    "keel.rejected_by": actor,
+                    "keel.rejected_at": at,
+                    "keel.rejection_reason": record.reason,
+                },
+            )
+            if self.challenger() == number:
+                self.client.delete_registered_model_alias(self.name, CHALLENGER)
+        elif record.action == "promote":
+            self.client.set_registered_model_alias(self.name, CHAMPION, number)
+            promoted = {TAG_STAGE: PRODUCTION, "keel.promoted_by": actor, "keel.promoted_at": at}
+            if old:
+                promoted[TAG_PREVIOUS_CHAMPION] = old
+                self._set_tags(old, {TAG_STAGE: ARCHIVED})
+            self._set_tags(number, promoted)
+            if self.challenger() == number:
+                self.client.delete_registered_model_alias(self.name, CHALLENGER)
+        elif record.action == "rollback":
+            self.client.set_registered_model_alias(self.name, CHAMPION, number)
+            self._set_tags(
+                old,
+                {
+                    TAG_STAGE: ARCHIVED,
+                    "keel.rolled_back_by": actor,
+                    "keel.rolled_back_at": at,
+                    "keel.rollback_reason": record.reason,
+                },
+            )
+            self._set_tags(number, {TAG_STAGE: PRODUCTION})
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -477,10 +598,23 @@ class ModelRegistry:
         lineage = {tag: run_tags[tag] for tag in LINEAGE_TAGS}
         dataset_version, family = lineage["keel.dataset_version"], lineage["keel.model_family"]
         training_set_sha256 = file_sha256(lineage["keel.training_set_path"])
+        details = {
+            "run_id": run_id,
+            "dataset_version": dataset_version,
+            "model_family": family,
+            "trained_by": lineage["keel.trained_by"],
+            "training_set_sha256": training_set_sha256,
+            "gates": dict(gates),
+            "metrics": dict(metrics),
+        }
         with self._serialised():
-            existing = self.find(dataset_version, family)
-            if existing is not None:
-                return self.info(existing)
+            number = self.find(dataset_version, family)
+            if number is not None:
+                if any(r.action == "register" for r in self._version_records(number)):
+                    return self.info(number)
+                # A writer died between creating this version and recording it: record it now.
+                self._record("register", actor, self.challenger(), number, reason, details)
+                return VersionInfo(**{**asdict(self.info(number)), "created": True})
             source, model_id = self._model_source(run_id, model_uri)
             from mlflow.exceptions import MlflowException
 
@@ -508,25 +642,8 @@ class ModelRegistry:
                 self.name, source, run_id=run_id, tags=tags, model_id=model_id
             )
             number = str(created.version)
-            previous_challenger = self.challenger()
-            if previous_challenger and previous_challenger != self.champion():
-                self._set_tags(previous_challenger, {TAG_STAGE: ARCHIVED})
-            self.client.set_registered_model_alias(self.name, CHALLENGER, number)
-            self._append(
-                "register",
-                actor,
-                previous_challenger,
-                number,
-                reason or "passed every gate",
-                {
-                    "run_id": run_id,
-                    "dataset_version": dataset_version,
-                    "model_family": family,
-                    "training_set_sha256": training_set_sha256,
-                    "gates": dict(gates),
-                    "metrics": dict(metrics),
-                },
-            )
+            reason = reason or "passed every gate"
+            self._record("register", actor, self.challenger(), number, reason, details)
             if auto_approve:
                 self._approve(number, AUTO_APPROVER, "auto-approve policy: every gate passed")
                 self._promote(number, AUTO_APPROVER, "auto-approve policy: every gate passed")
@@ -540,31 +657,25 @@ class ModelRegistry:
         return self.info(number)
 
     def _approve(self, number: str, actor: str, reason: str) -> None:
-        tags = self._version(number).tags
-        status = tags.get(TAG_APPROVAL)
         _require_actor(actor)
-        if status == REJECTED:
+        tags = self._version(number).tags
+        records = self._version_records(number)
+        registered = [r for r in records if r.action == "register"]
+        if not registered:
+            raise ApprovalError(f"version {number} has no registration in the audit log")
+        decisions = [r for r in records if r.action in ("approve", "reject")]
+        if decisions and decisions[-1].action == "reject":
             raise ApprovalError(f"version {number} was rejected; register a new candidate")
-        if status == APPROVED:
-            raise ApprovalError(
-                f"version {number} is already approved by {tags['keel.approved_by']}"
-            )
-        if tags.get(TAG_GATES_PASSED) != "true":
+        if decisions:
+            raise ApprovalError(f"version {number} is already approved by {decisions[-1].actor}")
+        gates = registered[-1].details.get("gates") or {}
+        if not gates or not all(gates.values()):
             raise ApprovalError(f"version {number} has no record of passing every gate")
-        if actor == tags.get("keel.trained_by"):
+        if actor == (registered[-1].details.get("trained_by") or tags.get("keel.trained_by")):
             raise ApprovalError(
                 f"{actor} trained version {number} and may not approve it: another person must"
             )
-        self._set_tags(
-            number,
-            {
-                TAG_APPROVAL: APPROVED,
-                "keel.approved_by": actor,
-                "keel.approved_at": _now(),
-                "keel.approval_reason": reason,
-            },
-        )
-        self._append("approve", actor, None, number, reason)
+        self._record("approve", actor, None, number, reason)
 
     def reject(self, version: str, actor: str, reason: str) -> VersionInfo:
         """Reject a version for good; the champion is rolled back, not rejected."""
@@ -577,21 +688,9 @@ class ModelRegistry:
                 raise ApprovalError(
                     f"version {number} is the champion: roll back first, then reject it"
                 )
-            if self._version(number).tags.get(TAG_APPROVAL) == REJECTED:
+            if any(r.action == "reject" for r in self._version_records(number)):
                 raise ApprovalError(f"version {number} is already rejected")
-            self._set_tags(
-                number,
-                {
-                    TAG_APPROVAL: REJECTED,
-                    TAG_STAGE: ARCHIVED,
-                    "keel.rejected_by": actor,
-                    "keel.rejected_at": _now(),
-                    "keel.rejection_reason": reason,
-                },
-            )
-            if self.challenger() == number:
-                self.client.delete_registered_model_alias(self.name, CHALLENGER)
-            self._append("reject", actor, None, number, reason)
+            self._record("reject", actor, None, number, reason)
         return self.info(number)
 
     def promote(self, version: str, actor: str, reason: str = "") -> VersionInfo:
@@ -603,29 +702,16 @@ class ModelRegistry:
 
     def _promote(self, number: str, actor: str, reason: str) -> None:
         _require_actor(actor)
-        tags = self._version(number).tags
-        if tags.get(TAG_APPROVAL) != APPROVED:
+        problem = self._approval_problem(number)
+        if problem:
             raise ApprovalError(
-                f"version {number} is {tags.get(TAG_APPROVAL, 'not approved')}: promotion to "
-                f"{CHAMPION} needs an approval by someone other than its trainer "
-                f"({tags.get('keel.trained_by', 'unknown')}) or the auto-approve policy"
+                f"version {number}: {problem}; promotion to {CHAMPION} needs an approval by "
+                "someone other than its trainer or the auto-approve policy"
             )
         previous = self.champion()
         if previous == number:
             raise ApprovalError(f"version {number} is already the champion")
-        self.client.set_registered_model_alias(self.name, CHAMPION, number)
-        promoted_tags = {
-            TAG_STAGE: PRODUCTION,
-            "keel.promoted_by": actor,
-            "keel.promoted_at": _now(),
-        }
-        if previous:
-            promoted_tags[TAG_PREVIOUS_CHAMPION] = previous
-            self._set_tags(previous, {TAG_STAGE: ARCHIVED})
-        self._set_tags(number, promoted_tags)
-        if self.challenger() == number:
-            self.client.delete_registered_model_alias(self.name, CHALLENGER)
-        self._append("promote", actor, previous, number, reason)
+        self._record("promote", actor, previous, number, reason)
 
     def rollback(self, actor: str, reason: str) -> VersionInfo:
         """Give the champion alias back to the version that held it before the current one."""
@@ -636,95 +722,17 @@ class ModelRegistry:
             current = self.champion()
             if current is None:
                 raise RegistryError(f"{self.name} has no champion to roll back")
-            previous = self._version(current).tags.get(TAG_PREVIOUS_CHAMPION)
+            # The audit log, not a tag anyone may set, says which version held it before.
+            promotions = [r for r in self._version_records(current) if r.action == "promote"]
+            previous = promotions[-1].from_version if promotions else None
             if not previous:
                 raise RegistryError(
                     f"champion version {current} has no previous champion to roll back to"
                 )
-            self.client.set_registered_model_alias(self.name, CHAMPION, previous)
-            self._set_tags(
-                current,
-                {
-                    TAG_STAGE: ARCHIVED,
-                    "keel.rolled_back_by": actor,
-                    "keel.rolled_back_at": _now(),
-                    "keel.rollback_reason": reason,
-                },
-            )
-            self._set_tags(previous, {TAG_STAGE: PRODUCTION})
-            self._append("rollback", actor, current, previous, reason)
+            self._record("rollback", actor, current, previous, reason)
         return self.info(previous)
 
 
 def _require_actor(actor: str) -> None:
     if not actor or not actor.strip():
         raise ApprovalError("every registry action needs an actor (who is doing this)")
-
-
-_HASHED_FIELDS = (
-    "recorded_at",
-    "model_name",
-    "action",
-    "actor",
-    "from_version",
-    "to_version",
-    "reason",
-    "details",
-)
-
-
-def _audit_table(metadata):  # -> sqlalchemy.Table
-    import sqlalchemy as sa
-
-    return sa.Table(
-        AUDIT_TABLE,
-        metadata,
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("recorded_at", sa.String(40), nullable=False),
-        sa.Column("model_name", sa.String(256), nullable=False, index=True),
-        sa.Column("action", sa.String(16), nullable=False),
-        sa.Column("actor", sa.String(256), nullable=False),
-        sa.Column("from_version", sa.String(32)),
-        sa.Column("to_version", sa.String(32)),
-        sa.Column("reason", sa.Text, nullable=False),
-        sa.Column("details", sa.Text, nullable=False),
-        sa.Column("previous_hash", sa.String(64), nullable=False, unique=True),
-        sa.Column("record_hash", sa.String(64), nullable=False, unique=True),
-    )
-
-
-def _create_audit_table(engine, table) -> None:
-    """Create the audit table with triggers that refuse UPDATE and DELETE (append-only)."""
-    import sqlalchemy as sa
-
-    table.metadata.create_all(engine, checkfirst=True)
-    message = f"{AUDIT_TABLE} is append-only"
-    with engine.begin() as connection:
-        if engine.dialect.name == "sqlite":
-            for event in ("UPDATE", "DELETE"):
-                connection.execute(
-                    sa.text(
-                        f"CREATE TRIGGER IF NOT EXISTS {AUDIT_TABLE}_no_{event.lower()} "
-                        f"BEFORE {event} ON {AUDIT_TABLE} "
-                        f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
-                    )
-                )
-        elif engine.dialect.name == "postgresql":
-            connection.execute(
-                sa.text(
-                    f"CREATE OR REPLACE FUNCTION {AUDIT_TABLE}_refuse() RETURNS trigger "
-                    f"LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION '{message}'; END $$"
-                )
-            )
-            connection.execute(
-                sa.text(
-                    f"CREATE OR REPLACE TRIGGER {AUDIT_TABLE}_no_change BEFORE UPDATE OR DELETE "
-                    f"ON {AUDIT_TABLE} FOR EACH ROW EXECUTE FUNCTION {AUDIT_TABLE}_refuse()"
-                )
-            )
-            connection.execute(
-                sa.text(
-                    f"CREATE OR REPLACE TRIGGER {AUDIT_TABLE}_no_truncate BEFORE TRUNCATE "
-                    f"ON {AUDIT_TABLE} FOR EACH STATEMENT EXECUTE FUNCTION {AUDIT_TABLE}_refuse()"
-                )
-            )
