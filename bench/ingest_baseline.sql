@@ -110,7 +110,11 @@ select
     cast(l.observation_date as date) + interval 1 day as event_timestamp,
     cast(l.label_date as date) + interval 1 day as label_timestamp,
     cast(l.defaulted as bigint) as defaulted,
-    h.age, h.sex, h.region,
+    case
+        when h.age < 26 then '18-25' when h.age < 36 then '26-35' when h.age < 51 then '36-50'
+        when h.age < 66 then '51-65' else '66+'
+    end as age_band,
+    h.sex, h.region,
     cast(l.label_date as date) as label_date
 from read_parquet('{folder}/default_labels/*.parquet') l
 left join holders h using (account_id);
