@@ -9,7 +9,6 @@ checks through dagster-dbt; dbt unit tests are reported as asset checks by ``dbt
 import importlib.metadata
 import json
 import os
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cached_property
@@ -21,7 +20,7 @@ from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
 from packaging.version import Version
 
 from assets.partitions import DAILY_PARTITIONS
-from orchestration.dbt import dbt_project
+from orchestration.dbt import DBT_EXECUTABLE, dbt_project
 from orchestration.resources import WarehouseResource
 
 GROUP = "transformation"
@@ -205,9 +204,7 @@ class KeelDbtCliResource(DbtCliResource):
 
 def dbt_resource() -> DbtCliResource:
     """The dbt CLI of this environment, on the project in ``dbt_project/``."""
-    return KeelDbtCliResource(
-        project_dir=dbt_project, dbt_executable=str(Path(sys.executable).with_name("dbt"))
-    )
+    return KeelDbtCliResource(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE)
 
 
 TRANSFORMATION_ASSETS = [daily_dbt_models, dbt_models]

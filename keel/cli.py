@@ -46,9 +46,9 @@ def prepare() -> None:
     """Create the data folder and DAGSTER_HOME, and parse the dbt project for Dagster."""
     paths = KeelPaths.current().ensure()
     home = prepare_dagster_home(paths, active_profile())
-    from orchestration.dbt import dbt_project
+    from orchestration.dbt import prepare as prepare_dbt
 
-    dbt_project.preparer.prepare(dbt_project)
+    prepare_dbt()
     click.echo(f"prepared {paths.home} (DAGSTER_HOME={home})")
 
 
