@@ -15,11 +15,15 @@ The world it simulates:
 Drift scenarios switch on from a chosen day: covariate shift, label shift, concept drift, a
 schema change, and malformed rows (null keys, out-of-range values, wrong types, duplicates,
 unknown categories).
+
+A data folder records the settings of its first generation (``generator.json``); generating
+into it with other settings is refused, so one warehouse never mixes two worlds.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -34,6 +38,8 @@ DRIFT_KINDS = ("covariate", "label", "concept", "schema", "malformed")
 LANDING_FORMATS = ("csv", "parquet", "jsonl")
 LABEL_DELAY_DAYS = 30
 STATEMENT_CYCLE_DAYS = 30
+# Written into a data folder by its first generation: every later one must use these settings.
+SETTINGS_FILE = "generator.json"
 
 # Independent random streams, so that one variable can be regenerated without the others.
 _ACCOUNTS, _ACTIVITY, _MISSED, _LABELS, _MALFORMED, _LATE, _UTILISATION = range(7)
@@ -417,8 +423,63 @@ class GeneratedDay:
     landing: Path | None
 
 
+def recorded_config(folder: Path) -> GeneratorConfig | None:
+    """The settings the data folder was generated with, or None before its first generation."""
+    path = folder / SETTINGS_FILE
+    if not path.exists():
+        return None
+    try:
+        return GeneratorConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as error:
+        raise GeneratorConfigError(f"{path} is not a generator settings file: {error}") from error
+
+
+def settings_mismatch(recorded: GeneratorConfig, requested: GeneratorConfig) -> dict[str, tuple]:
+    """The settings that differ, each as (recorded, requested)."""
+    old, new = json.loads(recorded.to_json()), json.loads(requested.to_json())
+    return {name: (old[name], new[name]) for name in old if old[name] != new[name]}
+
+
+def mismatch_error(folder: Path, differences: dict[str, tuple]) -> GeneratorConfigError:
+    """The error for settings that would mix two generated worlds in one data folder."""
+    listed = "; ".join(
+        f"{name}: folder {was!r}, requested {asked!r}" for name, (was, asked) in differences.items()
+    )
+    return GeneratorConfigError(
+        f"the data folder {folder} was generated with other settings ({listed}), recorded in "
+        f"{folder / SETTINGS_FILE}. Mixing two worlds in one warehouse duplicates labels: leave "
+        "these settings unset to continue the folder's world, or use a new KEEL_HOME."
+    )
+
+
+def record_config(folder: Path, config: GeneratorConfig) -> GeneratorConfig:
+    """Record ``config`` as the folder's settings on its first generation, else check it.
+
+    Raises:
+        GeneratorConfigError: the folder was generated with other settings.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SETTINGS_FILE
+    if not path.exists():
+        temporary = folder / f".{SETTINGS_FILE}.{os.getpid()}.tmp"
+        temporary.write_text(config.to_json())
+        try:
+            # A hard link never replaces an existing file: of two first generations, one wins.
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+        finally:
+            temporary.unlink()
+    recorded = recorded_config(folder)
+    differences = settings_mismatch(recorded, config)
+    if differences:
+        raise mismatch_error(folder, differences)
+    return config
+
+
 def generate_day(config: GeneratorConfig, day: date, folder: Path, landing: Path) -> GeneratedDay:
     """Write one day's extracts (activity, arriving labels) and its late rows, if missing."""
+    record_config(folder, config)
     folder = folder / config.fingerprint()
     activity_path = folder / "account_activity" / f"{day.isoformat()}.parquet"
     labels_path = folder / "default_labels" / f"{day.isoformat()}.parquet"
@@ -438,6 +499,7 @@ def generate_day(config: GeneratorConfig, day: date, folder: Path, landing: Path
 
 def generate_account_holders(config: GeneratorConfig, folder: Path) -> Path:
     """Write the account-holder snapshot, if missing."""
+    record_config(folder, config)
     path = folder / config.fingerprint() / "account_holders.parquet"
     if not path.exists():
         write_table(account_holders_table(config), path)

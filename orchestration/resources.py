@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import dagster as dg
 
@@ -46,32 +47,60 @@ class DriftScenarioConfig(dg.Config):
 
 
 class SourcesResource(dg.ConfigurableResource):
-    """Where raw data comes from, and the share of bad rows a partition may hold."""
+    """Where raw data comes from, and the share of bad rows a partition may hold.
+
+    The generator settings left unset (None) take the values recorded in ``generated_dir`` by
+    its first generation, so the UI, schedules and the demo continue one world; a new folder
+    starts with GeneratorConfig's defaults and ``NEW_WORLD_LATE_SHARE``. A setting that differs
+    from the recorded one is refused (keel.generator.GeneratorConfigError).
+    """
 
     generated_dir: str
     landing_dir: str
     taiwan_csv: str
-    seed: int = 7
-    accounts: int = 2_000
-    start: str = "2026-01-01"
-    late_share: float = 0.02
-    label_delay_days: int = 30
-    scenarios: list[DriftScenarioConfig] = []  # noqa: RUF012 (pydantic copies defaults)
+    seed: int | None = None
+    accounts: int | None = None
+    start: str | None = None
+    late_share: float | None = None
+    label_delay_days: int | None = None
+    scenarios: list[DriftScenarioConfig] | None = None
     max_bad_share: float = 0.05
 
-    def generator_config(self):  # -> keel.generator.GeneratorConfig
-        from keel.generator import GeneratorConfig
+    # A new world sends a few rows late through the landing folder.
+    NEW_WORLD_LATE_SHARE: ClassVar[float] = 0.02
 
-        return GeneratorConfig.from_dict(
-            {
-                "seed": self.seed,
-                "accounts": self.accounts,
-                "start": self.start,
-                "late_share": self.late_share,
-                "label_delay_days": self.label_delay_days,
-                "scenarios": [s.model_dump() for s in self.scenarios],
-            }
+    def generator_config(self):  # -> keel.generator.GeneratorConfig
+        """The data folder's generator settings; errors if a setting here contradicts them."""
+        from keel.generator import (
+            GeneratorConfig,
+            mismatch_error,
+            recorded_config,
+            settings_mismatch,
         )
+
+        requested = {
+            name: value
+            for name, value in (
+                ("seed", self.seed),
+                ("accounts", self.accounts),
+                ("start", self.start),
+                ("late_share", self.late_share),
+                ("label_delay_days", self.label_delay_days),
+            )
+            if value is not None
+        }
+        if self.scenarios is not None:
+            requested["scenarios"] = [s.model_dump() for s in self.scenarios]
+        folder = Path(self.generated_dir)
+        recorded = recorded_config(folder)
+        if recorded is None:
+            return GeneratorConfig.from_dict({"late_share": self.NEW_WORLD_LATE_SHARE, **requested})
+        differences = settings_mismatch(
+            recorded, GeneratorConfig.from_dict({**json.loads(recorded.to_json()), **requested})
+        )
+        if differences:
+            raise mismatch_error(folder, differences)
+        return recorded
 
 
 class MonitoringResource(dg.ConfigurableResource):
