@@ -137,6 +137,14 @@ class RegistryView:
         )
 
 
+def model_artifacts_uri(client: Any, model_name: str, version: str) -> str:
+    """Where a registered version's MLflow model folder lives (logged model or run artefacts)."""
+    source = client.get_model_version(model_name, version).source
+    if source.startswith("models:/m-"):
+        source = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+    return source
+
+
 def load_registered_model(registry_config: RegistryConfig, version: str) -> Any:
     """The Keel model of a registered version (LightGBM or PyTorch), through MLflow."""
     import tempfile
@@ -149,9 +157,7 @@ def load_registered_model(registry_config: RegistryConfig, version: str) -> Any:
     client = mlflow.MlflowClient(
         tracking_uri=registry_config.tracking_uri, registry_uri=registry_config.registry_uri
     )
-    source = client.get_model_version(registry_config.model_name, version).source
-    if source.startswith("models:/m-"):
-        source = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+    source = model_artifacts_uri(client, registry_config.model_name, version)
     with tempfile.TemporaryDirectory(prefix="keel-serve-model-") as scratch:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=source, dst_path=scratch, tracking_uri=registry_config.tracking_uri
@@ -270,12 +276,15 @@ class Deployments:
         return RegistryView.from_model(model.aliases, model.tags)
 
     def _approved(self, version: str) -> str:
-        """Why ``version`` may not answer clients, or empty when it may."""
-        from keel.registry import APPROVED, TAG_APPROVAL
+        """Why ``version`` may not answer clients (the audit log's verdict), or empty."""
+        from keel.registry import ApprovalError, ModelRegistry
 
-        tags = self._client.get_model_version(self.config.model_name, version).tags
-        status = tags.get(TAG_APPROVAL, "")
-        return "" if status == APPROVED else f"version {version} is {status or 'not approved'}"
+        with ModelRegistry(self.config) as registry:
+            try:
+                registry.require_approved(version)
+            except ApprovalError as error:
+                return str(error)
+        return ""
 
     def _model(self, version: str | None, needs_approval: bool) -> LoadedModel | None:
         """The loaded model of ``version``, loading it now if needed; None if it cannot serve."""
