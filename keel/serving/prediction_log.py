@@ -87,10 +87,6 @@ def default_log_dir(paths: KeelPaths | None = None) -> Path:
     return (paths or KeelPaths.current()).artefacts / PREDICTION_LOG_DIRNAME
 
 
-def utc_iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat()
-
-
 class PredictionLogWriter:
     """Appends JSON lines to this process's log file; thread-safe, one write per call.
 

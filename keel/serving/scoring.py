@@ -1,0 +1,269 @@
+"""The request path's maths: route entities to arms, score them, fall back, run the shadow.
+
+Plain Python over a `Snapshot` of `keel.serving.deployments`; ``keel.serving.app`` wraps it in
+HTTP. Each entity goes to the arm `Snapshot.arm_for` picks (sticky per account). The
+prediction cache answers what it can; the arm's model scores the rest in one batch. When the
+canary raises, the same rows get the champion's scores and each row records the canary's
+error, so the client sees no failure while the error still counts against the canary. When
+the champion raises, the request fails (`ModelUnavailable`, HTTP 503).
+
+The shadow model scores the same rows on one background thread per worker, after the
+response; its results go to the prediction log as ``shadow`` records.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from keel.serving import metrics
+from keel.serving.cache import PredictionCache
+from keel.serving.deployments import CANARY, CHAMPION, LoadedModel, Snapshot
+from keel.serving.prediction_log import SHADOW, PredictionLogWriter
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+class ModelUnavailable(RuntimeError):
+    """The champion could not score: the request cannot be answered."""
+
+
+@dataclass
+class Batch:
+    """Entities of one request and their features, column by column."""
+
+    account_ids: list[int | None]
+    columns: dict[str, list[Any]]
+    event_us: list[int | None]
+    known: list[bool]
+
+
+@dataclass
+class Scores:
+    """Per entity: what the client gets and what the log records."""
+
+    score: list[float | None]
+    arm: list[str | None]
+    version: list[str | None]
+    cache_hit: list[bool]
+    error: list[str | None]
+    fallback_version: list[str | None]
+    model_seconds: dict[tuple[str, str], float]  # (arm, version) -> model time in the request
+
+
+def model_frame(
+    columns: dict[str, list[Any]], names: Sequence[str], rows: list[int]
+) -> pd.DataFrame:
+    """The model's input: columns ``names`` at positions ``rows``."""
+    import pandas as pd
+
+    if len(rows) == len(next(iter(columns.values()), ())):
+        return pd.DataFrame({name: columns[name] for name in names})
+    return pd.DataFrame({name: [columns[name][i] for i in rows] for name in names})
+
+
+def _predict(model: LoadedModel, batch: Batch, rows: list[int]) -> tuple[list[float], float]:
+    started = time.perf_counter()
+    scores = model.predict(model_frame(batch.columns, model.feature_names, rows))
+    return scores.tolist(), time.perf_counter() - started
+
+
+def _error_text(arm: str, error: BaseException) -> str:
+    return f"{arm}: {type(error).__name__}: {error}"[:500]
+
+
+class Scorer:
+    """Scores batches against the current snapshot, with the cache; thread-safe.
+
+    Args:
+        cache: The worker's prediction cache.
+    """
+
+    def __init__(self, cache: PredictionCache) -> None:
+        self.cache = cache
+        self._snapshot: Snapshot | None = None
+        self._seconds_per_entity = 0.0  # running mean of model time, for the cache's savings
+
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        if snapshot is self._snapshot:
+            return
+        previous, self._snapshot = self._snapshot, snapshot
+        self.cache.retain(set(snapshot.versions().values()))
+        if previous is not None:
+            for arm, version in previous.versions().items():
+                metrics.MODEL_INFO.labels(arm, version).set(0)
+        for arm, version in snapshot.versions().items():
+            metrics.MODEL_INFO.labels(arm, version).set(1)
+
+    def score(self, snapshot: Snapshot, batch: Batch) -> Scores:
+        self._on_snapshot(snapshot)
+        size = len(batch.account_ids)
+        result = Scores(
+            score=[None] * size,
+            arm=[None] * size,
+            version=[None] * size,
+            cache_hit=[False] * size,
+            error=[None] * size,
+            fallback_version=[None] * size,
+            model_seconds={},
+        )
+        groups: dict[str, list[int]] = {}
+        for i, (account_id, known) in enumerate(zip(batch.account_ids, batch.known, strict=True)):
+            if known:
+                arm = snapshot.arm_for(account_id) if account_id is not None else CHAMPION
+                groups.setdefault(arm, []).append(i)
+        for arm, rows in groups.items():
+            self._score_arm(snapshot, snapshot.model_for(arm), batch, rows, result)
+        return result
+
+    def _score_arm(
+        self, snapshot: Snapshot, model: LoadedModel, batch: Batch, rows: list[int], out: Scores
+    ) -> None:
+        arm, version = model.arm, model.version
+        ids, event_us = batch.account_ids, batch.event_us
+        keys = [
+            (version, ids[i], event_us[i])
+            if ids[i] is not None and event_us[i] is not None
+            else None
+            for i in rows
+        ]
+        cached = self.cache.get_many(keys)
+        misses = []
+        for i, score in zip(rows, cached, strict=True):
+            out.arm[i], out.version[i] = arm, version
+            if score is None:
+                misses.append(i)
+            else:
+                out.score[i], out.cache_hit[i] = score, True
+        hits = len(rows) - len(misses)
+        if hits:
+            metrics.CACHE_HITS.inc(hits)
+            metrics.CACHE_SECONDS_SAVED.inc(hits * self._seconds_per_entity)
+        if not misses:
+            return
+        metrics.CACHE_MISSES.inc(len(misses))
+        try:
+            scores, seconds = _predict(model, batch, misses)
+        except Exception as error:
+            metrics.ERRORS.labels(arm, version, "model").inc()
+            if arm != CANARY:
+                log.error("champion %s failed: %s", version, error)
+                raise ModelUnavailable(_error_text(arm, error)) from error
+            self._fall_back(snapshot, batch, misses, _error_text(arm, error), out)
+            return
+        out.model_seconds[(arm, version)] = seconds
+        self._seconds_per_entity += 0.05 * (seconds / len(misses) - self._seconds_per_entity)
+        for i, score in zip(misses, scores, strict=True):
+            out.score[i] = score
+        self.cache.put_many(
+            ((version, ids[i], event_us[i]) if event_us[i] is not None else None, score)
+            for i, score in zip(misses, scores, strict=True)
+            if ids[i] is not None
+        )
+
+    def _fall_back(
+        self, snapshot: Snapshot, batch: Batch, rows: list[int], error: str, out: Scores
+    ) -> None:
+        champion = snapshot.champion
+        try:
+            scores, _ = _predict(champion, batch, rows)
+        except Exception as champion_error:
+            metrics.ERRORS.labels(CHAMPION, champion.version, "model").inc()
+            raise ModelUnavailable(_error_text(CHAMPION, champion_error)) from champion_error
+        metrics.CANARY_FALLBACKS.inc(len(rows))
+        for i, score in zip(rows, scores, strict=True):
+            out.score[i], out.error[i], out.fallback_version[i] = score, error, champion.version
+
+
+@dataclass
+class ShadowJob:
+    """One request's rows for the shadow model."""
+
+    request_id: str
+    ts: str
+    model: LoadedModel
+    batch: Batch
+    rows: list[int]
+
+
+class ShadowRunner:
+    """One background thread that scores shadow jobs and logs them; a full queue drops jobs.
+
+    Args:
+        log_writer: Where shadow records go.
+        max_queue: Jobs waiting before new ones are dropped (counted in the metrics).
+    """
+
+    def __init__(self, log_writer: PredictionLogWriter, max_queue: int) -> None:
+        self.log_writer = log_writer
+        self._queue: queue.Queue[ShadowJob | None] = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._run, name="keel-shadow", daemon=True)
+        self._thread.start()
+        self.done = 0
+
+    def submit(self, job: ShadowJob) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            metrics.SHADOW_DROPPED.inc()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                self.log_writer.write(self._score(job))
+            except Exception:
+                log.exception("shadow job of request %s failed", job.request_id)
+            finally:
+                self.done += 1
+                self._queue.task_done()
+
+    @staticmethod
+    def _score(job: ShadowJob) -> list[dict[str, Any]]:
+        version = job.model.version
+        started = time.perf_counter()
+        try:
+            scores, error = _predict(job.model, job.batch, job.rows)[0], None
+        except Exception as failure:
+            scores, error = [None] * len(job.rows), _error_text(SHADOW, failure)
+            metrics.SHADOW_ERRORS.labels(version).inc()
+        seconds = time.perf_counter() - started
+        metrics.SHADOW_PREDICTIONS.labels(version).inc(len(job.rows))
+        metrics.SHADOW_LATENCY.labels(version).observe(seconds)
+        latency_ms = round(seconds * 1000, 3)
+        ids = job.batch.account_ids
+        return [
+            {
+                "record": SHADOW,
+                "request_id": job.request_id,
+                "ts": job.ts,
+                "account_id": ids[i],
+                "row": i,
+                "shadow_version": version,
+                "shadow_score": score,
+                "shadow_latency_ms": latency_ms,
+                "shadow_error": error,
+            }
+            for i, score in zip(job.rows, scores, strict=True)
+        ]
+
+    def drain(self, timeout: float = 10.0) -> None:
+        """Wait until queued jobs are done (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.drain(timeout)
+        self._queue.put(None)
+        self._thread.join(timeout)
