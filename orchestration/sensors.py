@@ -75,7 +75,14 @@ def _episode_sensor(
     trigger: str,
     is_bad,
 ):
-    """Fold new materialisations of ``asset_key`` into the episode; retrain once per episode."""
+    """Fold new materialisations of ``asset_key`` into the episodes; retrain once per episode.
+
+    Days are placed by partition, not by arrival: a day materialised again replaces its
+    verdict. An episode's retraining waits while one queued before the episode is in flight
+    (that one trains without the episode in view); one queued since covers it.
+    """
+    from dataclasses import replace
+
     from keel.retraining import EpisodeState, observe_day
 
     cursor = json.loads(context.cursor) if context.cursor else {}
@@ -85,33 +92,49 @@ def _episode_sensor(
         limit=500,
         ascending=True,
     ).records
-    if not records:
+    if not records and state.pending is None:
         return dg.SkipReason(f"no new {asset_key.to_user_string()} since the last tick")
-    requests, notes = [], []
+    notes = []
     for record in records:
         materialization = record.asset_materialization
         partition = materialization.partition
         bad, reason = is_bad(materialization.metadata)
-        state, start = observe_day(state, partition, bad, monitoring.min_drifted_days)
-        notes.append(f"{partition}: {reason}")
-        if not start:
-            continue
-        if retraining_in_flight(context.instance):
-            notes.append(f"{partition}: a retraining already in flight covers this episode")
-            continue
-        requests.append(
-            dg.RunRequest(
-                # One retraining per episode, keyed by the partition that started it: a tick
-                # evaluated twice (or after a crash) asks again with the same key, a no-op.
-                run_key=f"{trigger}:{partition}",
-                job_name=retrain.name,
-                tags={"keel/trigger": trigger, "keel/partition": partition},
-            )
+        state, episode = observe_day(
+            state, partition, bad, monitoring.min_drifted_days, seen_at=record.timestamp
         )
+        notes.append(f"{partition}: {reason}")
+        if episode:
+            # A newer episode's retraining also covers an older one still waiting.
+            state = replace(state, pending=episode)
+    requests = []
+    if (episode := state.pending) is not None:
+        in_flight = context.instance.get_run_records(
+            dg.RunsFilter(job_name=retrain.name, statuses=IN_FLIGHT)
+        )
+        if any(run.create_timestamp.timestamp() >= episode.since for run in in_flight):
+            notes.append(f"{episode.partition}: a retraining queued since the episode covers it")
+            state = replace(state, pending=None)
+        elif in_flight:
+            notes.append(
+                f"{episode.partition}: waiting for the retraining queued before the episode"
+            )
+        else:
+            requests.append(
+                dg.RunRequest(
+                    # One retraining per episode, keyed by the partition that completed it: a
+                    # tick evaluated twice (or after a crash) asks again with the same key, a
+                    # no-op.
+                    run_key=f"{trigger}:{episode.partition}",
+                    job_name=retrain.name,
+                    tags={"keel/trigger": trigger, "keel/partition": episode.partition},
+                )
+            )
+            state = replace(state, pending=None)
     context.log.info("\n".join(notes))
+    storage_id = records[-1].storage_id if records else cursor.get("storage_id")
     return dg.SensorResult(
         run_requests=requests,
-        cursor=json.dumps({"storage_id": records[-1].storage_id, "episode": state.to_dict()}),
+        cursor=json.dumps({"storage_id": storage_id, "episode": state.to_dict()}),
     )
 
 
@@ -167,11 +190,21 @@ def run_failure_alert(context: dg.RunFailureSensorContext, monitoring: Monitorin
     import requests
 
     run = context.dagster_run
+    # The run's own message only names the failed steps; the person alerted needs their errors.
+    steps = context.instance.get_records_for_run(
+        run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE
+    ).records
+    step_errors = {}
+    for record in steps:
+        error = record.event_log_entry.dagster_event.step_failure_data.error
+        if error is not None:
+            step_errors[record.event_log_entry.step_key] = error.message.strip()
     payload = {
         "text": f"Keel run {run.run_id} of job {run.job_name} failed",
         "run_id": run.run_id,
         "job": run.job_name,
         "error": context.failure_event.message,
+        "step_errors": step_errors,
         "tags": dict(run.tags),
     }
     if not monitoring.webhook_url:

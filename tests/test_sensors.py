@@ -1,6 +1,7 @@
 import http.server
 import json
 import threading
+from datetime import date, timedelta
 
 import dagster as dg
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from keel import schema
 from keel.monitoring import build_reference_profile, data_drift
-from keel.retraining import EpisodeState, observe_day
+from keel.retraining import HISTORY_DAYS, EpisodeState, observe_day
 from orchestration.jobs import retrain
 from orchestration.resources import MonitoringResource
 from orchestration.sensors import drift_sensor, retraining_in_flight, run_failure_alert
@@ -54,15 +55,56 @@ def _tick(instance, cursor):
     return drift_sensor(context)
 
 
+def day(n: int) -> str:
+    return f"2026-03-{n:02d}"
+
+
 def test_an_episode_retrains_once_after_it_lasted_long_enough():
     state, triggers = EpisodeState(), []
     verdicts = [False, True, True, True, True, False, True, False, True, True]
-    for day, bad in enumerate(verdicts):
-        state, start = observe_day(state, f"d{day}", bad, min_days=2)
-        triggers.append(start)
-    # Days 1-4 are one episode (retrain on its second day), day 6 alone is a blip, 8-9 another.
-    assert [f"d{i}" for i, t in enumerate(triggers) if t] == ["d2", "d9"]
-    assert EpisodeState.from_dict(state.to_dict()) == state
+    for n, bad in enumerate(verdicts, start=1):
+        state, episode = observe_day(state, day(n), bad, min_days=2)
+        triggers.append(episode)
+    # Days 2-5 are one episode (retrain on its second day), day 7 alone is a blip, 9-10 another.
+    assert [e.partition for e in triggers if e] == [day(3), day(10)]
+    assert [e.start for e in triggers if e] == [day(2), day(9)]
+    assert EpisodeState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+
+
+def test_one_drifted_day_reported_twice_is_not_two_consecutive_days():
+    state, first = observe_day(EpisodeState(), day(5), True, min_days=2)
+    state, again = observe_day(state, day(5), True, min_days=2)
+    assert first is None and again is None
+    # Its neighbour, reported later, completes the episode.
+    state, episode = observe_day(state, day(6), True, min_days=2)
+    assert episode is not None and (episode.start, episode.partition) == (day(5), day(6))
+
+
+def test_episodes_follow_partition_order_not_arrival_order():
+    state = EpisodeState()
+    # Two drifted days a week apart are not an episode, whatever order they arrive in.
+    state, first = observe_day(state, day(10), True, min_days=2)
+    state, second = observe_day(state, day(3), True, min_days=2)
+    assert first is None and second is None
+    # A backfilled day between two drifted days joins them into one three-day episode.
+    state, _ = observe_day(state, day(12), True, min_days=3)
+    state, joined = observe_day(state, day(11), True, min_days=3)
+    assert (joined.start, joined.partition) == (day(10), day(11))
+    # A day of that episode re-reported as quiet splits it, but both halves stay covered.
+    state, split = observe_day(state, day(11), False, min_days=1)
+    state, later = observe_day(state, day(12), True, min_days=1)
+    assert split is None and later is None
+    # The history stays bounded however long the sensor runs.
+    first = date(2026, 4, 1)
+    for n in range(400):
+        state, _ = observe_day(state, (first + timedelta(days=n)).isoformat(), bool(n % 2), 2)
+    assert len(state.verdicts) == HISTORY_DAYS + 1
+    assert len(json.dumps(state.to_dict())) < 20_000
+
+
+def test_a_cursor_of_the_older_format_starts_afresh():
+    old = {"bad_days": 3, "triggered": True, "last_partition": "2026-03-04"}
+    assert EpisodeState.from_dict(old) == EpisodeState()
 
 
 def test_drift_sensor_keys_runs_by_partition_and_never_retrains_twice(drift_payloads):
@@ -103,17 +145,46 @@ def retraining_stand_in():
     train_nothing()
 
 
-def test_no_second_retraining_while_one_is_in_flight(drift_payloads):
+def test_no_second_retraining_while_one_queued_since_the_episode_is_in_flight(drift_payloads):
     instance = dg.DagsterInstance.ephemeral()
     assert not retraining_in_flight(instance)
+    for n in (2, 3):
+        _report(instance, day(n), True, drift_payloads)
     instance.create_run_for_job(retraining_stand_in, status=dg.DagsterRunStatus.STARTED)
     assert retraining_in_flight(instance)
-    for day in ("2026-03-02", "2026-03-03"):
-        _report(instance, day, True, drift_payloads)
     tick = _tick(instance, None)
-    # The retraining in flight covers this episode: none is queued behind it.
+    # The retraining queued after the episode began covers it: none is queued behind it.
     assert tick.run_requests == []
-    assert json.loads(tick.cursor)["episode"]["triggered"] is True
+    assert json.loads(tick.cursor)["episode"]["pending"] is None
+    assert isinstance(_tick(instance, tick.cursor), dg.SkipReason)
+
+
+def test_a_retraining_queued_before_the_episode_does_not_cover_it(drift_payloads):
+    instance = dg.DagsterInstance.ephemeral()
+    earlier = instance.create_run_for_job(retraining_stand_in, status=dg.DagsterRunStatus.STARTED)
+    for n in (2, 3):
+        _report(instance, day(n), True, drift_payloads)
+
+    waiting = _tick(instance, None)
+    # Never two retrainings at once: this episode's waits for the earlier one to end.
+    assert waiting.run_requests == []
+    assert json.loads(waiting.cursor)["episode"]["pending"]["partition"] == day(3)
+    assert _tick(instance, waiting.cursor).run_requests == []
+
+    instance.report_run_failed(earlier)
+    launched = _tick(instance, waiting.cursor)
+    assert [r.run_key for r in launched.run_requests] == [f"drift:{day(3)}"]
+    assert isinstance(_tick(instance, launched.cursor), dg.SkipReason)
+
+
+def test_the_sensor_counts_a_day_materialised_twice_once(drift_payloads):
+    instance = dg.DagsterInstance.ephemeral()
+    for _ in range(3):
+        _report(instance, day(4), True, drift_payloads)
+    tick = _tick(instance, None)
+    assert tick.run_requests == []
+    _report(instance, day(2), True, drift_payloads)  # not next to day 4
+    assert _tick(instance, tick.cursor).run_requests == []
 
 
 @dg.op
