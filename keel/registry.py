@@ -745,6 +745,24 @@ class ModelRegistry:
             self._record("rollback", actor, current, previous, reason)
         return self.info(previous)
 
+    # -- edge bundles: ONNX exports that passed their parity check (keel.edge) ---------------------
+
+    def attach_bundle(
+        self, version: str, actor: str, tags: Mapping[str, str], details: Mapping[str, Any]
+    ) -> AuditRecord:
+        """Record a verified edge bundle on a version: ``keel.bundle.*`` tags and an audit line."""
+        _require_actor(actor)
+        foreign = sorted(key for key in tags if not key.startswith("keel.bundle."))
+        if foreign:
+            raise RegistryError(f"attach_bundle only sets keel.bundle.* tags, not {foreign}")
+        with self._serialised():
+            number = self.resolve(version)
+            record = self._append(
+                "attach_bundle", actor, None, number, "passed its parity check", details
+            )
+            self._set_tags(number, tags)
+        return record
+
     # -- deployments: the serving aliases that keel.serving follows --------------------------------
 
     def deployment_state(self) -> tuple[dict[str, str], dict[str, str]]:

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from assets import (
+    bundle,
     evaluation,
     features,
     inference,
@@ -25,6 +26,7 @@ STAGES = [
     training,
     evaluation,
     registry,
+    bundle,
     inference,
     monitoring,
 ]

@@ -1,0 +1,81 @@
+"""Publish a bundle that passed its parity check: MLflow artefacts plus registry version tags.
+
+The bundle is logged as artefacts of the version's training run (``edge_bundle/v<version>``),
+and the version gets ``keel.bundle.*`` tags: where the bundle is, the manifest's sha256 (which
+pins every file through the manifest's own hashes), its variants, sizes and parity figures.
+The registry appends an ``attach_bundle`` record to its audit trail.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from keel.registry import ModelRegistry
+
+ARTIFACT_PATH = "edge_bundle"
+TAG_URI = "keel.bundle.uri"
+TAG_MANIFEST_SHA256 = "keel.bundle.manifest_sha256"
+TAG_VARIANTS = "keel.bundle.variants"
+
+
+class PublishError(RuntimeError):
+    """A bundle that may not be attached to a registry version."""
+
+
+def bundle_tags(
+    uri: str, manifest_sha256: str, sizes: Mapping[str, int], parity: Mapping[str, Any]
+) -> dict[str, str]:
+    """The ``keel.bundle.*`` tags of a published bundle."""
+    tags = {
+        TAG_URI: uri,
+        TAG_MANIFEST_SHA256: manifest_sha256,
+        TAG_VARIANTS: ",".join(sizes),
+    }
+    for variant, size in sizes.items():
+        tags[f"keel.bundle.{variant}.bytes"] = str(size)
+        result = parity["variants"][variant]
+        tags[f"keel.bundle.{variant}.max_abs_diff"] = f"{result['max_abs_diff']:.3g}"
+        tags[f"keel.bundle.{variant}.auc_change"] = f"{result['auc_change']:.6g}"
+    return tags
+
+
+def publish_bundle(
+    registry: ModelRegistry,
+    version: str,
+    folder: str | Path,
+    parity: Mapping[str, Any],
+    sizes: Mapping[str, int],
+    actor: str,
+) -> dict[str, str]:
+    """Attach a bundle to ``version``; refuses one whose parity report did not pass.
+
+    Returns the tags set on the version.
+    """
+    from keel_edge import MANIFEST_FILE, manifest_sha256
+
+    if not parity.get("passed"):
+        raise PublishError(f"version {version}'s bundle failed its parity check: not published")
+    folder = Path(folder)
+    manifest_hash = manifest_sha256(folder)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    number = registry.resolve(version)
+    if str(manifest["model"].get("version")) != number:
+        raise PublishError(
+            f"the bundle in {folder} was built for version {manifest['model'].get('version')}, "
+            f"not {number}"
+        )
+    run_id = registry.client.get_model_version(registry.name, number).run_id
+    artifact_path = f"{ARTIFACT_PATH}/v{number}"
+    registry.client.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+    tags = bundle_tags(f"runs:/{run_id}/{artifact_path}", manifest_hash, sizes, parity)
+    registry.attach_bundle(
+        number,
+        actor,
+        tags,
+        {"manifest_sha256": manifest_hash, "files": manifest["files"], "parity": parity},
+    )
+    return tags
