@@ -1,6 +1,5 @@
 """Batch inference: each day's accounts scored by the champion, features from Feast."""
 
-import io
 from datetime import date
 
 import dagster as dg
@@ -41,16 +40,20 @@ def read_predictions(artefacts: ArtefactStore, day: str):
 
 
 def champion(mlflow: MlflowResource, governance: ModelGovernance):
-    """The champion's version number and model; a clear failure before the first one exists."""
+    """The champion's version number and model, refused unless the audit log approves it.
+
+    A refusal fails the run, which the run-failure sensor posts to the alert webhook.
+    """
+    from keel.inference import InferenceError, approved_champion
+    from keel.registry import RegistryError
     from keel.training import REGISTERED_MODEL_NAME, load_risk_model
 
     mlflow.configure()
-    version = governance.registry(mlflow).champion()
-    if version is None:
-        raise dg.Failure(
-            "there is no champion yet: run the retrain job (training, evaluation, registry) "
-            "and approve a version, or turn on auto_approve"
-        )
+    try:
+        with governance.registry(mlflow) as registry:
+            version = approved_champion(registry)
+    except (InferenceError, RegistryError) as error:
+        raise dg.Failure(f"batch scoring refused: {error}") from error
     return version, load_risk_model(f"models:/{REGISTERED_MODEL_NAME}/{version}")
 
 
@@ -70,17 +73,12 @@ def batch_predictions(
     monitoring: MonitoringResource,
 ) -> dg.MaterializeResult:
     """The day's accounts scored by the champion, with the model version that scored them."""
-    from keel.inference import entity_rows, score_day, summarise_scores
+    from keel.inference import entity_rows, score_day, summarise_scores, write_predictions
 
     day = date.fromisoformat(context.partition_key)
     version, model = champion(mlflow, governance)
     frame = score_day(feature_store.store(), model, version, entity_rows(feature_store.marts, day))
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    target = predictions_path(artefacts, context.partition_key)
-    scratch = target.with_name(f".{target.name}.tmp")
-    scratch.write_bytes(buffer.getvalue())
-    scratch.rename(target)
+    target = write_predictions(frame, predictions_path(artefacts, context.partition_key))
     summary = summarise_scores(frame["score"].to_numpy(), monitoring.decision_threshold)
     return dg.MaterializeResult(
         metadata={

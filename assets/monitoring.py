@@ -46,7 +46,8 @@ def reference_profile(
     from keel.training import REGISTERED_MODEL_NAME, load_risk_model
 
     mlflow.configure()
-    lineage = governance.registry(mlflow).lineage(version)
+    with governance.registry(mlflow) as registry:
+        lineage = registry.lineage(version)
     training_set = lineage["training_set"]
     path, digest = training_set["path"], training_set["dataset_version"]
 

@@ -3,12 +3,13 @@
 The day's entity rows are the accounts in that day's feature-mart file, stamped at the end of
 the day; their features come from ``get_historical_features`` over the feature service, the
 same retrieval that built the training set, so batch scores see exactly the training features.
+Only a champion that the registry's audit log approves may score: an alias or tag set directly
+in MLflow is refused.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
+import io
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -22,6 +23,8 @@ from keel import schema
 if TYPE_CHECKING:
     from feast import FeatureStore
 
+    from keel.registry import ModelRegistry
+
 SCORE = "score"
 MODEL_VERSION = "model_version"
 SCORED_AT = "scored_at"
@@ -29,6 +32,18 @@ SCORED_AT = "scored_at"
 
 class InferenceError(RuntimeError):
     """A day that cannot be scored (no features for it, no champion)."""
+
+
+def approved_champion(registry: ModelRegistry) -> str:
+    """The champion's version number; ApprovalError unless the audit log approves it."""
+    version = registry.champion()
+    if version is None:
+        raise InferenceError(
+            "there is no champion yet: run the retrain job (training, evaluation, registry) "
+            "and approve a version, or turn on auto_approve"
+        )
+    registry.require_approved(version)
+    return version
 
 
 def day_end(day: date) -> datetime:
@@ -63,16 +78,13 @@ def score_day(store: FeatureStore, model: Any, model_version: str, entities: pd.
     return frame
 
 
-def write_predictions(frame: pd.DataFrame, path: Path) -> Path:
-    """Write one day's predictions as Parquet, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        frame.to_parquet(scratch, index=False)
-        os.replace(scratch, path)
-    finally:
-        scratch.unlink(missing_ok=True)
-    return path
+def write_predictions(frame: pd.DataFrame, path):
+    """Write one day's predictions as Parquet, atomically (a local path or a ``UPath``)."""
+    from keel.files import atomic_write
+
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return atomic_write(path, buffer.getvalue())
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,9 @@ class ModelRegistry:
         self._log = AuditLog(self._audit_engine, key, self.name)
         with self._serialised(settle=False):
             self._log.create()
+            # A writer died after recording a change: carry it out before anyone reads aliases.
+            if self._log.pending() and self.verify_audit().intact:
+                self._recover()
 
     def close(self) -> None:
         self._audit_engine.dispose()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.server
 import json
 import multiprocessing
 import shutil
 import socket
+import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -450,3 +454,199 @@ def test_audit_log_on_postgres_is_append_only(config, keel_home):
         with admin.begin() as connection:
             connection.execute(sa.text(f"drop schema {schema} cascade"))
         admin.dispose()
+
+
+# -- controls: a crash between record and alias, tampering, approval bypass ---------------------
+
+
+def _promote_and_die(tracking_uri: str, lock_file: str, version: str, moved: bool) -> None:
+    """Promote ``version`` and SIGKILL this process just before (or after) the alias moves."""
+    import os
+    import signal
+
+    from mlflow import MlflowClient
+
+    real = MlflowClient.set_registered_model_alias
+
+    def die_at_the_alias(self, name, alias, number):
+        if alias == CHAMPION:
+            if moved:
+                real(self, name, alias, number)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, name, alias, number)
+
+    MlflowClient.set_registered_model_alias = die_at_the_alias
+    config = RegistryConfig(tracking_uri, tracking_uri, lock_file=lock_file)
+    ModelRegistry(config).promote(version, actor="bob", reason="weekly release")
+
+
+@pytest.mark.parametrize("moved", [False, True], ids=["before-alias", "after-alias"])
+def test_a_writer_killed_between_the_audit_record_and_the_alias_move(
+    registry, config, keel_home, moved
+):
+    registry.register(training_run(config, keel_home, "a"), METRICS, GATES, "ci", auto_approve=True)
+    registry.register(training_run(config, keel_home, "b"), METRICS, GATES, actor="ci")
+    registry.approve("2", actor="bob", reason="report reviewed")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["mlflow", "sqlalchemy", "keel.registry"])
+    writer = context.Process(
+        target=_promote_and_die, args=(config.tracking_uri, config.lock_file, "2", moved)
+    )
+    writer.start()
+    writer.join(timeout=120)
+    assert writer.exitcode == -9  # killed at the alias, not finished
+
+    # The next registry to open finds the recorded promotion and carries it out.
+    with ModelRegistry(config) as reopened:
+        last = reopened.audit_records()[-1]
+        assert (last.action, last.from_version, last.to_version) == ("promote", "1", "2")
+        assert reopened.champion() == "2"
+        assert reopened.info("2").stage == PRODUCTION and reopened.info("1").stage == ARCHIVED
+        assert reopened.verify_audit().intact
+        reopened.require_approved("2")
+        assert reopened.rollback("carol", "canary error rate").version == "1"
+
+
+def _unkeyed_chain(rows: list[dict]) -> list[tuple[str, str]]:
+    """What a forger without the key computes: the plain SHA-256 chain over the same fields."""
+    previous, hashes = "0" * 64, []
+    for row in rows:
+        fields = {k: row[k] for k in ("recorded_at", "model_name", "action", "actor")}
+        fields |= {k: row[k] for k in ("from_version", "to_version", "reason", "details")}
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+        record_hash = hashlib.sha256((previous + canonical).encode()).hexdigest()
+        hashes.append((previous, record_hash))
+        previous = record_hash
+    return hashes
+
+
+@pytest.mark.parametrize("attack", ["rewrite-and-rechain", "delete-newest"])
+def test_rewritten_or_deleted_audit_records_are_detected(registry, config, keel_home, attack):
+    registry.register(training_run(config, keel_home), METRICS, GATES, "ci", auto_approve=True)
+    assert registry.verify_audit().intact
+    key_file = keel_home.mlflow / "registry-audit.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    engine = sa.create_engine(config.registry_uri)
+    with engine.begin() as connection:
+        connection.execute(sa.text("drop trigger keel_registry_audit_no_update"))
+        connection.execute(sa.text("drop trigger keel_registry_audit_no_delete"))
+        if attack == "rewrite-and-rechain":
+            # Someone with the database rewrites who approved, and recomputes every later hash.
+            connection.execute(
+                sa.text("update keel_registry_audit set actor = 'mallory' where id = 2")
+            )
+            rows = connection.execute(sa.text("select * from keel_registry_audit order by id"))
+            rows = [dict(row._mapping) for row in rows]
+            for row, (previous, digest) in zip(rows, _unkeyed_chain(rows), strict=True):
+                connection.execute(
+                    sa.text(
+                        "update keel_registry_audit set previous_hash = :p, record_hash = :h "
+                        "where id = :id"
+                    ),
+                    {"p": previous, "h": digest, "id": row["id"]},
+                )
+        else:
+            # ... or deletes the newest records (the promotion), which leaves a valid chain.
+            connection.execute(sa.text("delete from keel_registry_audit where id = 3"))
+    engine.dispose()
+    verdict = registry.verify_audit()
+    assert not verdict.intact
+    if attack == "rewrite-and-rechain":
+        assert verdict.broken_at == 1 and "keyed hash" in verdict.problem
+    else:
+        assert "records were deleted" in verdict.problem
+        # Removing the head as well does not hide it.
+        registry.client.delete_registered_model_tag(registry.name, "keel.audit_head")
+        assert "head of keel-default-risk is missing" in registry.verify_audit().problem
+    reported = _invoke("audit", "--verify")
+    assert reported.exit_code == 1 and "fails verification" in reported.output
+    with pytest.raises(RegistryError, match="fails verification"):
+        registry.rollback("carol", "no writes onto a broken log")
+    with pytest.raises(ApprovalError, match="fails verification"):
+        registry.require_approved("1")
+
+
+def test_an_audit_key_readable_by_others_is_refused(config, keel_home):
+    key_file = keel_home.home / "shared.key"
+    key_file.write_text("k" * 64)
+    key_file.chmod(0o644)
+    with pytest.raises(RegistryError, match="open to other users"):
+        ModelRegistry(RegistryConfig(**{**config.__dict__, "audit_key_file": str(key_file)}))
+    with pytest.raises(RegistryError, match="at least 32 characters"):
+        ModelRegistry(RegistryConfig(**{**config.__dict__, "audit_key": "short"}))
+
+
+@contextlib.contextmanager
+def _webhook() -> Iterator[tuple[str, list[dict]]]:
+    """A real HTTP endpoint on a free port that keeps what is POSTed to it."""
+    received: list[dict] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/alerts", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_champion_set_directly_in_mlflow_is_refused_by_batch_scoring_and_alerted(
+    registry, config, keel_home
+):
+    import dagster as dg
+
+    from assets.inference import batch_predictions
+    from keel.inference import approved_champion
+    from orchestration.profiles import resources_for
+    from orchestration.resources import MonitoringResource
+    from orchestration.sensors import run_failure_alert
+
+    registry.register(training_run(config, keel_home, "a"), METRICS, GATES, "ci", auto_approve=True)
+    registry.register(training_run(config, keel_home, "b"), METRICS, GATES, actor="ci")
+    resources = resources_for("local")
+    assert approved_champion(registry) == "1"
+
+    # Someone with MLflow access moves the alias and writes the approval tag by hand.
+    registry.client.set_registered_model_alias(registry.name, CHAMPION, "2")
+    registry.client.set_model_version_tag(registry.name, "2", "keel.approval_status", "approved")
+    with pytest.raises(ApprovalError, match=r"holds no approval of it \(its approval tag says"):
+        registry.require_approved("2")
+    with pytest.raises(ApprovalError, match="holds no approval"):
+        registry.promote("2", actor="bob")
+
+    instance = dg.DagsterInstance.ephemeral()
+    with _webhook() as (url, received):
+        monitoring = MonitoringResource(webhook_url=url)
+        result = dg.materialize(
+            [batch_predictions],
+            partition_key="2026-02-01",
+            resources={**resources, "monitoring": monitoring},
+            instance=instance,
+            raise_on_error=False,
+        )
+        assert not result.success
+        [failure] = [event for event in result.all_events if event.is_step_failure]
+        message = failure.step_failure_data.error.message
+        assert "batch scoring refused: version 2 of keel-default-risk is not approved" in message
+        run_failure_alert(
+            dg.build_run_status_sensor_context(
+                sensor_name=run_failure_alert.name,
+                dagster_event=result.get_run_failure_event(),
+                dagster_instance=instance,
+                dagster_run=result.dagster_run,
+                resources={"monitoring": monitoring},
+            ).for_run_failure()
+        )
+    assert len(received) == 1
+    assert "version 2 of keel-default-risk is not approved" in json.dumps(received[0])
+    assert not (keel_home.artefacts / "predictions" / "2026-02-01.parquet").exists()
