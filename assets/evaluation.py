@@ -5,6 +5,7 @@ itself as blocking checks, so a failed gate stops the registration step of the s
 every result belongs to the evaluation that produced it, even when runs overlap.
 """
 
+import hashlib
 import json
 import tempfile
 from dataclasses import fields
@@ -236,6 +237,7 @@ def challenger_evaluation(
     from mlflow import MlflowClient
 
     from keel.evaluation import ServingProbe, evaluate, html_report
+    from keel.files import atomic_write
 
     mlflow.configure()
     client = MlflowClient(mlflow.tracking_uri, mlflow.registry_uri)
@@ -293,8 +295,11 @@ def challenger_evaluation(
     )
     report_target = artefacts.path("evaluation", context.run_id, "report.html")
     summary_target = artefacts.path("evaluation", context.run_id, "evaluation.json")
-    summary_target.write_text(json.dumps(evaluation.summary, indent=2, default=str))
+    summary = json.dumps(evaluation.summary, indent=2, default=str).encode()
+    atomic_write(summary_target, summary)
     metadata, images = _metadata(evaluation, str(report_target), str(summary_target))
+    # registered_model reads the gates from the file only while it still has these bytes.
+    metadata["evaluation_sha256"] = dg.MetadataValue.text(hashlib.sha256(summary).hexdigest())
     report_target.write_text(html_report(evaluation.summary, images))
     context.log.info(
         f"challenger {picked['uri']} ({picked['chosen_because']}) against "

@@ -2,9 +2,11 @@
 
 The maths lives in ``keel.registry``. ``registered_model`` re-reads the gate results of the
 evaluation it registers, because blocking checks only stop steps of the same run: a separate
-run (a sensor, a manual launch) must not register a candidate that failed its gates.
+run (a sensor, a manual launch) must not register a candidate that failed its gates. The
+summary file is trusted only if its sha256 is the one the evaluation recorded in Dagster.
 """
 
+import hashlib
 import json
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -53,13 +55,26 @@ def registry_state(registry: "ModelRegistry") -> dict[str, Any]:
     }
 
 
-def _read_evaluation(path: str) -> dict[str, Any]:
+def read_evaluation(path: str, expected_sha256: str) -> dict[str, Any]:
+    """The evaluation summary at ``path``, refused unless it has the bytes the evaluation wrote."""
     from upath import UPath
 
     target = UPath(path)
+    if not expected_sha256:
+        raise dg.Failure(
+            f"the evaluation that wrote {path} recorded no sha256 of it, so it cannot be "
+            "trusted: materialise challenger_evaluation again"
+        )
     if not target.exists():
         raise dg.Failure(f"the evaluation summary {path} is gone: materialise the evaluation again")
-    return json.loads(target.read_text())
+    content = target.read_bytes()
+    if hashlib.sha256(content).hexdigest() != expected_sha256:
+        raise dg.Failure(
+            f"the evaluation summary {path} is not the file its evaluation wrote (sha256 "
+            f"{expected_sha256[:12]}...): it was changed or cut short; not registered. "
+            "Materialise challenger_evaluation again"
+        )
+    return json.loads(content)
 
 
 @dg.asset(deps=[EVALUATION_KEY], group_name=GROUP, kinds={"mlflow"})
@@ -75,7 +90,9 @@ def registered_model(
     metadata = materialisation_metadata(context, EVALUATION_KEY)
     if metadata is None:
         raise dg.Failure("challenger_evaluation has never been materialised")
-    evaluation = _read_evaluation(str(metadata["evaluation_path"]))
+    evaluation = read_evaluation(
+        str(metadata["evaluation_path"]), str(metadata.get("evaluation_sha256") or "")
+    )
     gates = {gate["name"]: bool(gate["passed"]) for gate in evaluation["gates"]}
     failed = [name for name, passed in gates.items() if not passed]
     if failed:
@@ -85,8 +102,7 @@ def registered_model(
         )
     challenger = evaluation["challenger"]
     mlflow.configure()
-    registry = governance.registry(mlflow)
-    try:
+    with governance.registry(mlflow) as registry:
         info = registry.register(
             challenger["details"]["run_id"],
             flat_metrics(evaluation),
@@ -98,8 +114,6 @@ def registered_model(
             reason=config.reason,
         )
         state = registry_state(registry)
-    finally:
-        registry.close()
     context.log.info(
         f"version {info.version} ({'new' if info.created else 'already registered'}): "
         f"{info.approval_status}, stage {info.stage}"
@@ -151,19 +165,17 @@ def apply_registry_action(
     if config.action != RegistryAction.rollback and not config.version:
         raise dg.Failure(f"{config.action.value} needs a version (a number or an alias)")
     mlflow.configure()
-    registry = governance.registry(mlflow)
     try:
-        if config.action == RegistryAction.rollback:
-            info = registry.rollback(config.actor, config.reason)
-        else:
-            act = getattr(registry, config.action.value)
-            info = act(config.version, config.actor, config.reason)
-        record = registry.audit_records(limit=1)[-1]
-        state = registry_state(registry)
+        with governance.registry(mlflow) as registry:
+            if config.action == RegistryAction.rollback:
+                info = registry.rollback(config.actor, config.reason)
+            else:
+                act = getattr(registry, config.action.value)
+                info = act(config.version, config.actor, config.reason)
+            record = registry.audit_records(limit=1)[-1]
+            state = registry_state(registry)
     except RegistryError as error:
         raise dg.Failure(str(error)) from error
-    finally:
-        registry.close()
     context.log.info(
         f"{record.action} by {record.actor}: {record.from_version or '-'} -> "
         f"{record.to_version or '-'} ({record.reason})"

@@ -650,3 +650,66 @@ def test_a_champion_set_directly_in_mlflow_is_refused_by_batch_scoring_and_alert
     assert len(received) == 1
     assert "version 2 of keel-default-risk is not approved" in json.dumps(received[0])
     assert not (keel_home.artefacts / "predictions" / "2026-02-01.parquet").exists()
+
+
+def _evaluation_summary(run_id: str, fairness_passed: bool) -> dict:
+    """An evaluation summary as challenger_evaluation writes it (the fields registration reads)."""
+    from keel.evaluation.metrics import QUALITY_METRICS
+
+    gates = {"minimum_quality": True, "no_regression": True, "fairness": fairness_passed}
+    return {
+        "challenger": {
+            "uri": f"runs:/{run_id}/model",
+            "details": {"run_id": run_id},
+            "quality": dict.fromkeys(QUALITY_METRICS, 0.8),
+            "serving": {"latency_p50_ms": 1.0, "latency_p99_ms": 2.0, "throughput_rows_per_s": 9e4},
+            "threshold": {"value": 0.5},
+            "fairness": {},
+        },
+        "comparison": None,
+        "gates": [{"name": name, "passed": passed} for name, passed in gates.items()],
+    }
+
+
+@pytest.mark.parametrize("damage", ["none", "gate-flipped", "cut-short"])
+def test_registration_refuses_an_evaluation_file_that_is_not_the_one_evaluated(
+    registry, config, keel_home, damage
+):
+    import dagster as dg
+
+    from assets.registry import registered_model
+    from orchestration.profiles import resources_for
+
+    run_id = training_run(config, keel_home)
+    path = keel_home.artefacts / "evaluation" / "run-1" / "evaluation.json"
+    path.parent.mkdir(parents=True)
+    # The evaluation found the candidate unfair, unless the test keeps the file intact.
+    summary = _evaluation_summary(run_id, fairness_passed=damage == "none")
+    written = json.dumps(summary, indent=2).encode()
+    path.write_bytes(written)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            "challenger_evaluation",
+            metadata={
+                "evaluation_path": dg.MetadataValue.path(str(path)),
+                "evaluation_sha256": hashlib.sha256(written).hexdigest(),
+            },
+        )
+    )
+    if damage == "gate-flipped":
+        path.write_text(json.dumps(_evaluation_summary(run_id, fairness_passed=True), indent=2))
+    elif damage == "cut-short":
+        path.write_bytes(written[: len(written) // 2])
+    resources = resources_for("local")
+    result = dg.materialize(
+        [registered_model], resources=resources, instance=instance, raise_on_error=False
+    )
+    versions = registry.client.search_model_versions(f"name = '{registry.name}'")
+    if damage == "none":
+        assert result.success and [v.version for v in versions] == [1]
+        return
+    assert not result.success
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    assert "is not the file its evaluation wrote" in failure.step_failure_data.error.message
+    assert versions == [] and registry.audit_records() == []
