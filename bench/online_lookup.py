@@ -1,10 +1,11 @@
 """Benchmark: online lookup latency of the feature service for 1 and 100 entities.
 
-Measures the path serving uses, ``keel.online.OnlineFeatureReader``, on the local SQLite online
-store and on the Redis server at 127.0.0.1:6379, after checking that it returns exactly what
-``store.get_online_features(...).to_dict()`` returns. Feast's SDK call runs side by side as the
-baseline. Like a serving process after start-up, the measured process freezes its start-up
-objects out of the garbage collector (``gc.freeze``) before the clocks start.
+Measures the path serving uses, ``keel.mirrors.feast_online_reader.OnlineFeatureReader``, on
+the local SQLite online store and on the Redis server at 127.0.0.1:6379, after checking that it
+returns exactly what ``store.get_online_features(...).to_dict()`` returns. Feast's SDK call
+runs side by side as the baseline. Like a serving process after start-up, the measured process
+freezes its start-up objects out of the garbage collector (``gc.freeze``) before the clocks
+start.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def open_backend(backend: str):
                 "redis-server && redis-server --daemonize yes) and run the benchmark again."
             ) from error
         overrides["online_store"] = {
-            "type": "keel.feast_online_stores.KeelRedisOnlineStore",
+            "type": "keel.mirrors.feast_online_stores.KeelRedisOnlineStore",
             "connection_string": REDIS,
         }
     store = features.open_store(overrides=overrides)
@@ -74,7 +75,7 @@ def open_backend(backend: str):
 
 
 def measure(backend: str, ids: np.ndarray, rng: np.random.Generator) -> dict[str, dict]:
-    from keel.online import OnlineFeatureReader
+    from keel.mirrors.feast_online_reader import OnlineFeatureReader
 
     store = open_backend(backend)
     try:
@@ -134,8 +135,8 @@ def main() -> None:
             "feast_sdk_calls": {str(size): n for size, n in SDK_CALLS.items()},
             "warmup_calls": WARMUP,
             "redis": REDIS,
-            "measured": "keel.online.OnlineFeatureReader.get, checked equal to "
-            "get_online_features(...).to_dict()",
+            "measured": "keel.mirrors.feast_online_reader.OnlineFeatureReader.get, checked "
+            "equal to get_online_features(...).to_dict()",
             "gc_frozen_after_startup": True,
         }
         write_result("online_lookup", figures)

@@ -288,8 +288,8 @@ def materialize_day(
     """Write daily partition ``day`` of the feature views into the online store.
 
     Incremental (only that day's event times), idempotent and crash-safe: the online stores in
-    ``keel.feast_online_stores`` keep a value only while nothing newer arrives, so running a
-    day again, after a crash or out of order, leaves the store as one clean run does.
+    ``keel.mirrors.feast_online_stores`` keep a value only while nothing newer arrives, so
+    running a day again, after a crash or out of order, leaves the store as one clean run does.
 
     Raises:
         FeatureStoreError: A file-backed view has no rows in the day's window, which means the

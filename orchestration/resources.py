@@ -153,9 +153,9 @@ class FeatureStoreResource(dg.ConfigurableResource):
 
         return open_store(self.config_file, self.repo_path, self.variables)
 
-    def online_reader(self, feature_service: str):  # -> keel.online.OnlineFeatureReader
+    def online_reader(self, feature_service: str):  # -> mirrors.feast_online_reader's reader
         """The fast online lookup that serving uses, for one feature service."""
-        from keel.online import OnlineFeatureReader
+        from keel.mirrors.feast_online_reader import OnlineFeatureReader
 
         return OnlineFeatureReader(self.store(), feature_service)
 

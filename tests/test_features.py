@@ -69,7 +69,7 @@ def open_test_store(backend: str = "sqlite", project: str | None = None, offline
     if backend == "redis":
         redis_client()
         overrides["online_store"] = {
-            "type": "keel.feast_online_stores.KeelRedisOnlineStore",
+            "type": "keel.mirrors.feast_online_stores.KeelRedisOnlineStore",
             "connection_string": f"{REDIS_HOST}:{REDIS_PORT}",
         }
     if offline:
@@ -202,7 +202,7 @@ def test_production_profile_reads_redis_sql_registry_and_bigquery(keel_home, mon
     config = features.store_config("feature_store.production.yaml")
     assert config.registry.registry_type == "sql"
     assert config.registry.path.startswith("postgresql+psycopg://keel:secret@db")
-    assert config.online_store.type == "keel.feast_online_stores.KeelRedisOnlineStore"
+    assert config.online_store.type == "keel.mirrors.feast_online_stores.KeelRedisOnlineStore"
     assert config.online_store.connection_string == "redis:6379,password=secret"
     assert config.offline_store.type == "bigquery"
     assert config.offline_store.project_id == "keel-prod"
@@ -229,7 +229,7 @@ def test_sql_registry_on_postgres_with_redis_serves_the_same_features(keel_home,
         overrides={
             "project": project,
             "provider": "local",
-            "offline_store": {"type": "keel.feast_duckdb_store.KeelDuckDBOfflineStore"},
+            "offline_store": {"type": "keel.mirrors.feast_offline_duckdb.KeelDuckDBOfflineStore"},
         },
     )
     try:
@@ -549,7 +549,7 @@ def materialize_all(store, days: int) -> None:
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_online_values_equal_historical_values_for_1000_entities(keel_home, cleanup, backend):
-    from keel.online import OnlineFeatureReader
+    from keel.mirrors.feast_online_reader import OnlineFeatureReader
 
     write_synthetic_marts(keel_home.marts, accounts=1_000, days=3, label_rows=10, seed=3)
     store = applied_store(backend, cleanup)
@@ -711,7 +711,7 @@ def test_pushed_rows_follow_the_same_newest_wins_rule(keel_home, marts, cleanup,
 
 
 def test_a_store_feasts_own_sqlite_store_wrote_is_taken_over_exactly(keel_home, marts):
-    from keel.online import OnlineFeatureReader
+    from keel.mirrors.feast_online_reader import OnlineFeatureReader
 
     path = str(keel_home.feast / "taken_over.db")
     project = f"t{uuid.uuid4().hex[:10]}"
@@ -723,7 +723,7 @@ def test_a_store_feasts_own_sqlite_store_wrote_is_taken_over_exactly(keel_home, 
     plain = store_of("sqlite")
     features.apply_repo(plain)
     materialize_all(plain, 3)
-    ours = store_of("keel.feast_online_stores.KeelSqliteOnlineStore")
+    ours = store_of("keel.mirrors.feast_online_stores.KeelSqliteOnlineStore")
     features.apply_repo(ours)  # takes the table over: one JSON row per entity from Feast's rows
     features.materialize_day(ours, date(2026, 1, 2))  # older than what Feast's store wrote
     service = ours.get_feature_service(SERVICE)

@@ -7,6 +7,7 @@ import pytest
 from upath import UPath
 
 from keel import monitoring, schema
+from keel.mirrors import evidently_stattests as stattests
 from keel.monitoring import (
     DriftResult,
     PerformanceResult,
@@ -19,7 +20,6 @@ from keel.monitoring import (
     performance,
     prediction_drift,
     should_retrain,
-    stattests,
 )
 from keel.monitoring import drift as drift_module
 

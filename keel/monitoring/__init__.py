@@ -5,14 +5,23 @@ re-sorts it for every Wasserstein distance and re-counts it for every Jensen-Sha
 Here the reference window is reduced once per champion to a :class:`ReferenceProfile` (for a
 numeric column its exact sorted distinct values with their counts, for a categorical column its
 category counts), so a daily report only sorts and counts the current day. The tests, their
-selection rules and their thresholds are the ones Evidently 0.7 picks by default
-(``evidently/legacy/calculations/stattests/registry.py``), and the statistics are computed the
-same way, so the verdicts and the numbers equal Evidently's own on the same data.
+selection rules, thresholds and statistics are Evidently's own, mirrored in
+``keel.mirrors.evidently_stattests``, so the verdicts and the numbers equal Evidently's on the
+same data.
 
 HTML artefacts are real Evidently reports rendered on bounded, seeded samples, with the
 verdicts of the full-data fast path written into the same page.
 """
 
+from keel.mirrors.evidently_stattests import (
+    EXACT_CDF_LIMIT,
+    FEW_DISTINCT_VALUES,
+    MIN_WASSERSTEIN_NORM,
+    SMALL_REFERENCE_ROWS,
+    STATTESTS,
+    ColumnKind,
+    StatTest,
+)
 from keel.monitoring.common import SCORE
 from keel.monitoring.drift import (
     DEFAULT_DRIFT_SHARE,
@@ -45,15 +54,6 @@ from keel.monitoring.reports import (
     write_performance_report,
 )
 from keel.monitoring.retrain import RetrainDecision, RetrainPolicy, should_retrain
-from keel.monitoring.stattests import (
-    EXACT_CDF_LIMIT,
-    FEW_DISTINCT_VALUES,
-    MIN_WASSERSTEIN_NORM,
-    SMALL_REFERENCE_ROWS,
-    STATTESTS,
-    ColumnKind,
-    StatTest,
-)
 
 __all__ = [
     "DEFAULT_DRIFT_SHARE",

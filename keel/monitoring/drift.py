@@ -9,6 +9,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from keel.mirrors.evidently_stattests import (
+    STATTESTS,
+    ColumnKind,
+    categorical_stattest,
+    numeric_stattest,
+)
 from keel.monitoring.common import (
     SCORE,
     _category_counts,
@@ -22,15 +28,6 @@ from keel.monitoring.reference import (
     NumericReference,
     ProfileError,
     ReferenceProfile,
-)
-from keel.monitoring.stattests import (
-    FEW_DISTINCT_VALUES,
-    MIN_WASSERSTEIN_NORM,
-    SMALL_REFERENCE_ROWS,
-    STATTESTS,
-    ColumnKind,
-    _count_test,
-    _wasserstein,
 )
 from keel.reporting import markdown_table
 
@@ -208,23 +205,7 @@ def _numeric_drift(
             f"Column {column!r} has no non-null values in the current frame; "
             "it cannot be tested for drift."
         )
-    few_values = ref.values.size <= FEW_DISTINCT_VALUES
-    if few_values:
-        current_values, current_counts = np.unique(finite, return_counts=True)
-        few_values = np.union1d(ref.values, current_values).size <= FEW_DISTINCT_VALUES
-    small = ref.rows <= SMALL_REFERENCE_ROWS
-    if few_values:
-        ref_counts = dict(zip(ref.values.tolist(), ref.counts.tolist(), strict=True))
-        cur_counts = dict(zip(current_values.tolist(), current_counts.tolist(), strict=True))
-        name, score = _count_test(ref_counts, cur_counts, small)
-    elif small:
-        from scipy.stats import ks_2samp
-
-        name = "ks"
-        score = float(ks_2samp(np.repeat(ref.values, ref.counts), finite).pvalue)
-    else:
-        name = "wasserstein"
-        score = _wasserstein(ref, finite) / max(ref.std, MIN_WASSERSTEIN_NORM)
+    name, score = numeric_stattest(ref, finite)
     return _feature_drift(column, "numerical", name, score, threshold, ref.rows, finite.size)
 
 
@@ -237,7 +218,7 @@ def _categorical_drift(
             f"Column {column!r} has no non-null values in the current frame; "
             "it cannot be tested for drift."
         )
-    name, score = _count_test(ref.counts, cur_counts, ref.rows <= SMALL_REFERENCE_ROWS)
+    name, score = categorical_stattest(ref.counts, cur_counts, ref.rows)
     return _feature_drift(
         column, "categorical", name, score, threshold, ref.rows, sum(cur_counts.values())
     )

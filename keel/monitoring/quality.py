@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from keel.mirrors.evidently_stattests import ColumnKind
 from keel.monitoring.common import _category_counts, _is_numeric
 from keel.monitoring.reference import ReferenceProfile
-from keel.monitoring.stattests import ColumnKind
 from keel.reporting import markdown_table
 
 

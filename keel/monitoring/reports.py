@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from keel import schema
+from keel.mirrors.evidently_stattests import _STATTEST_BY_DISPLAY_NAME
 from keel.monitoring.common import (
     SCORE,
     _as_path,
@@ -25,7 +26,6 @@ from keel.monitoring.drift import DEFAULT_DRIFT_SHARE, DriftResult, FeatureDrift
 from keel.monitoring.performance import PerformanceResult
 from keel.monitoring.quality import QualityResult
 from keel.monitoring.reference import ReferenceProfile
-from keel.monitoring.stattests import _STATTEST_BY_DISPLAY_NAME
 from keel.reporting import html_facts, html_table, new_figure, png_bytes
 
 

@@ -13,6 +13,9 @@ Usage::
 
     reader = OnlineFeatureReader(store, "default_risk_v1")
     reader.get([1001, 1002])  # {"account_id": [1001, 1002], "spend_7d": [...], ...}
+
+Mirrors: feast==0.67.0 (FeatureStore.get_online_features and the Value proto's wire format)
+Parity test: test_features.py::test_online_values_equal_historical_values_for_1000_entities
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ class OnlineFeatureReader:
         from feast.type_map import feast_value_type_to_python_type
         from feast.value_type import ValueType
 
-        from keel.feast_online_stores import entity_table
+        from keel.mirrors.feast_online_stores import entity_table
 
         self._transforms = dict(FAST_TRANSFORMS if transforms is None else transforms)
         config = store.config
@@ -170,7 +173,9 @@ class OnlineFeatureReader:
             Value(double_val=1.0).SerializeToString()[0] != _DOUBLE_TAG
             or Value(string_val="a").SerializeToString()[0] != _STRING_TAG
         ):
-            raise OnlineLookupError("Feast's Value proto changed; update keel.online's tags.")
+            raise OnlineLookupError(
+                "Feast's Value proto changed; update keel.mirrors.feast_online_reader's tags."
+            )
 
         online = config.online_store
         if isinstance(online, SqliteOnlineStoreConfig):

@@ -8,11 +8,15 @@ rule, the one offline retrieval uses to break ties: a row replaces the stored on
 again after a crash, leaves the store byte for byte as one clean run does.
 
 The layout stays Feast's own, so ``get_online_features`` reads these stores unchanged; the
-SQLite store adds a row per entity for ``keel.online``'s fast reads. Select them in
-``feature_store.yaml`` by class path::
+SQLite store adds a row per entity for ``keel.mirrors.feast_online_reader``'s fast reads. Select
+them in ``feature_store.yaml`` by class path::
 
     online_store:
-      type: keel.feast_online_stores.KeelSqliteOnlineStore
+      type: keel.mirrors.feast_online_stores.KeelSqliteOnlineStore
+
+Mirrors: feast==0.67.0 (feast/infra/online_stores/sqlite.py and redis.py)
+Parity test: test_features.py::test_a_store_feasts_own_sqlite_store_wrote_is_taken_over_exactly
+Parity test: test_features.py::test_online_values_equal_historical_values_for_1000_entities
 """
 
 from __future__ import annotations
@@ -113,8 +117,8 @@ def _fill_entity_table(connection: sqlite3.Connection, table_id: str) -> None:
 class KeelSqliteOnlineStoreConfig(SqliteOnlineStoreConfig):
     """Feast's SQLite online store settings, for the store that never rolls values back."""
 
-    type: Literal["keel.feast_online_stores.KeelSqliteOnlineStore"] = (  # type: ignore[assignment]
-        "keel.feast_online_stores.KeelSqliteOnlineStore"
+    type: Literal["keel.mirrors.feast_online_stores.KeelSqliteOnlineStore"] = (  # type: ignore[assignment]
+        "keel.mirrors.feast_online_stores.KeelSqliteOnlineStore"
     )
 
 
@@ -123,7 +127,8 @@ class KeelSqliteOnlineStore(SqliteOnlineStore):
 
     Next to Feast's table (a row per entity and feature) it keeps ``<table>__entities``, a row
     per entity with all its values as JSON, under the same rule and in the same transaction:
-    ``keel.online`` serves a hundred entities from a hundred rows instead of two thousand.
+    ``keel.mirrors.feast_online_reader`` serves a hundred entities from a hundred rows instead
+    of two thousand.
     """
 
     def update(
@@ -242,8 +247,8 @@ return 1
 class KeelRedisOnlineStoreConfig(RedisOnlineStoreConfig):
     """Feast's Redis online store settings, for the store that applies the newest-wins rule."""
 
-    type: Literal["keel.feast_online_stores.KeelRedisOnlineStore"] = (  # type: ignore[assignment]
-        "keel.feast_online_stores.KeelRedisOnlineStore"
+    type: Literal["keel.mirrors.feast_online_stores.KeelRedisOnlineStore"] = (  # type: ignore[assignment]
+        "keel.mirrors.feast_online_stores.KeelRedisOnlineStore"
     )
 
 

@@ -1,14 +1,26 @@
-"""The drift tests Evidently picks by default, their thresholds and their statistics."""
+"""The drift tests Evidently picks by default, their thresholds and their statistics.
+
+Evidently's ``DataDriftPreset`` picks one test per column (K-S, chi-square or Z on a small
+reference, Wasserstein or Jensen-Shannon above it; value counts for numeric columns with few
+distinct values) and compares its score with a default threshold. The same rules and
+statistics are computed here from a reference profile, so the verdicts and the numbers equal
+Evidently's own on the same data.
+
+Mirrors: evidently==0.7.23 (evidently/legacy/calculations/stattests/: registry.py and the tests)
+Parity test: test_monitoring.py::test_verdicts_and_statistics_equal_evidentlys
+Parity test: test_drift_parity.py::test_dataset_verdict_equals_evidentlys_drifted_columns_count
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from keel.monitoring.reference import NumericReference
+if TYPE_CHECKING:
+    from keel.monitoring.reference import NumericReference
 
 # Evidently's default test selection: up to this many non-null reference rows it uses classical
 # two-sample tests (K-S, chi-square, Z), above it distances (Wasserstein, Jensen-Shannon).
@@ -58,6 +70,35 @@ STATTESTS = {
     )
 }
 _STATTEST_BY_DISPLAY_NAME = {test.display_name: test for test in STATTESTS.values()}
+
+
+def numeric_stattest(ref: NumericReference, finite: np.ndarray) -> tuple[str, float]:
+    """The test Evidently picks for a numeric column, and its score on the finite current values.
+
+    A column with few distinct values (reference and current together) is tested on its value
+    counts like a categorical one; otherwise K-S on a small reference, Wasserstein above it.
+    """
+    few_values = ref.values.size <= FEW_DISTINCT_VALUES
+    if few_values:
+        current_values, current_counts = np.unique(finite, return_counts=True)
+        few_values = np.union1d(ref.values, current_values).size <= FEW_DISTINCT_VALUES
+    small = ref.rows <= SMALL_REFERENCE_ROWS
+    if few_values:
+        ref_counts = dict(zip(ref.values.tolist(), ref.counts.tolist(), strict=True))
+        cur_counts = dict(zip(current_values.tolist(), current_counts.tolist(), strict=True))
+        return _count_test(ref_counts, cur_counts, small)
+    if small:
+        from scipy.stats import ks_2samp
+
+        return "ks", float(ks_2samp(np.repeat(ref.values, ref.counts), finite).pvalue)
+    return "wasserstein", _wasserstein(ref, finite) / max(ref.std, MIN_WASSERSTEIN_NORM)
+
+
+def categorical_stattest(
+    ref_counts: Mapping, cur_counts: Mapping, reference_rows: int
+) -> tuple[str, float]:
+    """The test Evidently picks for a categorical column, and its score on the value counts."""
+    return _count_test(ref_counts, cur_counts, reference_rows <= SMALL_REFERENCE_ROWS)
 
 
 def _count_test(

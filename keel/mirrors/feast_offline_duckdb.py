@@ -15,7 +15,11 @@ transformations go to Feast's own DuckDB store, whose ibis query cannot compile 
 pinned ibis 12 and sqlglot 30. Select this store in ``feature_store.yaml``::
 
     offline_store:
-      type: keel.feast_duckdb_store.KeelDuckDBOfflineStore
+      type: keel.mirrors.feast_offline_duckdb.KeelDuckDBOfflineStore
+
+Mirrors: feast==0.67.0 (feast/infra/offline_stores/duckdb.py and offline_utils.py)
+Parity test: test_features.py::test_asof_store_returns_the_same_rows_as_feasts_duckdb_store
+Parity test: test_features.py::test_asof_store_keeps_feasts_ttl_and_tie_break_rules
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def _literal(text: str) -> str:
 class KeelDuckDBOfflineStoreConfig(DuckDBOfflineStoreConfig):
     """Feast's DuckDB offline store settings, plus limits for the ASOF plan's DuckDB session."""
 
-    type: StrictStr = "keel.feast_duckdb_store.KeelDuckDBOfflineStore"
+    type: StrictStr = "keel.mirrors.feast_offline_duckdb.KeelDuckDBOfflineStore"
     threads: int | None = None
     """DuckDB worker threads for retrieval (default: one per core)."""
     memory_limit: StrictStr | None = None
