@@ -111,14 +111,13 @@ def raw_landed_activity(
     context: dg.AssetExecutionContext, sources: SourcesResource, warehouse: WarehouseResource
 ):
     """Activity records from files dropped into the landing folder (CSV, Parquet, JSON lines)."""
-    from keel.ingestion import LANDED_ACTIVITY, load_partition
+    from keel.ingestion import LANDED_ACTIVITY, landing_file, load_partition
 
     rows = {}
     with warehouse.connect() as connection:
         for key in context.partition_keys:
-            rows[key] = load_partition(
-                connection, LANDED_ACTIVITY, key, Path(sources.landing_dir) / key
-            )
+            source = landing_file(sources.landing_dir, key)
+            rows[key] = load_partition(connection, LANDED_ACTIVITY, key, source)
     return _loaded(rows, sources.landing_dir)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import duckdb
 
+from keel.sql import quote_identifier, quote_literal
+
 RAW_SCHEMA = "raw"
 QUARANTINE_SCHEMA = "quarantine"
 VALIDATION_SCHEMA = "validation"
@@ -89,7 +91,7 @@ def ensure_schemas(connection: duckdb.DuckDBPyConnection) -> None:
     for schema in (RAW_SCHEMA, QUARANTINE_SCHEMA, VALIDATION_SCHEMA):
         connection.execute(f"create schema if not exists {schema}")
     for table in RAW_TABLES:
-        payload = ", ".join(f'"{c}" varchar' for c in table.columns)
+        payload = ", ".join(f"{quote_identifier(c)} varchar" for c in table.columns)
         connection.execute(
             f"""create table if not exists {table.qualified} (
                 _partition varchar not null, _row_number bigint not null,
@@ -163,7 +165,7 @@ def _json_lines_as_text(connection: duckdb.DuckDBPyConnection, path: Path, quote
 
 
 def _as_text(column: str) -> str:
-    return f'cast("{column}" as varchar)'
+    return f"cast({quote_identifier(column)} as varchar)"
 
 
 def load_partition(
@@ -190,19 +192,17 @@ def load_partition(
     derived = derived or {}
     by_target = {rename.get(c, c): c for c in source_columns}
     payload = [
-        f'({derived[c]})::varchar as "{c}"'
+        f"({derived[c]})::varchar as {quote_identifier(c)}"
         if c in derived
-        else f'{_as_text(by_target[c])} as "{c}"'
+        else f"{_as_text(by_target[c])} as {quote_identifier(c)}"
         if c in by_target
-        else f'null::varchar as "{c}"'
+        else f"null::varchar as {quote_identifier(c)}"
         for c in table.columns
     ]
+    # Unexpected columns keep their names as the file spelled them, quotes and all.
     extra = [c for c in source_columns if rename.get(c, c) not in table.columns]
-    extra_sql = (
-        "to_json(struct_pack(" + ", ".join(f'"{c}" := {_as_text(c)}' for c in extra) + "))::varchar"
-        if extra
-        else "null::varchar"
-    )
+    packed = ", ".join(f"{quote_identifier(c)} := {_as_text(c)}" for c in extra)
+    extra_sql = f"to_json(struct_pack({packed}))::varchar" if extra else "null::varchar"
     connection.execute("begin transaction")
     try:
         _delete_partition(connection, table, partition)
@@ -256,9 +256,11 @@ def load_partitions(
 def _load_parquet_group(connection, table: RawTable, columns, files: dict[str, Path]):
     ensure_schemas(connection)
     names = {str(path): partition for partition, path in files.items()}
-    listed = ", ".join("'" + name.replace("'", "''") + "'" for name in names)
+    listed = ", ".join(quote_literal(name) for name in names)
     payload = [
-        f'{_as_text(c)} as "{c}"' if c in columns else f'null::varchar as "{c}"'
+        f"{_as_text(c)} as {quote_identifier(c)}"
+        if c in columns
+        else f"null::varchar as {quote_identifier(c)}"
         for c in table.columns
     ]
     connection.execute("create or replace temp table __files (name varchar, part varchar)")
@@ -299,6 +301,28 @@ def _delete_partition(
         f"delete from {VERDICTS_TABLE} where table_name = ? and _partition = ?",
         [table.name, partition],
     )
+
+
+def landing_file(landing_dir: str | Path, partition: str) -> Path:
+    """The file a landing partition key names, refused unless it is a plain name in the folder.
+
+    Anyone who can add a dynamic partition chooses the key, so ``../`` or a link must not
+    reach a file outside the landing folder, nor a hidden writer's scratch file.
+    """
+    folder = Path(landing_dir).resolve()
+    name = str(partition)
+    if (
+        name in ("", ".", "..")
+        or name.startswith(".")
+        or any(separator in name for separator in ("/", "\\", "\0"))
+    ):
+        raise IngestionError(
+            f"landing partition {partition!r} is not a file name inside {folder}: refused"
+        )
+    path = folder / name
+    if path.resolve().parent != folder:
+        raise IngestionError(f"landing file {path} leads outside {folder} (a link): refused")
+    return path
 
 
 def partition_row_count(

@@ -10,6 +10,7 @@ from pathlib import Path
 import duckdb
 
 from keel import schema
+from keel.sql import quote_identifier, quote_literal
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ STATIC_EXPORTS = (ACCOUNTS_EXPORT, TAIWAN_FEATURES_EXPORT, TAIWAN_LABELS_EXPORT)
 
 
 def _columns(export: MartExport) -> str:
-    return ", ".join(f'"{c}"' for c in export.columns)
+    return ", ".join(quote_identifier(c) for c in export.columns)
 
 
 # Days written by one COPY: each day keeps an open Parquet writer that buffers a row group, so
@@ -90,20 +91,19 @@ def export_days(
     scratch = marts / f".scratch-{uuid.uuid4().hex}"
     folder.mkdir(parents=True, exist_ok=True)
     ordered = sorted(days)
+    day_column = quote_identifier(export.partition_column)
     try:
         connection.execute("set timezone = 'UTC'")
         for first in range(0, len(ordered), DAYS_PER_COPY):
             chunk = ordered[first : first + DAYS_PER_COPY]
             connection.execute(
                 f"""copy (
-                        select {_columns(export)}, strftime({export.partition_column}, '%Y-%m-%d')
-                            as __day
-                        from {export.model}
+                        select {_columns(export)}, strftime({day_column}, '%Y-%m-%d') as __day
+                        from {quote_identifier(export.model)}
                         -- The range lets DuckDB skip row groups outside the days by min/max.
-                        where {export.partition_column} between ? and ?
-                            and strftime({export.partition_column}, '%Y-%m-%d')
-                                in (select unnest(?::varchar[]))
-                    ) to '{scratch}' (format parquet, partition_by (__day), append)""",
+                        where {day_column} between ? and ?
+                            and strftime({day_column}, '%Y-%m-%d') in (select unnest(?::varchar[]))
+                    ) to {quote_literal(scratch)} (format parquet, partition_by (__day), append)""",
                 [chunk[0], chunk[-1], chunk],
             )
         written = {}
@@ -116,16 +116,14 @@ def export_days(
             if len(produced) > 1:
                 # DuckDB starts a new file when it has too many open: merge them into one.
                 merged = scratch / f"{day}.parquet"
-                listed = ", ".join(f"'{path}'" for path in produced)
+                listed = ", ".join(quote_literal(path) for path in produced)
                 connection.execute(
                     f"copy (select * from read_parquet([{listed}], "
-                    f"hive_partitioning = false)) to '{merged}' (format parquet)"
+                    f"hive_partitioning = false)) to {quote_literal(merged)} (format parquet)"
                 )
                 produced = [merged]
             produced[0].replace(target)
-            written[day] = int(
-                connection.execute(f"select count(*) from read_parquet('{target}')").fetchone()[0]
-            )
+            written[day] = _row_count(connection, target)
         return written
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -138,7 +136,16 @@ def export_table(connection: duckdb.DuckDBPyConnection, export: MartExport, mart
     target.parent.mkdir(parents=True, exist_ok=True)
     connection.execute("set timezone = 'UTC'")
     connection.execute(
-        f"copy (select {_columns(export)} from {export.model}) to '{temporary}' (format parquet)"
+        f"copy (select {_columns(export)} from {quote_identifier(export.model)}) "
+        f"to {quote_literal(temporary)} (format parquet)"
     )
     temporary.replace(target)
-    return int(connection.execute(f"select count(*) from read_parquet('{target}')").fetchone()[0])
+    return _row_count(connection, target)
+
+
+def _row_count(connection: duckdb.DuckDBPyConnection, path: Path) -> int:
+    return int(
+        connection.execute(f"select count(*) from read_parquet({quote_literal(path)})").fetchone()[
+            0
+        ]
+    )
