@@ -74,7 +74,8 @@ def _windows(lineage: dict[str, Any], params: dict[str, str]):
     """The training window (INT8 calibration) and the held-out window with its labels."""
     import pandas as pd
 
-    from keel.training import LABEL, time_split
+    from keel.schema import LABEL
+    from keel.training import time_split
 
     path = lineage["training_set"]["path"]
     if not lineage["training_set"]["exists"]:

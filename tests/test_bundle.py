@@ -469,3 +469,115 @@ def test_bundle_scores_in_a_clean_environment_and_broken_bundles_fail_there(
         resign(broken)
         scores = json.loads(score(broken)["response"]["body"])["scores"]
         assert np.abs(np.asarray(scores) - expected).max() > 1e-5
+
+
+# --------------------------------------------------------------------------- the asset
+
+
+@pytest.fixture
+def registered_torch_version(keel_home, models, windows, monkeypatch, tmp_path):
+    """The PyTorch model logged as the training stage logs it and registered as a version."""
+    import mlflow
+
+    from keel.registry import ModelRegistry, RegistryConfig
+    from keel.schema import LINEAGE_TAGS
+    from keel.training import save_risk_model
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    config = RegistryConfig.local(keel_home)
+    training_set = keel_home.artefacts / "training_sets" / "edge.parquet"
+    training_set.parent.mkdir(parents=True, exist_ok=True)
+    pd.concat([windows.train, windows.validation, windows.test]).to_parquet(training_set)
+    dataset_version = hashlib.sha256(training_set.read_bytes()).hexdigest()
+    tags = {tag: "x" for tag in LINEAGE_TAGS} | {
+        "keel.dataset_version": dataset_version,
+        "keel.training_set_path": str(training_set),
+        "keel.model_family": "torch",
+        "keel.trained_by": "alice",
+    }
+    mlflow.set_tracking_uri(config.tracking_uri)
+    experiment = mlflow.create_experiment("edge", str(keel_home.mlflow / "artifacts"))
+    folder = save_risk_model(models["torch"], tmp_path / "risk_model")
+    with mlflow.start_run(experiment_id=experiment, tags=tags) as run:
+        mlflow.log_params({"setting.validation_days": 7, "setting.test_days": 7})
+        mlflow.pyfunc.log_model(
+            name="model", loader_module="keel.tracking", data_path=str(folder), pip_requirements=[]
+        )
+    gates = {"minimum_quality": True, "no_regression": True, "fairness": True, "latency_sla": True}
+    with ModelRegistry(config) as registry:
+        version = registry.register(run.info.run_id, {"roc_auc": 0.8}, gates, "alice").version
+    return config, version
+
+
+def materialise_bundle(keel_home, version: str):
+    import dagster as dg
+
+    from assets.bundle import model_bundle
+    from assets.evaluation import ModelGovernance
+    from orchestration.resources import ArtefactStore, MlflowResource
+
+    store = f"sqlite:///{keel_home.mlflow / 'mlflow.db'}"
+    resources = {
+        "mlflow": MlflowResource(
+            tracking_uri=store,
+            registry_uri=store,
+            artifact_location=str(keel_home.mlflow / "artifacts"),
+            lock_file=str(keel_home.mlflow / "registry.lock"),
+        ),
+        "governance": ModelGovernance(),
+        "artefacts": ArtefactStore(root=str(keel_home.artefacts)),
+    }
+    config = {"ops": {"model_bundle": {"config": {"version": version, "timed_rows": 20}}}}
+    return dg.materialize(
+        [model_bundle], resources=resources, run_config=config, raise_on_error=False
+    )
+
+
+@pytest.mark.slow
+def test_model_bundle_publishes_a_faithful_bundle_and_withholds_a_broken_one(
+    keel_home, registered_torch_version, models, windows, monkeypatch
+):
+    import mlflow
+
+    import keel.edge.export
+    from keel.edge.serving import load_version_bundle
+    from keel.registry import ModelRegistry
+
+    config, version = registered_torch_version
+    result = materialise_bundle(keel_home, version)
+
+    assert result.success
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed and check.check_name == "bundle_parity"
+    metadata = result.asset_materializations_for_node("model_bundle")[0].metadata
+    assert metadata["published"].value and metadata["fp32_max_abs_diff"].value <= 1e-5
+    assert metadata["edge_cold_start_s"].value > 0 and metadata["int8_bytes"].value > 0
+    client = mlflow.MlflowClient(config.tracking_uri, config.registry_uri)
+    tags = client.get_model_version(config.model_name, version).tags
+    assert tags["keel.bundle.variants"] == "fp32,int8"
+    served = load_version_bundle(config, version, "int8")
+    frame = windows.test.head(30)
+    np.testing.assert_allclose(
+        served.predict_proba(frame), models["torch"].predict_proba(frame), atol=0.02
+    )
+
+    # The same version again, from an exporter that gets one weight wrong.
+    honest_graph = keel.edge.export.onnx_graph
+
+    def broken_graph(model):
+        folder = Path(tempfile.mkdtemp())
+        (folder / "model.onnx").write_bytes(honest_graph(model))
+        change_one_weight(folder)
+        return (folder / "model.onnx").read_bytes()
+
+    monkeypatch.setattr(keel.edge.export, "onnx_graph", broken_graph)
+    result = materialise_bundle(keel_home, version)
+
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and "differ by more than 1e-05" in check.description
+    assert not result.asset_materializations_for_node("model_bundle")[0].metadata["published"].value
+    assert client.get_model_version(config.model_name, version).tags == tags
+    with ModelRegistry(config) as registry:
+        actions = [record.action for record in registry.audit_records()]
+    assert actions.count("attach_bundle") == 1
