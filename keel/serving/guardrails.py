@@ -12,7 +12,8 @@ row per scored entity: ``ts``, ``arm``, ``model_version``, ``score``, ``latency_
   champion's (bins at the champion's deciles);
 - AUC, once labels have arrived for enough of the scored entities.
 
-A canary that breaches any of them is rolled back; one that breaches none and has answered
+Rows answered from the prediction cache are left out: the model never ran for them. A canary
+that breaches any of them is rolled back; one that breaches none and has answered
 enough requests for long enough is promoted.
 """
 
@@ -276,8 +277,11 @@ def evaluate_canary(
     is_champion = (since_start["arm"] == "champion") & (
         since_start["model_version"].astype(str) == str(champion_version)
     )
-    in_window = since_start["ts"] >= pd.Timestamp(window_start)
-    canary, champion = since_start[is_canary & in_window], since_start[is_champion & in_window]
+    # A cached score never reached the model: it says nothing of the model's errors or speed.
+    judged = (since_start["ts"] >= pd.Timestamp(window_start)) & ~since_start["cache_hit"].astype(
+        bool
+    )
+    canary, champion = since_start[is_canary & judged], since_start[is_champion & judged]
     enough = len(canary) >= policy.min_requests and len(champion) >= policy.min_requests
     if enough:
         checks = (
