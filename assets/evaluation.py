@@ -165,12 +165,10 @@ def _candidate(uri: str, details: dict[str, Any]) -> "Candidate":
 
 
 def _held_out_windows(path: str, validation_days: int, test_days: int):
-    import pandas as pd
+    from keel.training.data import read_held_out_windows
 
-    from keel.training import time_split
-
-    split = time_split(pd.read_parquet(path), validation_days, test_days)
-    return split.validation, split.test
+    # Only the two windows are read, not the whole training set.
+    return read_held_out_windows(path, validation_days, test_days)
 
 
 def _metadata(

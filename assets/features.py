@@ -11,6 +11,7 @@ from datetime import date
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
 from assets.partitions import DAILY_PARTITIONS
 from keel import schema
@@ -23,6 +24,17 @@ FEATURES_MART = dg.AssetKey("fct_account_features_daily")
 LABELS_MART = dg.AssetKey("fct_default_labels")
 TAIWAN_FEATURES_MART = dg.AssetKey("fct_taiwan_features_monthly")
 TAIWAN_LABELS_MART = dg.AssetKey("fct_taiwan_labels")
+
+
+class TrainingSetConfig(dg.Config):
+    """How far back a training set reaches."""
+
+    lookback_days: int = Field(
+        default=365,
+        ge=1,
+        description="Days of labels, by event time, ending with the newest label; older label "
+        "files are not read.",
+    )
 
 
 @dg.asset(group_name=GROUP, kinds={"feast"}, pool=FEAST_POOL)
@@ -73,11 +85,12 @@ def _training_set(
     labels_mart: str,
     feature_service: str,
     entity_key: str,
+    lookback_days: int,
 ) -> dg.MaterializeResult:
-    from keel.features import build_training_set, read_mart
+    from keel.features import build_training_set, read_label_window
 
     store = feature_store.store()
-    labels = read_mart(f"{feature_store.marts.rstrip('/')}/{labels_mart}", "labels")
+    labels = read_label_window(f"{feature_store.marts.rstrip('/')}/{labels_mart}", lookback_days)
     target = artefacts.path("training_sets", feature_service)
     if target.protocol in ("", "file", "local"):
         result = build_training_set(store, labels, Path(target.path), feature_service, entity_key)
@@ -98,6 +111,7 @@ def _training_set(
             "feature_service": dg.MetadataValue.text(result.feature_service),
             "first_event": dg.MetadataValue.timestamp(result.start),
             "last_event": dg.MetadataValue.timestamp(result.end),
+            "lookback_days": dg.MetadataValue.int(lookback_days),
         }
     )
 
@@ -106,11 +120,16 @@ def _training_set(
     group_name=GROUP, kinds={"feast", "parquet"}, deps=[feast_registry, FEATURES_MART, LABELS_MART]
 )
 def training_set(
-    feature_store: FeatureStoreResource, artefacts: ArtefactStore
+    config: TrainingSetConfig, feature_store: FeatureStoreResource, artefacts: ArtefactStore
 ) -> dg.MaterializeResult:
-    """Every label joined point-in-time to default_risk_v1, as Parquet named by its content hash."""
+    """The lookback's labels joined point-in-time to default_risk_v1, named by content hash."""
     return _training_set(
-        feature_store, artefacts, schema.LABELS_MART, schema.FEATURE_SERVICE, schema.ENTITY_KEY
+        feature_store,
+        artefacts,
+        schema.LABELS_MART,
+        schema.FEATURE_SERVICE,
+        schema.ENTITY_KEY,
+        config.lookback_days,
     )
 
 
@@ -120,7 +139,7 @@ def training_set(
     deps=[feast_registry, TAIWAN_FEATURES_MART, TAIWAN_LABELS_MART],
 )
 def taiwan_training_set(
-    feature_store: FeatureStoreResource, artefacts: ArtefactStore
+    config: TrainingSetConfig, feature_store: FeatureStoreResource, artefacts: ArtefactStore
 ) -> dg.MaterializeResult:
     """The Taiwan labels joined point-in-time to taiwan_default_v1, named by its content hash."""
     return _training_set(
@@ -129,4 +148,5 @@ def taiwan_training_set(
         schema.TAIWAN_LABELS_MART,
         schema.TAIWAN_FEATURE_SERVICE,
         schema.TAIWAN_ENTITY_KEY,
+        config.lookback_days,
     )

@@ -321,6 +321,25 @@ def read_mart(path: str | Path, what: str) -> pa.Table:
     return table
 
 
+def read_label_window(path: str | Path, lookback_days: int) -> pa.Table:
+    """The labels whose event falls in the ``lookback_days`` days ending with the newest one.
+
+    The newest event comes from the Parquet statistics and the window's start is pushed down
+    to the reader, so older daily files are never read: memory grows with the lookback, not
+    with the history.
+    """
+    from keel.windows import newest_timestamp, read_since, window_start
+
+    if lookback_days < 1:
+        raise FeatureStoreError(f"the label lookback must be at least 1 day, got {lookback_days}")
+    if "://" not in str(path) and not Path(path).exists():
+        raise FeatureStoreError(f"The labels mart {path} does not exist; build the marts first.")
+    newest = newest_timestamp(path, schema.EVENT_TIMESTAMP)
+    if newest is None:
+        raise FeatureStoreError(f"The labels mart {path} has no rows.")
+    return read_since(path, schema.EVENT_TIMESTAMP, window_start(newest, lookback_days))
+
+
 def label_rows(labels: pa.Table, entity_key: str, label: str) -> pd.DataFrame:
     """Labels as Feast entity rows, in one canonical order (so equal data hashes equally)."""
     required = {entity_key, schema.EVENT_TIMESTAMP, label}

@@ -39,12 +39,21 @@ def landing_files(folder: Path) -> dict[str, str]:
     description="Loads each new file in the landing folder exactly once.",
 )
 def landing_file_sensor(context: dg.SensorEvaluationContext, sources: SourcesResource):
-    """One run per new or rewritten landing file; the cursor remembers what was loaded."""
+    """One run per new or rewritten landing file; the cursor remembers what was loaded.
+
+    The cursor holds the files present in the folder now, not every file ever seen: a file
+    moved out is forgotten, and one moved back unchanged asks again with the run key it had,
+    which Dagster never launches twice.
+    """
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     current = landing_files(Path(sources.landing_dir))
     fresh = {name: signature for name, signature in current.items() if seen.get(name) != signature}
+    cursor = json.dumps(current, sort_keys=True)
     if not fresh:
-        return dg.SkipReason(f"no new files among {len(current)} in {sources.landing_dir}")
+        reason = f"no new files among {len(current)} in {sources.landing_dir}"
+        if cursor == context.cursor:
+            return dg.SkipReason(reason)
+        return dg.SensorResult(skip_reason=reason, cursor=cursor)  # files left: forget them
     known = set(context.instance.get_dynamic_partitions(LANDING_PARTITIONS.name))
     return dg.SensorResult(
         run_requests=[
@@ -56,7 +65,7 @@ def landing_file_sensor(context: dg.SensorEvaluationContext, sources: SourcesRes
         dynamic_partitions_requests=[
             LANDING_PARTITIONS.build_add_request(sorted(set(fresh) - known))
         ],
-        cursor=json.dumps({**seen, **fresh}, sort_keys=True),
+        cursor=cursor,
     )
 
 

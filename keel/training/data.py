@@ -160,3 +160,48 @@ def positive_weight(labels: Iterable[int]) -> float:
     if positives == 0 or positives == len(values):
         raise TrainingDataError("the training window needs both classes")
     return (len(values) - positives) / positives
+
+
+def read_held_out_windows(
+    path: str | Path, validation_days: int, test_days: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The validation and test windows of a training-set file, as `time_split` cuts them.
+
+    Only their rows are read: the newest event comes from the Parquet statistics and the
+    validation start is pushed down to the reader, so memory grows with the two windows,
+    not with the training set.
+    """
+    from keel.windows import newest_timestamp, read_since
+
+    if validation_days < 1 or test_days < 1:
+        raise TrainingDataError(
+            f"validation_days and test_days must be at least 1, got {validation_days}, {test_days}"
+        )
+    newest = newest_timestamp(path, EVENT_TIMESTAMP)
+    if newest is None:
+        raise TrainingDataError(f"training set {path} has no rows")
+    end = newest.floor("D") + pd.Timedelta(days=1)
+    cutoffs = SplitCutoffs(
+        end - pd.Timedelta(days=test_days + validation_days),
+        end - pd.Timedelta(days=test_days),
+        end,
+    )
+    frame = read_since(path, EVENT_TIMESTAMP, cutoffs.validation_start).to_pandas()
+    check_training_frame(frame)
+    events = frame[EVENT_TIMESTAMP].to_numpy(dtype="datetime64[ns]")
+    order = np.lexsort((frame[ENTITY_KEY].to_numpy(), events))
+    test_start = cutoffs.test_start.tz_convert("UTC").tz_localize(None).to_datetime64()
+    windows = []
+    for mask in (events[order] < test_start, events[order] >= test_start):
+        part = frame.take(order[mask])
+        part.index = pd.RangeIndex(len(part))
+        windows.append(part)
+    validation, test = windows
+    if validation.empty or validation[LABEL].nunique() < 2:
+        raise TrainingDataError(
+            f"the validation window ({_describe_windows(cutoffs)}) has {len(validation)} rows "
+            "without both classes: use more days of data or a longer validation window"
+        )
+    if test.empty:
+        raise TrainingDataError(f"the test window ({_describe_windows(cutoffs)}) has no rows")
+    return validation, test
