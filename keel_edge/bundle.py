@@ -125,7 +125,10 @@ class Bundle:
         self.session = onnxruntime.InferenceSession(
             graph, options, providers=["CPUExecutionProvider"]
         )
-        names = tuple(node.name for node in self.session.get_inputs())
+        inputs = self.session.get_inputs()
+        names = tuple(node.name for node in inputs)
+        # The contract encodes numbers in float64; graphs that take float32 get them cast.
+        self._float32 = {node.name for node in inputs if node.type == "tensor(float)"}
         if names != self.contract.graph_inputs:
             raise BundleIntegrityError(
                 f"the graph takes {names}, the contract feeds {self.contract.graph_inputs}"
@@ -150,6 +153,8 @@ class Bundle:
         if isinstance(rows, list) and not rows:
             return np.empty(0, dtype=np.float64)
         feeds = self.contract.graph_feeds(rows)
+        for name in self._float32 & feeds.keys():
+            feeds[name] = feeds[name].astype(np.float32)
         if not len(next(iter(feeds.values()))):
             return np.empty(0, dtype=np.float64)
         (output,) = self.session.run(None, feeds)

@@ -6,7 +6,7 @@ arrays the native model saw:
 
 - numbers are float64; ``None`` and infinities (a ratio over zero) are missing (NaN);
 - a category is its 1-based position in the vocabulary; missing or unseen categories are 0;
-- LightGBM takes one matrix: the numbers, then the category codes, as float32;
+- LightGBM takes one matrix: the numbers, then the category codes, as float64;
 - the network takes three tensors: standardised free numbers plus one missing flag per number
   (missing numbers standardise to 0), the standardised monotone numbers, and the int64 codes;
 - on-demand features (ratios the feature store computes at request time) are computed here
@@ -164,7 +164,7 @@ class Contract:
         numbers = self.numbers(columns)
         codes = self.codes(columns, len(numbers))
         if self.family == "lightgbm":
-            matrix = np.hstack([numbers, codes.astype(np.float64)]).astype(np.float32)
+            matrix = np.hstack([numbers, codes.astype(np.float64)])
             return {self.graph_inputs[0]: matrix}
         missing = np.isnan(numbers)
         scaled = (numbers - np.asarray(self.mean)) / np.asarray(self.std)

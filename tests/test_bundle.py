@@ -173,6 +173,27 @@ def test_a_request_without_the_ratios_scores_like_one_with_them(windows, bundles
     np.testing.assert_allclose(without, models["lightgbm"].predict_proba(frame), atol=1e-5)
 
 
+def test_values_a_hair_above_a_tree_threshold_take_the_native_branch(windows, models, bundles):
+    model = models["lightgbm"]
+    numeric = len(model.encoder.numeric)
+    rows = []
+    for tree in model.booster.dump_model()["tree_info"]:
+        root = tree["tree_structure"]
+        if root.get("decision_type") == "<=" and root["split_feature"] < numeric:
+            row = windows.test.iloc[[len(rows) % len(windows.test)]].copy()
+            name = model.feature_names[root["split_feature"]]
+            # The next double above the threshold: in float32 it rounds onto the threshold.
+            row[name] = np.nextafter(root["threshold"], np.inf)
+            rows.append(row)
+    frame = pd.concat(rows, ignore_index=True)
+    bundle = load_bundle(bundles["lightgbm"])
+
+    scores = bundle.predict(json_rows(frame, bundle.feature_names))
+
+    assert len(frame) >= 10
+    np.testing.assert_allclose(scores, model.predict_proba(frame), rtol=0, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- broken bundles
 
 

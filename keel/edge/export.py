@@ -63,6 +63,9 @@ def feature_contract(model: RiskModel) -> Contract:
 def lightgbm_onnx(model: LightGBMRiskModel) -> bytes:
     """The booster's trees as an ONNX ``TreeEnsembleRegressor`` that outputs the raw score.
 
+    The graph takes the features in float64 and compares them with float64 thresholds
+    (`_double_thresholds`); the tree sum itself comes out in float32, as the operator defines.
+
     onnxmltools converts a binary booster into a classifier that applies the sigmoid in
     float32; relabelling the objective as regression keeps the same trees and gives the raw
     sum, so the runtime can take off the class-weight offset exactly as the native model does.
@@ -88,7 +91,56 @@ def lightgbm_onnx(model: LightGBMRiskModel) -> bytes:
         zipmap=False,
     )
     graph.graph.output[0].name = _rename_output(graph)
+    _double_thresholds(graph, model.booster.dump_model())
     return graph.SerializeToString()
+
+
+def _double_thresholds(graph, dump: dict) -> None:  # graph: onnx.ModelProto
+    """Compare features in float64 against LightGBM's own float64 thresholds.
+
+    onnxmltools writes thresholds as float32 and the input as float32; a value just above a
+    threshold can then round onto it and take the other branch. ``ai.onnx.ml`` opset 3 takes
+    thresholds as a double tensor and a double input, which is how LightGBM compares. Each
+    float32 threshold is matched back to the tree's float64 threshold it came from.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    exact: dict[tuple[int, int, float], set[float]] = {}
+
+    def walk(tree: int, node: dict) -> None:
+        if "split_feature" not in node:
+            return
+        if isinstance(node["threshold"], int | float):
+            key = (tree, node["split_feature"], float(np.float32(node["threshold"])))
+            exact.setdefault(key, set()).add(float(node["threshold"]))
+        walk(tree, node["left_child"])
+        walk(tree, node["right_child"])
+
+    for index, tree in enumerate(dump["tree_info"]):
+        walk(index, tree["tree_structure"])
+    (trees,) = [node for node in graph.graph.node if node.op_type == "TreeEnsembleRegressor"]
+    attributes = {attribute.name: attribute for attribute in trees.attribute}
+    thresholds = []
+    for tree, feature, value, mode in zip(
+        attributes["nodes_treeids"].ints,
+        attributes["nodes_featureids"].ints,
+        attributes["nodes_values"].floats,
+        attributes["nodes_modes"].strings,
+        strict=True,
+    ):
+        found = exact.get((tree, feature, float(value)), set()) if mode == b"BRANCH_LEQ" else set()
+        # Category codes (BRANCH_EQ) are small integers, exact in float32 already.
+        thresholds.append(next(iter(found)) if len(found) == 1 else float(value))
+    trees.attribute.remove(attributes["nodes_values"])
+    trees.attribute.append(
+        helper.make_attribute(
+            "nodes_values_as_tensor", numpy_helper.from_array(np.asarray(thresholds, np.float64))
+        )
+    )
+    graph.graph.input[0].type.tensor_type.elem_type = TensorProto.DOUBLE
+    for opset in graph.opset_import:
+        if opset.domain == "ai.onnx.ml":
+            opset.version = max(opset.version, 3)
 
 
 def _rename_output(graph) -> str:  # onnx.ModelProto
