@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -103,6 +104,8 @@ def handler(event: Any, context: Any) -> dict[str, Any]:
             _cold_start = {"import_s": IMPORT_SECONDS, "load_s": time.perf_counter() - started}
         started = time.perf_counter()
         scores = _bundle.predict(rows)
+        if not all(math.isfinite(score) for score in scores):
+            raise ValueError("the graph returned non-finite scores")
     except ContractError as error:
         return _response(400, {"error": str(error)})
     except (RuntimeError, OSError, ValueError) as error:
