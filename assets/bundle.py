@@ -71,21 +71,20 @@ def _bundle_folder(artefacts: ArtefactStore, version: str):
 
 
 def _windows(lineage: dict[str, Any], params: dict[str, str]):
-    """The training window (INT8 calibration) and the held-out window with its labels."""
-    import pandas as pd
-
+    """The validation window (INT8 calibration) and the held-out window with its labels."""
     from keel.schema import LABEL
-    from keel.training import time_split
+    from keel.training.data import read_held_out_windows
 
     path = lineage["training_set"]["path"]
     if not lineage["training_set"]["exists"]:
         raise dg.Failure(f"the training set {path} of this version is gone: no held-out window")
-    split = time_split(
-        pd.read_parquet(path),
+    # Only the two windows are read, as the evaluation reads them.
+    validation, test = read_held_out_windows(
+        path,
         int(params.get("setting.validation_days", DEFAULT_SPLIT_DAYS)),
         int(params.get("setting.test_days", DEFAULT_SPLIT_DAYS)),
     )
-    return split.train, split.test, split.test[LABEL].to_numpy()
+    return validation, test, test[LABEL].to_numpy()
 
 
 def _metadata(report: dict[str, Any], sizes: dict[str, int], timings: dict[str, Any]) -> dict:
@@ -142,7 +141,7 @@ def model_bundle(
         lineage = registry.lineage(version)
         params = MlflowClient(mlflow.tracking_uri).get_run(lineage["mlflow_run_id"]).data.params
         native = load_risk_model(f"models:/{registry.name}/{version}")
-        train, frame, labels = _windows(lineage, params)
+        validation, frame, labels = _windows(lineage, params)
         folder = build_bundle(
             native,
             _bundle_folder(artefacts, version),
@@ -154,7 +153,7 @@ def model_bundle(
             },
             lineage={key: lineage[key] for key in LINEAGE_KEYS},
             int8=config.int8,
-            calibration=train,
+            calibration=validation,
         )
         policy = ParityPolicy(
             config.fp32_tolerance, config.int8_max_abs_diff, config.int8_max_auc_drop

@@ -2,7 +2,7 @@
 
 Both families are trained on one synthetic training set (the shape the feature store
 produces) and bundled as the ``model_bundle`` asset bundles them (INT8 calibrated on the
-training window). On the held-out window, side by side in this one process:
+validation window). On the held-out window, side by side in this one process:
 
 - single-row latency: the native model on a one-row DataFrame (as the evaluation times it)
   against the bundle on one JSON-style row (encoding included on both sides); and the bare
@@ -118,7 +118,7 @@ def main() -> None:
                 model,
                 Path(scratch) / family,
                 model_info={"name": "bench", "version": "1"},
-                calibration=windows.train,
+                calibration=windows.validation,
             )
             parity = check_parity(folder, model, test, labels)
             fp32_diff = parity["variants"]["fp32"]["max_abs_diff"]

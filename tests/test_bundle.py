@@ -51,7 +51,9 @@ def models(windows):
 def bundles(models, windows, tmp_path_factory):
     root = tmp_path_factory.mktemp("bundles")
     return {
-        family: build_bundle(model, root / family, model_info=MODEL_INFO, calibration=windows.train)
+        family: build_bundle(
+            model, root / family, model_info=MODEL_INFO, calibration=windows.validation
+        )
         for family, model in models.items()
     }
 

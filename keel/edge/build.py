@@ -71,14 +71,14 @@ def build_bundle(
         model_info: Registered model name, version, MLflow run and URI.
         lineage: What the registry records the version was built from.
         int8: Also write the INT8 variant (PyTorch models only; trees have none).
-        calibration: Rows (the training window) that calibrate INT8 activation ranges;
-            required for the INT8 variant.
+        calibration: Rows that calibrate INT8 activation ranges (the validation window: the
+            held-out window stays for the parity check); required for the INT8 variant.
     """
     from keel.edge.export import calibration_batches, feature_contract, int8_onnx, onnx_graph
 
     with_int8 = int8 and model.family == "torch"
     if with_int8 and (calibration is None or calibration.empty):
-        raise ValueError("the INT8 variant needs calibration rows (the training window)")
+        raise ValueError("the INT8 variant needs calibration rows (the validation window)")
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)

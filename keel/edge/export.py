@@ -29,7 +29,7 @@ LIGHTGBM_OPSET = 15
 LIGHTGBM_INPUTS = ("features",)
 NETWORK_INPUTS = ("free", "monotone", "categories")
 OUTPUT = "logit"
-# Rows of the training window that calibrate the INT8 activation ranges.
+# Rows (of the validation window) that calibrate the INT8 activation ranges, at most.
 CALIBRATION_ROWS = 20_000
 
 # `account_ratios_odfv` (keel.features.account_ratios) as contract data; a test holds them equal.
@@ -188,7 +188,7 @@ def int8_onnx(fp32_graph: bytes, calibration: list[dict[str, np.ndarray]]) -> by
     """The graph with INT8 weights and activations (onnxruntime static quantisation, QDQ).
 
     Activation ranges are calibrated once on ``calibration`` (batches of graph inputs from the
-    training window), so a row's INT8 score never depends on the rows batched with it, which
+    validation window), so a row's INT8 score never depends on the rows batched with it, which
     dynamic quantisation (ranges measured per batch) cannot promise. The hidden layers are
     quantised; the output layer is not: eight bits over the whole logit range would move
     scores by up to a percentage point, several times what the hidden layers cost.
