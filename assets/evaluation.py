@@ -8,25 +8,22 @@ every result belongs to the evaluation that produced it, even when runs overlap.
 import hashlib
 import json
 import tempfile
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from pydantic import Field
 
-from keel.gates import GATE_NAMES, GatePolicy
-from orchestration.resources import ArtefactStore, MlflowResource
+from keel.gates import GATE_NAMES
+from orchestration.resources import ArtefactStore, MlflowResource, ModelGovernance
 
 if TYPE_CHECKING:
     from keel.evaluation import Candidate, Evaluation
-    from keel.registry import ModelRegistry
 
 GROUP = "evaluation"
 CANDIDATE_KEYS = (dg.AssetKey("lightgbm_model"), dg.AssetKey("torch_model"))
 EVALUATION_KEY = dg.AssetKey("challenger_evaluation")
 DEFAULT_SPLIT_DAYS = 7
-_DEFAULTS = GatePolicy()
 
 GATE_DESCRIPTIONS = {
     "minimum_quality": "ROC AUC on the held-out window reaches the policy's minimum.",
@@ -36,44 +33,6 @@ GATE_DESCRIPTIONS = {
     "every protected attribute.",
     "latency_sla": "Single-row p99 latency, batch throughput and model size meet the SLA.",
 }
-
-
-class ModelGovernance(dg.ConfigurableResource):
-    """Gate bounds, the serving SLA, the approval policy and where the audit log lives."""
-
-    min_roc_auc: float = _DEFAULTS.min_roc_auc
-    max_auc_regression: float = _DEFAULTS.max_auc_regression
-    max_demographic_parity_difference: float = _DEFAULTS.max_demographic_parity_difference
-    max_equalized_odds_difference: float = _DEFAULTS.max_equalized_odds_difference
-    fairness_min_group_rows: int = _DEFAULTS.fairness_min_group_rows
-    fairness_min_group_positives: int = _DEFAULTS.fairness_min_group_positives
-    latency_p99_ms: float = _DEFAULTS.latency_p99_ms
-    min_throughput_rows_per_s: float = _DEFAULTS.min_throughput_rows_per_s
-    max_model_size_mb: float = _DEFAULTS.max_model_size_mb
-    threshold_strategy: str = _DEFAULTS.threshold_strategy
-    fixed_threshold: float = _DEFAULTS.fixed_threshold
-    bootstrap_samples: int = _DEFAULTS.bootstrap_samples
-    confidence: float = _DEFAULTS.confidence
-    # Promote a candidate that passed every gate without a human approval.
-    auto_approve: bool = False
-    # SQLAlchemy URL of the audit log; empty keeps it in the MLflow registry's database.
-    audit_uri: str = ""
-
-    def gate_policy(self) -> GatePolicy:
-        return GatePolicy(**{f.name: getattr(self, f.name) for f in fields(GatePolicy)})
-
-    def registry(self, mlflow: MlflowResource) -> "ModelRegistry":
-        from keel.registry import ModelRegistry, RegistryConfig
-
-        return ModelRegistry(
-            RegistryConfig(
-                tracking_uri=mlflow.tracking_uri,
-                registry_uri=mlflow.registry_uri,
-                lock_file=mlflow.lock_file,
-                audit_uri=self.audit_uri,
-                lock_timeout_s=mlflow.lock_timeout_s,
-            )
-        )
 
 
 class EvaluationConfig(dg.Config):

@@ -4,13 +4,13 @@ from datetime import date
 
 import dagster as dg
 
-from assets.evaluation import ModelGovernance
 from assets.features import FEATURES_MART, feast_registry
 from assets.partitions import DAILY_PARTITIONS
 from orchestration.resources import (
     ArtefactStore,
     FeatureStoreResource,
     MlflowResource,
+    ModelGovernance,
     MonitoringResource,
 )
 

@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-from assets.evaluation import ModelGovernance
 from assets.features import LABELS_MART
 from assets.inference import DAILY_AUTOMATION, batch_predictions, read_predictions
 from assets.partitions import DAILY_PARTITIONS
@@ -19,6 +18,7 @@ from orchestration.resources import (
     ArtefactStore,
     FeatureStoreResource,
     MlflowResource,
+    ModelGovernance,
     MonitoringResource,
 )
 

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-# The generator's calendar starts here; real sources would set their own first day.
-FIRST_DAY = "2026-01-01"
+from keel.schema import FIRST_DAY
 
+# The generator's calendar starts here; real sources would set their own first day.
 DAILY_PARTITIONS = dg.DailyPartitionsDefinition(start_date=FIRST_DAY)

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 from pydantic import Field
 
-from assets.evaluation import EVALUATION_KEY, ModelGovernance, materialisation_metadata
-from orchestration.resources import MlflowResource
+from assets.evaluation import EVALUATION_KEY, materialisation_metadata
+from orchestration.resources import MlflowResource, ModelGovernance
 
 if TYPE_CHECKING:
     from keel.registry import AuditRecord, ModelRegistry

@@ -6,22 +6,17 @@ the run they belong to, so this gate reads the recorded verdicts. dbt data tests
 checks through dagster-dbt; dbt unit tests are reported as asset checks by ``dbt_unit_tests``.
 """
 
-import importlib.metadata
 import json
-import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from functools import cached_property
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
-from packaging.version import Version
+from dagster_dbt import DagsterDbtTranslator, dbt_assets
 
 from assets.partitions import DAILY_PARTITIONS
-from orchestration.dbt import DBT_EXECUTABLE, dbt_project
-from orchestration.resources import WarehouseResource
+from orchestration.dbt import dbt_project
+from orchestration.resources import KeelDbtCliResource, WarehouseResource
 
 GROUP = "transformation"
 DAILY_SELECTION = "tag:daily"
@@ -45,28 +40,6 @@ class KeelDbtTranslator(DagsterDbtTranslator):
 TRANSLATOR = KeelDbtTranslator()
 
 
-@contextmanager
-def _dbt_environment(warehouse: WarehouseResource) -> Iterator[None]:
-    """Environment of one dbt invocation (dagster-dbt copies os.environ when it starts dbt)."""
-    settings = {
-        # profiles.yml reads KEEL_WAREHOUSE: dbt and the Python steps write the same database.
-        "KEEL_WAREHOUSE": warehouse.database,
-        # Run a test only when all the models it reads are selected: building the accounts
-        # dimension must not run the labels' relationship test before the labels exist.
-        "DBT_INDIRECT_SELECTION": "cautious",
-    }
-    previous = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 @dbt_assets(
     manifest=dbt_project.manifest_path,
     project=dbt_project,
@@ -78,7 +51,7 @@ def _dbt_environment(warehouse: WarehouseResource) -> Iterator[None]:
     name="daily_dbt_models",
 )
 def daily_dbt_models(
-    context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource
+    context: dg.AssetExecutionContext, dbt: KeelDbtCliResource, warehouse: WarehouseResource
 ):
     """Daily dbt models for a range of days, gated on validation, then landed as Parquet."""
     from keel.ingestion import ACCOUNT_ACTIVITY, DEFAULT_LABELS
@@ -101,8 +74,7 @@ def daily_dbt_models(
             metadata={"blocked": dg.MetadataValue.json(blocked)},
         )
     variables = {"start_date": days[0], "end_date": days[-1]}
-    with _dbt_environment(warehouse):
-        invocation = dbt.cli(["build", "--vars", json.dumps(variables)], context=context)
+    invocation = dbt.cli_on(warehouse, ["build"], variables=variables, context=context)
     yield from invocation.stream()
 
     selected = {key.to_user_string() for key in context.selected_asset_keys}
@@ -122,13 +94,12 @@ def daily_dbt_models(
     name="dbt_models",
 )
 def dbt_models(
-    context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource
+    context: dg.AssetExecutionContext, dbt: KeelDbtCliResource, warehouse: WarehouseResource
 ):
     """Unpartitioned dbt models (accounts dimension, Taiwan marts), landed as Parquet."""
     from keel.marts import STATIC_EXPORTS, export_table
 
-    with _dbt_environment(warehouse):
-        invocation = dbt.cli(["build"], context=context)
+    invocation = dbt.cli_on(warehouse, ["build"], context=context)
     yield from invocation.stream()
 
     selected = {key.to_user_string() for key in context.selected_asset_keys}
@@ -155,14 +126,13 @@ def _unit_test_specs() -> list[dg.AssetCheckSpec]:
     specs=_unit_test_specs(), pool="warehouse", name="dbt_unit_tests", can_subset=True
 )
 def dbt_unit_tests(
-    context: dg.AssetCheckExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource
+    context: dg.AssetCheckExecutionContext, dbt: KeelDbtCliResource, warehouse: WarehouseResource
 ):
     """Run the dbt project's unit tests and report each as a check on the model it tests."""
     selected = [
         spec for spec in context.check_specs if spec.key in context.selected_asset_check_keys
     ]
-    with _dbt_environment(warehouse):
-        invocation = dbt.cli(["test", "--select", "test_type:unit"], raise_on_error=False)
+    invocation = dbt.cli_on(warehouse, ["test", "--select", "test_type:unit"], raise_on_error=False)
     invocation.wait()
     if not (invocation.target_path / "run_results.json").exists():
         raise dg.Failure(f"dbt unit tests did not run; see {invocation.target_path}/dbt.log")
@@ -182,29 +152,6 @@ def dbt_unit_tests(
                 "message": dg.MetadataValue.text((result or {}).get("message") or ""),
             },
         )
-
-
-class KeelDbtCliResource(DbtCliResource):
-    """dagster-dbt's CLI resource without two start-up costs it pays on every dbt step.
-
-    Before each invocation dagster-dbt runs ``dbt --version`` in a subprocess and loads dbt's
-    macros in-process for an adapter that only ``fetch_row_counts`` and
-    ``fetch_column_metadata`` use: about 8 seconds a step on two cores. Our dbt executable is
-    the one of this environment, so its version is the installed dbt-core's, and no asset
-    here fetches row counts or column metadata through the adapter.
-    """
-
-    @cached_property
-    def _cli_version(self) -> Version:
-        return Version(importlib.metadata.version("dbt-core"))
-
-    def _initialize_dbt_core_adapter(self, args: Sequence[str]) -> None:
-        return None
-
-
-def dbt_resource() -> DbtCliResource:
-    """The dbt CLI of this environment, on the project in ``dbt_project/``."""
-    return KeelDbtCliResource(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE)
 
 
 TRANSFORMATION_ASSETS = [daily_dbt_models, dbt_models]

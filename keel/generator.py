@@ -32,11 +32,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from keel.schema import AGE_BANDS, CHANNELS, PRODUCTS, REGIONS, SEXES
+from keel.schema import AGE_BANDS, CHANNELS, FIRST_DAY, PRODUCTS, REGIONS, SEXES
 
 DRIFT_KINDS = ("covariate", "label", "concept", "schema", "malformed")
 LANDING_FORMATS = ("csv", "parquet", "jsonl")
 LABEL_DELAY_DAYS = 30
+FIRST_DATE = date.fromisoformat(FIRST_DAY)
 STATEMENT_CYCLE_DAYS = 30
 # Written into a data folder by its first generation: every later one must use these settings.
 SETTINGS_FILE = "generator.json"
@@ -75,7 +76,7 @@ class GeneratorConfig:
 
     seed: int = 7
     accounts: int = 2_000
-    start: date = date(2026, 1, 1)
+    start: date = FIRST_DATE
     late_share: float = 0.0
     scenarios: tuple[DriftScenario, ...] = field(default_factory=tuple)
     # Outcomes are known this many days after the observation; shorten it to see retraining on
@@ -125,7 +126,7 @@ class GeneratorConfig:
         return cls(
             seed=int(payload.get("seed", 7)),
             accounts=int(payload.get("accounts", 2_000)),
-            start=_as_date(payload.get("start", "2026-01-01")),
+            start=_as_date(payload.get("start", FIRST_DAY)),
             late_share=float(payload.get("late_share", 0.0)),
             scenarios=scenarios,
             label_delay_days=int(payload.get("label_delay_days", LABEL_DELAY_DAYS)),

@@ -11,6 +11,10 @@ CREATED_TIMESTAMP = "created_timestamp"
 LABEL = "defaulted"
 LABEL_TIMESTAMP = "label_timestamp"
 
+# The first day of the generated world: the generator's default start and the first daily
+# partition (ISO date).
+FIRST_DAY = "2026-01-01"
+
 # Protected attributes travel with the labels (for fairness reports), never into the model.
 PROTECTED_ATTRIBUTES = ("age_band", "sex", "region")
 

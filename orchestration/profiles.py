@@ -7,29 +7,23 @@ from typing import Any
 import dagster as dg
 
 from keel.settings import FEATURE_REPO_DIR, KeelPaths, active_profile, taiwan_csv
+from orchestration.dbt import DBT_EXECUTABLE, dbt_project
 from orchestration.resources import (
     ArtefactStore,
     ComputeResource,
     FeatureStoreResource,
+    KeelDbtCliResource,
     MlflowResource,
+    ModelGovernance,
     MonitoringResource,
     SourcesResource,
     WarehouseResource,
 )
 
 
-def dbt_resource():
-    """The dbt CLI resource (built in the transformation stage, next to the dbt assets)."""
-    from assets.transformation import dbt_resource as build
-
-    return build()
-
-
-def governance(**settings: Any):
-    """Gate bounds, serving SLA and approval policy (defined with the evaluation assets)."""
-    from assets.evaluation import ModelGovernance
-
-    return ModelGovernance(**settings)
+def dbt_resource() -> KeelDbtCliResource:
+    """The dbt CLI of this environment, on the project in ``dbt_project/``."""
+    return KeelDbtCliResource(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE)
 
 
 def local_resources(paths: KeelPaths) -> dict[str, Any]:
@@ -43,7 +37,7 @@ def local_resources(paths: KeelPaths) -> dict[str, Any]:
             landing_dir=str(paths.landing),
             taiwan_csv=str(taiwan_csv()),
         ),
-        # dbt CLI on dbt_project/ (profiles.yml there points at the warehouse).
+        # dbt CLI on dbt_project/; each call passes the warehouse's path as a dbt variable.
         "dbt": dbt_resource(),
         # Models, reports and training sets as files.
         "artefacts": ArtefactStore(root=str(paths.artefacts)),
@@ -62,10 +56,14 @@ def local_resources(paths: KeelPaths) -> dict[str, Any]:
             lock_file=str(paths.mlflow / "registry.lock"),
         ),
         # CUDA when torch sees a GPU, else the CPU; checkpoints and Optuna studies on disk.
-        "compute": ComputeResource(device="auto"),
+        "compute": ComputeResource(
+            device="auto",
+            checkpoint_dir=str(paths.artefacts / "checkpoints"),
+            study_storage=str(paths.optuna),
+        ),
         # Gates, SLA, approvals: a laptop auto-approves a candidate that passed every gate, and
         # its latency SLA allows for a machine that is busy with other work.
-        "governance": governance(auto_approve=True, latency_p99_ms=250.0),
+        "governance": ModelGovernance(auto_approve=True, latency_p99_ms=250.0),
         # Drift and decay policies for the sensors, and where alerts go.
         "monitoring": MonitoringResource(),
     }
@@ -118,7 +116,7 @@ def production_resources() -> dict[str, Any]:
             study_storage=dg.EnvVar("KEEL_OPTUNA_STORAGE"),
         ),
         # People approve promotions; the audit log lives in Postgres.
-        "governance": governance(
+        "governance": ModelGovernance(
             auto_approve=False, audit_uri=dg.EnvVar("KEEL_REGISTRY_AUDIT_URI")
         ),
         "monitoring": MonitoringResource(webhook_url=dg.EnvVar("KEEL_ALERT_WEBHOOK")),

@@ -1,18 +1,33 @@
-"""Dagster resources: the one place where deployment profiles swap implementations."""
+"""Dagster resources, every one of them: the profiles in profiles.py build their instances."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import fields
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import dagster as dg
+from dagster_dbt import DbtCliInvocation, DbtCliResource
+from packaging.version import Version
+
+from keel.gates import GatePolicy
+from keel.retrain_policy import DEFAULT_DRIFT_SHARE, DEFAULT_MIN_AUC, RetrainPolicy
 
 if TYPE_CHECKING:
     import duckdb
     from upath import UPath
+
+    from keel.registry import ModelRegistry
+
+_GATES = GatePolicy()
+_RETRAIN = RetrainPolicy()
+# The dbt variable profiles.yml reads the warehouse path from.
+WAREHOUSE_VAR = "keel_warehouse"
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -109,13 +124,13 @@ class MonitoringResource(dg.ConfigurableResource):
     # Days at the end of the champion's training set that make the drift reference.
     reference_days: int = 14
     # Evidently's dataset rule: drift when at least this share of features drifted.
-    drift_share: float = 0.5
+    drift_share: float = DEFAULT_DRIFT_SHARE
     # A drift episode must last this many consecutive days before it triggers a retraining.
     min_drifted_days: int = 2
     # Days with fewer scored rows never trigger: their tests are too noisy.
-    min_rows: int = 500
+    min_rows: int = _RETRAIN.min_rows
     # Retrain when the AUC measured on late labels falls below this.
-    min_auc: float = 0.6
+    min_auc: float = DEFAULT_MIN_AUC
     # Score above which an account is flagged, for precision and recall.
     decision_threshold: float = 0.5
     # Run-failure alerts are POSTed here as JSON; empty means they are only logged.
@@ -219,7 +234,8 @@ class ComputeResource(dg.ConfigurableResource):
     """Which device PyTorch trains on: ``auto`` takes CUDA when torch sees one, else the CPU."""
 
     device: str = "auto"
-    # Must outlive the node in production (a persistent volume), or preemption loses it.
+    # Must outlive the node in production (a persistent volume), or preemption loses it. The
+    # profile sets both from its paths.
     checkpoint_dir: str = ""
     # A folder (one SQLite study file per model family) or an Optuna database URL.
     study_storage: str = ""
@@ -234,13 +250,85 @@ class ComputeResource(dg.ConfigurableResource):
         return select_device(self.device)
 
     def checkpoint_root(self) -> Path:
-        """Folder for training checkpoints (default: ``$KEEL_HOME/artefacts/checkpoints``)."""
-        from keel.settings import KeelPaths
-
-        return Path(self.checkpoint_dir or KeelPaths.current().artefacts / "checkpoints")
+        """Folder for training checkpoints."""
+        if not self.checkpoint_dir:
+            raise ValueError("ComputeResource.checkpoint_dir is empty; the profile sets it.")
+        return Path(self.checkpoint_dir)
 
     def optuna_storage(self) -> str:
-        """Where Optuna studies live (default: the ``$KEEL_HOME/optuna`` folder)."""
-        from keel.settings import KeelPaths
+        """Where Optuna studies live: a folder or a database URL."""
+        if not self.study_storage:
+            raise ValueError("ComputeResource.study_storage is empty; the profile sets it.")
+        return self.study_storage
 
-        return self.study_storage or str(KeelPaths.current().optuna)
+
+class ModelGovernance(dg.ConfigurableResource):
+    """Gate bounds, the serving SLA, the approval policy and where the audit log lives."""
+
+    min_roc_auc: float = _GATES.min_roc_auc
+    max_auc_regression: float = _GATES.max_auc_regression
+    max_demographic_parity_difference: float = _GATES.max_demographic_parity_difference
+    max_equalized_odds_difference: float = _GATES.max_equalized_odds_difference
+    fairness_min_group_rows: int = _GATES.fairness_min_group_rows
+    fairness_min_group_positives: int = _GATES.fairness_min_group_positives
+    latency_p99_ms: float = _GATES.latency_p99_ms
+    min_throughput_rows_per_s: float = _GATES.min_throughput_rows_per_s
+    max_model_size_mb: float = _GATES.max_model_size_mb
+    threshold_strategy: str = _GATES.threshold_strategy
+    fixed_threshold: float = _GATES.fixed_threshold
+    bootstrap_samples: int = _GATES.bootstrap_samples
+    confidence: float = _GATES.confidence
+    # Promote a candidate that passed every gate without a human approval.
+    auto_approve: bool = False
+    # SQLAlchemy URL of the audit log; empty keeps it in the MLflow registry's database.
+    audit_uri: str = ""
+
+    def gate_policy(self) -> GatePolicy:
+        return GatePolicy(**{f.name: getattr(self, f.name) for f in fields(GatePolicy)})
+
+    def registry(self, mlflow: MlflowResource) -> ModelRegistry:
+        from keel.registry import ModelRegistry, RegistryConfig
+
+        return ModelRegistry(
+            RegistryConfig(
+                tracking_uri=mlflow.tracking_uri,
+                registry_uri=mlflow.registry_uri,
+                lock_file=mlflow.lock_file,
+                audit_uri=self.audit_uri,
+                lock_timeout_s=mlflow.lock_timeout_s,
+            )
+        )
+
+
+class KeelDbtCliResource(DbtCliResource):
+    """dagster-dbt's CLI resource, run on a given warehouse, without two start-up costs.
+
+    The warehouse's path travels in each invocation's ``--vars`` (profiles.yml reads
+    ``keel_warehouse``), so nothing is set in the process environment: two steps on two
+    warehouses in one process cannot cross.
+
+    Before each invocation dagster-dbt runs ``dbt --version`` in a subprocess and loads dbt's
+    macros in-process for an adapter that only ``fetch_row_counts`` and
+    ``fetch_column_metadata`` use: about 8 seconds a step on two cores. Our dbt executable is
+    the one of this environment, so its version is the installed dbt-core's, and no asset
+    here fetches row counts or column metadata through the adapter.
+    """
+
+    @cached_property
+    def _cli_version(self) -> Version:
+        return Version(importlib.metadata.version("dbt-core"))
+
+    def _initialize_dbt_core_adapter(self, args: Sequence[str]) -> None:
+        return None
+
+    def cli_on(
+        self,
+        warehouse: WarehouseResource,
+        args: Sequence[str],
+        *,
+        variables: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> DbtCliInvocation:
+        """``dbt args`` on ``warehouse``, with ``variables`` as further dbt ``--vars``."""
+        dbt_vars = {WAREHOUSE_VAR: warehouse.database, **(variables or {})}
+        return self.cli([*args, "--vars", json.dumps(dbt_vars)], **kwargs)

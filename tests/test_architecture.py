@@ -127,3 +127,123 @@ def test_only_mirrors_import_a_dependencys_private_names():
                 where = f"{path.relative_to(REPO_ROOT)}:{node.lineno}"
                 offenders.append(f"{where} {node.module}: {', '.join(private)}")
     assert not offenders, offenders
+
+
+# -- one place per resource, one source per setting ----------------------------------------------
+
+
+@pytest.mark.parametrize("profile", ["local", "production"])
+def test_every_resource_of_a_profile_is_defined_in_orchestration_resources(profile):
+    from orchestration.profiles import resources_for
+
+    elsewhere = {
+        key: type(resource).__module__
+        for key, resource in resources_for(profile).items()
+        if type(resource).__module__ != "orchestration.resources"
+    }
+    assert not elsewhere, elsewhere
+    profiles = ast.parse((REPO_ROOT / "orchestration" / "profiles.py").read_text())
+    assert not {name for name in runtime_imports(profiles) if name.split(".")[0] == "assets"}
+
+
+def calls_to(tree: ast.Module, names: set[str]) -> list[int]:
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and (ast.unparse(node.func) in names or ast.unparse(node.func).split(".")[-1] in names)
+    ]
+
+
+def test_keel_home_is_read_in_settings_and_resolved_by_the_profile_alone():
+    """Resources and assets take their paths from the profile's KeelPaths, never from the
+    environment; only keel.settings reads KEEL_HOME."""
+    environment_reads = []
+    for path in python_files(*PACKAGES):
+        if path == REPO_ROOT / "keel" / "settings.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            text = ast.unparse(node) if isinstance(node, ast.Call | ast.Subscript) else ""
+            if ("environ" in text or "getenv" in text) and (
+                "KEEL_HOME" in text or "HOME_ENV" in text
+            ):
+                environment_reads.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
+    assert not environment_reads, environment_reads
+    resolved = {
+        f"{path.relative_to(REPO_ROOT)}:{line}"
+        for path in python_files("assets", "orchestration")
+        if path != REPO_ROOT / "orchestration" / "profiles.py"
+        for line in calls_to(ast.parse(path.read_text()), {"KeelPaths.current", "keel_home"})
+    }
+    assert not resolved, f"resolve KEEL_HOME in orchestration/profiles.py only: {resolved}"
+
+
+def test_the_first_day_is_written_once():
+    from assets.partitions import DAILY_PARTITIONS
+    from keel.generator import GeneratorConfig
+    from keel.schema import FIRST_DAY
+
+    places = []
+    for path in python_files(*PACKAGES):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+        for node in ast.walk(tree):
+            literal = isinstance(node, ast.Constant) and node.value == FIRST_DAY
+            call = isinstance(node, ast.Call) and ast.unparse(node).startswith("date(2026, 1, 1")
+            if (literal and id(node) not in docstrings) or call:
+                places.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
+    assert [place.split(":")[0] for place in places] == ["keel/schema.py"], places
+    assert DAILY_PARTITIONS.start.date().isoformat() == FIRST_DAY
+    assert GeneratorConfig().start.isoformat() == FIRST_DAY
+
+
+def test_monitoring_thresholds_have_one_default():
+    import inspect
+
+    from keel.monitoring import data_drift, evidently_data_drift
+    from keel.retrain_policy import DEFAULT_DRIFT_SHARE, RetrainPolicy
+    from orchestration.resources import MonitoringResource
+
+    resource, policy = MonitoringResource(), RetrainPolicy()
+    assert resource.min_rows == policy.min_rows
+    assert resource.drift_share == DEFAULT_DRIFT_SHARE
+    for function in (data_drift, evidently_data_drift):
+        assert inspect.signature(function).parameters["drift_share"].default == DEFAULT_DRIFT_SHARE
+
+
+# Entry points of their own processes, where setting the environment is the point.
+ENVIRONMENT_OWNERS = {"keel/cli.py", "keel/serving/cli.py", "keel/edge/isolated.py"}
+
+
+def test_no_pipeline_code_changes_the_process_environment():
+    """dbt gets the warehouse through its invocation's variables, not through os.environ."""
+    writes = []
+    for path in python_files("keel", "assets", "orchestration"):
+        if str(path.relative_to(REPO_ROOT)) in ENVIRONMENT_OWNERS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Assign | ast.AugAssign | ast.Delete):
+                targets = (
+                    node.targets if isinstance(node, ast.Assign | ast.Delete) else [node.target]
+                )
+            mutated = any(
+                isinstance(t, ast.Subscript) and ast.unparse(t.value).endswith("environ")
+                for t in targets
+            )
+            if isinstance(node, ast.Call):
+                function = ast.unparse(node.func)
+                mutated = (
+                    function.startswith("os.environ.")
+                    and function.rsplit(".", 1)[1]
+                    in {
+                        "update",
+                        "pop",
+                        "setdefault",
+                        "clear",
+                        "popitem",
+                    }
+                ) or function in {"os.putenv", "os.unsetenv"}
+            if mutated:
+                writes.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
+    assert not writes, writes

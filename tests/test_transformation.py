@@ -240,7 +240,7 @@ def test_dbt_resource_skips_the_version_subprocess_and_the_unused_adapter():
     from dagster_dbt import DbtCliResource
     from packaging.version import Version
 
-    from assets.transformation import dbt_resource
+    from orchestration.profiles import dbt_resource
 
     # The hooks overridden must still be dagster-dbt's: an upgrade that renames them fails here.
     assert {"_cli_version", "_initialize_dbt_core_adapter"} <= set(vars(DbtCliResource))

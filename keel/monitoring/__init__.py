@@ -24,7 +24,6 @@ from keel.mirrors.evidently_stattests import (
 )
 from keel.monitoring.common import SCORE
 from keel.monitoring.drift import (
-    DEFAULT_DRIFT_SHARE,
     DriftResult,
     FeatureDrift,
     PredictionDrift,
@@ -53,7 +52,8 @@ from keel.monitoring.reports import (
     write_drift_report,
     write_performance_report,
 )
-from keel.monitoring.retrain import RetrainDecision, RetrainPolicy, should_retrain
+from keel.monitoring.retrain import RetrainDecision, should_retrain
+from keel.retrain_policy import DEFAULT_DRIFT_SHARE, RetrainPolicy
 
 __all__ = [
     "DEFAULT_DRIFT_SHARE",

@@ -30,8 +30,7 @@ from keel.monitoring.reference import (
     ReferenceProfile,
 )
 from keel.reporting import markdown_table
-
-DEFAULT_DRIFT_SHARE = 0.5
+from keel.retrain_policy import DEFAULT_DRIFT_SHARE
 
 
 @dataclass(frozen=True)

@@ -6,24 +6,7 @@ from dataclasses import dataclass
 
 from keel.monitoring.drift import DriftResult
 from keel.monitoring.performance import PerformanceResult
-
-
-@dataclass(frozen=True)
-class RetrainPolicy:
-    """When a day's monitoring result calls for retraining.
-
-    Attributes:
-        drift_share: Retrain when at least this share of features drifted; None uses
-            Evidently's dataset-level verdict (the result's own ``drift_share``).
-        critical_features: Features whose drift alone calls for retraining.
-        min_rows: Days with fewer rows never trigger: their tests are too noisy.
-        min_auc: Retrain when the measured AUC falls below this; None ignores performance.
-    """
-
-    drift_share: float | None = None
-    critical_features: tuple[str, ...] = ()
-    min_rows: int = 1000
-    min_auc: float | None = None
+from keel.retrain_policy import RetrainPolicy
 
 
 @dataclass(frozen=True)
