@@ -27,6 +27,7 @@ import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 from feast import Entity
@@ -130,6 +131,30 @@ class KeelSqliteOnlineStore(SqliteOnlineStore):
     ``keel.mirrors.feast_online_reader`` serves a hundred entities from a hundred rows instead
     of two thousand.
     """
+
+    def plan(self, config: RepoConfig, desired_registry_proto: Any) -> list:
+        """The tables an apply would create: the desired ones the database does not hold yet.
+
+        Feast records a store's tables in the registry only on the apply path it takes for
+        ``type: sqlite``; a store named by class path, like this one, is applied without that
+        record, so Feast's own plan would list every table as new after every apply. The
+        database says which tables exist.
+        """
+        planned = super().plan(config, desired_registry_proto)
+        path = self._get_db_path(config)
+        if not Path(path).exists():
+            return planned
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            existing = {
+                name
+                for (name,) in connection.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                )
+            }
+        finally:
+            connection.close()
+        return [table for table in planned if table.name not in existing]
 
     def update(
         self,
