@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from keel.registry_cli import registry
+from keel.serving.cli import serve
 from keel.settings import DAGSTER_CONFIG_DIR, PROJECT_ROOT, KeelPaths, active_profile
 
 
@@ -109,6 +110,7 @@ def demo(accounts: int, history_days: int, days: int, drift_day: int) -> None:
 
 
 cli.add_command(registry)
+cli.add_command(serve)
 
 
 def main() -> None:

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -242,27 +247,134 @@ def build_world(home: KeelPaths, backend: str = "sqlite", accounts: int = ACCOUN
     )
 
 
-def _world(tmp_path_factory: pytest.TempPathFactory, backend: str) -> Iterator[World]:
-    home = KeelPaths(tmp_path_factory.mktemp(f"serving-{backend}") / "keel-home")
-    world = build_world(home, backend)
+def clone_world(world: World, home: KeelPaths, backend: str | None = None) -> World:
+    """A copy of ``world`` in ``home``: its own registry and online store, in a second or two.
+
+    The copy's registered models still load from ``world``'s artefacts (read only). A Redis
+    copy gets its own Feast project, applied and materialised afresh.
+    """
+    from keel import features
+    from keel.mirrors.feast_online_stores import KeelRedisOnlineStore
+    from keel.registry import RegistryConfig
+
+    backend = backend or world.backend
+    if backend == "redis" and not redis_available():
+        pytest.skip(SKIP_REDIS)
+    shutil.copytree(world.home.home, home.home)
+    shutil.rmtree(home.artefacts / "prediction_log", ignore_errors=True)
+    shutil.rmtree(home.home / "serve", ignore_errors=True)
+    config = RegistryConfig.local(home)
+    clone = replace(
+        world,
+        home=home,
+        backend=backend,
+        registry={
+            "tracking_uri": config.tracking_uri,
+            "registry_uri": config.registry_uri,
+            "lock_file": config.lock_file,
+        },
+        materialised=list(world.materialised),
+    )
+    if backend != world.backend or backend == "redis":
+        clone.project = f"srv{uuid.uuid4().hex[:10]}"
+        clone.feast_overrides = {"project": clone.project}
+        if backend == "redis":
+            clone.feast_overrides["online_store"] = {
+                "type": f"{KeelRedisOnlineStore.__module__}.{KeelRedisOnlineStore.__name__}",
+                "connection_string": f"{REDIS_HOST}:{REDIS_PORT}",
+            }
+        with keel_home_env(home):
+            store = features.open_store(overrides=clone.feast_overrides)
+            features.apply_repo(store)
+            for day in clone.materialised:
+                features.materialize_day(store, day)
+    return clone
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(
+    world: World, port: int, workers: int = 2, log_file: Path | None = None, **settings: Any
+) -> subprocess.Popen:
+    """``keel serve`` on 127.0.0.1:``port`` for ``world`` in a new process group."""
+    environment = {
+        **os.environ,
+        **world.serve_settings(**settings).to_env(),
+        HOME_ENV: str(world.home.home),
+        PROFILE_ENV: "local",
+    }
+    output = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    command = [str(Path(sys.executable).parent / "keel"), "serve", "--port", str(port)]
+    return subprocess.Popen(
+        [*command, "--workers", str(workers)],
+        env=environment,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wait_ready(port: int, process: subprocess.Popen, timeout: float = 240.0) -> None:
+    """Wait until ``/readyz`` answers 200 (workers import Feast and MLflow: slow on 2 cores)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"keel serve exited with {process.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"keel serve on port {port} not ready after {timeout} s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, then SIGKILL what is left."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+@pytest.fixture(scope="session")
+def serving_world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    """One SQLite-backed world per test session; never change it (clone it: `fresh_world`)."""
+    return build_world(KeelPaths(tmp_path_factory.mktemp("serving-sqlite") / "keel-home"))
+
+
+@pytest.fixture(scope="session")
+def serving_world_redis(
+    tmp_path_factory: pytest.TempPathFactory, serving_world: World
+) -> Iterator[World]:
+    """The session's world on the real Redis (its own project); skips when Redis is down."""
+    home = KeelPaths(tmp_path_factory.mktemp("serving-redis") / "keel-home")
+    world = clone_world(serving_world, home, backend="redis")
     yield world
-    if backend == "redis":
-        delete_redis_project(world.project)
-
-
-@pytest.fixture(scope="session")
-def serving_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    """One SQLite-backed world per test session (do not change its registry aliases)."""
-    yield from _world(tmp_path_factory, "sqlite")
-
-
-@pytest.fixture(scope="session")
-def serving_world_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    """One world on the real Redis per test session; skips when Redis is not reachable."""
-    yield from _world(tmp_path_factory, "redis")
+    delete_redis_project(world.project)
 
 
 @pytest.fixture
-def fresh_world(tmp_path: Path) -> World:
-    """A world of its own (SQLite) for a test that changes aliases or materialises days."""
-    return build_world(KeelPaths(tmp_path / "keel-home"))
+def fresh_world(tmp_path: Path, serving_world: World) -> World:
+    """A copy of the session's world for one test that changes aliases or materialises days."""
+    return clone_world(serving_world, KeelPaths(tmp_path / "keel-home"))

@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
+from keel.schema import CATEGORICAL_FEATURES
 from keel.serving import metrics
 from keel.serving.auth import KeyStore, Principal, require_role
 from keel.serving.cache import PredictionCache
@@ -385,14 +386,24 @@ def create_app(
         for n, instance in enumerate(body.instances):
             missing = [name for name in names if name not in instance.features]
             extra = [name for name in instance.features if name not in names]
-            if missing or extra:
-                problems.append({"instance": n, "missing": missing, "unexpected": extra})
+            mistyped = [
+                name
+                for name, value in instance.features.items()
+                if value is not None
+                and name in names
+                and isinstance(value, str) != (name in CATEGORICAL_FEATURES)
+            ]
+            if missing or extra or mistyped:
+                problems.append(
+                    {"instance": n, "missing": missing, "unexpected": extra, "wrong_type": mistyped}
+                )
         if problems:
             metrics.REQUESTS.labels(_FEATURES, "422").inc()
             return _json(
                 422,
                 {
-                    "detail": f"instances must carry exactly the model's features: {list(names)}",
+                    "detail": "instances must carry exactly the model's features, numbers or null, "
+                    f"text or null for {list(CATEGORICAL_FEATURES)}: {list(names)}",
                     "errors": problems[:20],
                 },
             )

@@ -54,8 +54,9 @@ def _hash(key: str) -> str:
 class KeyStore:
     """The key file: create, list, revoke and check keys."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, cache_seconds: float = CACHE_SECONDS) -> None:
         self.path = Path(path)
+        self.cache_seconds = cache_seconds
         self._local = threading.local()
         self._checked: dict[str, tuple[float, Principal | None]] = {}
 
@@ -112,7 +113,7 @@ class KeyStore:
         """The key's principal, or None for an unknown or revoked key."""
         now = time.monotonic()
         cached = self._checked.get(key)
-        if cached is not None and now - cached[0] < CACHE_SECONDS:
+        if cached is not None and now - cached[0] < self.cache_seconds:
             return cached[1]
         principal = None
         if key.startswith(_PREFIX):
