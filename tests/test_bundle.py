@@ -529,7 +529,9 @@ def registered_torch_version(keel_home, models, windows, monkeypatch, tmp_path):
         )
     gates = {"minimum_quality": True, "no_regression": True, "fairness": True, "latency_sla": True}
     with ModelRegistry(config) as registry:
-        version = registry.register(run.info.run_id, {"roc_auc": 0.8}, gates, "alice").version
+        version = registry.register(
+            run.info.run_id, {"roc_auc": 0.8}, gates, "alice", auto_approve=True
+        ).version
     return config, version
 
 
@@ -564,8 +566,9 @@ def test_model_bundle_publishes_a_faithful_bundle_and_withholds_a_broken_one(
     import mlflow
 
     import keel.edge.export
-    from keel.edge.serving import load_version_bundle
+    from keel.edge.serving import bundle_loader, load_version_bundle
     from keel.registry import ModelRegistry
+    from keel.serving.deployments import Deployments
 
     config, version = registered_torch_version
     result = materialise_bundle(keel_home, version)
@@ -584,6 +587,12 @@ def test_model_bundle_publishes_a_faithful_bundle_and_withholds_a_broken_one(
     np.testing.assert_allclose(
         served.predict_proba(frame), models["torch"].predict_proba(frame), atol=0.02
     )
+    # What `keel serve` runs: the deployments follow the champion alias, loading its bundle.
+    deployments = Deployments(config, load_model=bundle_loader(config, "int8"))
+    assert deployments.refresh() and deployments.current is not None
+    champion = deployments.current.champion
+    assert champion.version == version and champion.model.variant == "int8"
+    np.testing.assert_array_equal(champion.predict(frame), served.predict_proba(frame))
 
     # The same version again, from an exporter that gets one weight wrong.
     honest_graph = keel.edge.export.onnx_graph
