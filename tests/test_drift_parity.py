@@ -125,12 +125,15 @@ def assert_same_verdicts(reference, current, drift_share=0.5):
 # Small references (at most 1000 non-null rows) take K-S, chi-square and Z; larger ones
 # Wasserstein and Jensen-Shannon. Seeds vary the data; the shifted sets put the share of drifted
 # columns below, at and above the default drift share of 0.5 (4 of 8 columns is exactly 0.5).
-SLOW = pytest.mark.slow  # more seeds of the same paths, in `make test-all`
+# Seeds and sizes: in `make test-all`; the fast suite keeps the boundary and the difference.
+SLOW = pytest.mark.slow
 CASES = [
     pytest.param(700, 600, 11, 0.0, frozenset(), marks=SLOW),
-    (700, 600, 12, 0.2, frozenset({"spend", "missed", "limit_band", "product"})),
+    pytest.param(
+        700, 600, 12, 0.2, frozenset({"spend", "missed", "limit_band", "product"}), marks=SLOW
+    ),
     pytest.param(900, 3000, 13, 0.1, frozenset({"transactions", "channel"}), marks=SLOW),
-    (4000, 3000, 14, 0.0, frozenset()),
+    pytest.param(4000, 3000, 14, 0.0, frozenset(), marks=SLOW),
     pytest.param(
         4000, 3000, 15, 0.3, frozenset({"spend", "balance", "product", "channel"}), marks=SLOW
     ),
