@@ -655,7 +655,9 @@ def _canary_fault_run(registry, config, world, tmp_path, fault: dict, policy: Gu
 def test_a_canary_failing_one_request_in_five_is_rolled_back_and_clients_see_no_error(
     registry: ModelRegistry, registry_copy: RegistryConfig, world: World, tmp_path: Path
 ) -> None:
-    policy = GuardrailPolicy(window_minutes=2, min_requests=100, promote_after_requests=100_000)
+    policy = GuardrailPolicy(
+        window_minutes=2, min_requests=100, max_psi=50.0, promote_after_requests=100_000
+    )
     load, after, rollback = _canary_fault_run(
         registry, registry_copy, world, tmp_path, {"fail_every": 5}, policy
     )
@@ -671,13 +673,19 @@ def test_a_canary_failing_one_request_in_five_is_rolled_back_and_clients_see_no_
 def test_a_canary_five_times_slower_is_rolled_back(
     registry: ModelRegistry, registry_copy: RegistryConfig, world: World, tmp_path: Path
 ) -> None:
-    # The champion's request latency on this machine sets the canary's handicap: 5x in all.
+    # The champion's median request latency under the same load sets the canary's handicap:
+    # its requests take five times as long.
     with running_app(world, registry_copy, tmp_path / "probe") as service:
-        Load(service, world.account_ids, threads=1).start(300, 60).join()
+        probe = Load(service, world.account_ids).start(400, 60)
+        _wait_for(lambda: probe.ok + probe.failed >= 400, 90)
+        probe.join()
         from keel.serving.prediction_log import read_prediction_log
 
         champion_ms = float(read_prediction_log(service.log_dir)["latency_ms"].median())
-    policy = GuardrailPolicy(window_minutes=2, min_requests=100, promote_after_requests=100_000)
+    # Two different models differ in scores; this test is about speed alone.
+    policy = GuardrailPolicy(
+        window_minutes=2, min_requests=100, max_psi=50.0, promote_after_requests=100_000
+    )
     fault = {"delay_s": 4 * champion_ms / 1000}
     load, after, rollback = _canary_fault_run(
         registry, registry_copy, world, tmp_path, fault, policy
