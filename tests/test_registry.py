@@ -364,6 +364,22 @@ def test_cli_approve_promote_rollback_audit_and_lineage(registry, config, keel_h
     assert missing.exit_code == 1 and "has no version 7" in missing.output
 
 
+def _forkserver():
+    """Processes forked from one server that imported MLflow and its stores once."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(
+        [
+            "mlflow",
+            "mlflow.store.tracking.sqlalchemy_store",
+            "mlflow.store.model_registry.sqlalchemy_store",
+            "sqlalchemy",
+            "filelock",
+            "keel.registry",
+        ]
+    )
+    return context
+
+
 def _register_in_process(tracking_uri, lock_file, run_id, start) -> None:
     config = RegistryConfig(
         tracking_uri=tracking_uri, registry_uri=tracking_uri, lock_file=lock_file
@@ -381,8 +397,7 @@ def test_parallel_registrations_give_distinct_versions_and_one_audit_record_each
     # Two extra workers register datasets that others register too: still one version each.
     jobs = [*run_ids, run_ids[0], run_ids[1]]
     # Separate processes, forked from a server that imported MLflow once (no shared state).
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["mlflow", "sqlalchemy", "keel.registry"])
+    context = _forkserver()
     start = context.Event()
     workers = [
         context.Process(
@@ -459,8 +474,11 @@ def test_audit_log_on_postgres_is_append_only(config, keel_home):
 # -- controls: a crash between record and alias, tampering, approval bypass ---------------------
 
 
-def _promote_and_die(tracking_uri: str, lock_file: str, version: str, moved: bool) -> None:
-    """Promote ``version`` and SIGKILL this process just before (or after) the alias moves."""
+def _act_and_die(tracking_uri: str, lock_file: str, action: str, moved: bool) -> None:
+    """Promote version 2 or roll back, and SIGKILL this process as the champion alias moves.
+
+    ``moved`` kills it just after the alias moved, else just before.
+    """
     import os
     import signal
 
@@ -476,35 +494,36 @@ def _promote_and_die(tracking_uri: str, lock_file: str, version: str, moved: boo
         return real(self, name, alias, number)
 
     MlflowClient.set_registered_model_alias = die_at_the_alias
-    config = RegistryConfig(tracking_uri, tracking_uri, lock_file=lock_file)
-    ModelRegistry(config).promote(version, actor="bob", reason="weekly release")
+    registry = ModelRegistry(RegistryConfig(tracking_uri, tracking_uri, lock_file=lock_file))
+    if action == "promote":
+        registry.promote("2", actor="bob", reason="weekly release")
+    else:
+        registry.rollback(actor="carol", reason="canary error rate")
 
 
-@pytest.mark.parametrize("moved", [False, True], ids=["before-alias", "after-alias"])
-def test_a_writer_killed_between_the_audit_record_and_the_alias_move(
-    registry, config, keel_home, moved
-):
+def test_a_writer_killed_between_the_audit_record_and_the_alias_move(registry, config, keel_home):
     registry.register(training_run(config, keel_home, "a"), METRICS, GATES, "ci", auto_approve=True)
     registry.register(training_run(config, keel_home, "b"), METRICS, GATES, actor="ci")
     registry.approve("2", actor="bob", reason="report reviewed")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["mlflow", "sqlalchemy", "keel.registry"])
-    writer = context.Process(
-        target=_promote_and_die, args=(config.tracking_uri, config.lock_file, "2", moved)
-    )
-    writer.start()
-    writer.join(timeout=120)
-    assert writer.exitcode == -9  # killed at the alias, not finished
+    context = _forkserver()
+    steps = [("promote", False, "1", "2"), ("rollback", True, "2", "1")]
+    for action, moved, before, after in steps:
+        writer = context.Process(
+            target=_act_and_die, args=(config.tracking_uri, config.lock_file, action, moved)
+        )
+        writer.start()
+        writer.join(timeout=120)
+        assert writer.exitcode == -9  # killed at the alias, not finished
 
-    # The next registry to open finds the recorded promotion and carries it out.
-    with ModelRegistry(config) as reopened:
-        last = reopened.audit_records()[-1]
-        assert (last.action, last.from_version, last.to_version) == ("promote", "1", "2")
-        assert reopened.champion() == "2"
-        assert reopened.info("2").stage == PRODUCTION and reopened.info("1").stage == ARCHIVED
-        assert reopened.verify_audit().intact
-        reopened.require_approved("2")
-        assert reopened.rollback("carol", "canary error rate").version == "1"
+        # The next registry to open finds the recorded change and carries it out.
+        with ModelRegistry(config) as reopened:
+            last = reopened.audit_records()[-1]
+            assert (last.action, last.from_version, last.to_version) == (action, before, after)
+            assert reopened.champion() == after
+            assert reopened.info(after).stage == PRODUCTION
+            assert reopened.info(before).stage == ARCHIVED
+            assert reopened.verify_audit().intact
+            reopened.require_approved(after)
 
 
 def _unkeyed_chain(rows: list[dict]) -> list[tuple[str, str]]:
@@ -526,6 +545,8 @@ def test_rewritten_or_deleted_audit_records_are_detected(registry, config, keel_
     assert registry.verify_audit().intact
     key_file = keel_home.mlflow / "registry-audit.key"
     assert key_file.stat().st_mode & 0o777 == 0o600
+    with ModelRegistry(RegistryConfig(**{**config.__dict__, "audit_key": "k" * 64})) as other:
+        assert "keyed hash" in other.verify_audit().problem  # another key: nothing verifies
     engine = sa.create_engine(config.registry_uri)
     with engine.begin() as connection:
         connection.execute(sa.text("drop trigger keel_registry_audit_no_update"))
