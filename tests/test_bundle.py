@@ -369,18 +369,44 @@ def test_runtime_runs_in_an_isolated_interpreter_without_keel_pandas_or_torch(
     assert probe.returncode != 0 and "No module named 'keel'" in probe.stderr
 
 
-def test_isolated_runtime_refuses_a_broken_bundle(bundles, tmp_path):
+_COMMAND_LINE = """
+import contextlib, io, json, sys
+from keel_edge.__main__ import main
+
+def run(*args, stdin=""):
+    sys.stdin = io.StringIO(stdin)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return {"code": code, "out": out.getvalue(), "err": err.getvalue()}
+
+good, broken = sys.argv[1:3]
+request = sys.stdin.read()
+print(json.dumps([
+    run("verify", good),
+    run("verify", broken),
+    run("score", good, "--variant", "int8", stdin=request),
+    run("score", good, stdin='{"rows": [{"spend_7d": 1.0}]}'),
+]))
+"""
+
+
+def test_command_line_verifies_and_scores_in_an_isolated_interpreter(bundles, windows, tmp_path):
     broken = copy_bundle(bundles["torch"], tmp_path / "broken")
     reorder_two_features(broken)
-    script = "import sys\nfrom keel_edge.__main__ import main\nsys.exit(main(sys.argv[1:]))\n"
+    bundle = load_bundle(bundles["torch"], "int8")
+    rows = json_rows(windows.test.head(4), bundle.request_features)
+    arguments = f"import sys; sys.argv[1:] = [{str(bundles['torch'])!r}, {str(broken)!r}]\n"
 
-    ok = run_isolated(
-        f"import sys; sys.argv[1:] = ['verify', {str(bundles['torch'])!r}]\n" + script
-    )
-    refused = run_isolated(f"import sys; sys.argv[1:] = ['verify', {str(broken)!r}]\n" + script)
+    done = run_isolated(arguments + _COMMAND_LINE, json.dumps({"rows": rows}))
 
-    assert ok.returncode == 0, ok.stderr
-    assert refused.returncode == 2 and "contract.json has sha256" in refused.stderr
+    assert done.returncode == 0, done.stderr
+    verified, refused, scored, bad_request = json.loads(done.stdout)
+    assert verified["code"] == 0 and "contract.json" in json.loads(verified["out"])["verified"]
+    assert refused["code"] == 2 and "contract.json has sha256" in refused["err"]
+    assert scored["code"] == 0
+    np.testing.assert_array_equal(json.loads(scored["out"])["scores"], bundle.predict(rows))
+    assert bad_request["code"] == 3 and "lacks features" in bad_request["err"]
 
 
 def test_function_image_pins_the_locked_runtime_versions():
