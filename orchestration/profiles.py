@@ -115,9 +115,11 @@ def production_resources() -> dict[str, Any]:
             checkpoint_dir=dg.EnvVar("KEEL_CHECKPOINT_DIR"),
             study_storage=dg.EnvVar("KEEL_OPTUNA_STORAGE"),
         ),
-        # People approve promotions; the audit log lives in Postgres.
+        # People approve promotions; the audit log lives in Postgres, its key in a secret.
         "governance": ModelGovernance(
-            auto_approve=False, audit_uri=dg.EnvVar("KEEL_REGISTRY_AUDIT_URI")
+            auto_approve=False,
+            audit_uri=dg.EnvVar("KEEL_REGISTRY_AUDIT_URI"),
+            audit_key=dg.EnvVar("KEEL_REGISTRY_AUDIT_KEY"),
         ),
         "monitoring": MonitoringResource(webhook_url=dg.EnvVar("KEEL_ALERT_WEBHOOK")),
     }

@@ -282,6 +282,8 @@ class ModelGovernance(dg.ConfigurableResource):
     auto_approve: bool = False
     # SQLAlchemy URL of the audit log; empty keeps it in the MLflow registry's database.
     audit_uri: str = ""
+    # Secret that chains the audit log; empty uses a 0600 key file next to a SQLite audit log.
+    audit_key: str = ""
 
     def gate_policy(self) -> GatePolicy:
         return GatePolicy(**{f.name: getattr(self, f.name) for f in fields(GatePolicy)})
@@ -296,6 +298,7 @@ class ModelGovernance(dg.ConfigurableResource):
                 lock_file=mlflow.lock_file,
                 audit_uri=self.audit_uri,
                 lock_timeout_s=mlflow.lock_timeout_s,
+                audit_key=self.audit_key,
             )
         )
 
