@@ -48,7 +48,7 @@ def batch_ms(predict, batch: Any, repeats: int = 5) -> float:
 def bundle_timings(folder: str | Path, frame: pd.DataFrame, timed_rows: int = 200) -> dict:
     """Latency per variant and the serverless cold start, on rows of ``frame``.
 
-    Per variant: single-row p50/p99 and one 1,000-row batch (the rows repeated to fill it);
+    Per variant: single-row p50/p99 and one 1,000-row batch (rows drawn with replacement);
     then the cold start of the default variant's handler in a fresh, isolated interpreter.
     """
     from keel.edge.isolated import invoke_handler
@@ -56,13 +56,14 @@ def bundle_timings(folder: str | Path, frame: pd.DataFrame, timed_rows: int = 20
 
     manifest = read_manifest(folder)
     figures: dict[str, float] = {}
-    rng = np.random.default_rng(0)
+    drawn = np.random.default_rng(0).integers(0, len(frame), max(timed_rows, BATCH_ROWS))
+    sample = frame.iloc[drawn]
     for variant in manifest["variants"]:
         bundle = Bundle(folder, variant, threads=1)
-        rows = json_rows(frame, bundle.feature_names)
-        picked = [[rows[i]] for i in rng.integers(0, len(rows), timed_rows)]
+        rows = json_rows(sample, bundle.feature_names)
+        picked = [[row] for row in rows[:timed_rows]]
         latency = single_row_latency_ms(bundle.predict, picked)
-        batch = [rows[i % len(rows)] for i in range(BATCH_ROWS)]
+        batch = rows[:BATCH_ROWS]
         figures[f"{variant}_single_row_p50_ms"] = latency["p50_ms"]
         figures[f"{variant}_single_row_p99_ms"] = latency["p99_ms"]
         figures[f"{variant}_batch_{BATCH_ROWS}_ms"] = batch_ms(bundle.predict, batch)
