@@ -58,15 +58,24 @@ def _run_evidently_drift(
     *,
     drift_share: float = DEFAULT_DRIFT_SHARE,
     summary: bool = False,
+    outside_share: Sequence[str] = (),
 ) -> Any:
+    """Evidently's drift preset; columns in ``outside_share`` get a drift test of their own.
+
+    The preset's dataset drift counts the model's features, as Keel's verdict does; the score
+    is tested on its own so that both count the same columns.
+    """
     from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
     from evidently.presets import DataDriftPreset, DataSummaryPreset
 
     definition = DataDefinition(
         numerical_columns=list(numeric), categorical_columns=list(categorical)
     )
     columns = [*numeric, *categorical]
-    metrics: list[Any] = [DataDriftPreset(drift_share=drift_share)]
+    counted = [c for c in columns if c not in outside_share]
+    metrics: list[Any] = [DataDriftPreset(columns=counted, drift_share=drift_share)]
+    metrics += [ValueDrift(column=column) for column in outside_share]
     if summary:
         metrics.append(DataSummaryPreset())
     return Report(metrics, include_tests=True).run(
@@ -134,7 +143,8 @@ def write_drift_report(
     every row (``drift``, and ``prediction`` and ``quality`` when given) head the page.
     """
     numeric = list(profile.numeric)
-    if SCORE in profile.sample and SCORE in current_frame and SCORE not in numeric:
+    with_score = SCORE in profile.sample and SCORE in current_frame and SCORE not in numeric
+    if with_score:
         numeric.append(SCORE)
     current_sample = _sample(current_frame[[*numeric, *profile.categorical]], sample_rows, seed)
     snapshot = _run_evidently_drift(
@@ -144,6 +154,9 @@ def write_drift_report(
         list(profile.categorical),
         drift_share=drift.drift_share,
         summary=True,
+        # The header counts the features (prediction drift has its own section): so does
+        # Evidently's "drift is detected for ... columns".
+        outside_share=[SCORE] if with_score else [],
     )
     sample_verdicts = drift_result_from_snapshot(
         snapshot, numeric, drift_share=drift.drift_share, rows=len(current_sample)
