@@ -445,6 +445,7 @@ def test_a_bundle_serves_through_the_serving_model_interface(bundles, models, wi
     scores = loaded.predict(frame)
 
     assert loaded.feature_names == models["torch"].feature_names
+    np.testing.assert_array_equal(loaded.model.predict(frame), scores)
     np.testing.assert_allclose(
         scores, models["torch"].predict_proba(frame), atol=ParityPolicy().int8_max_abs_diff
     )

@@ -60,6 +60,9 @@ class BundleRiskModel:
         """P(defaulted=1) for every row of ``frame``, shape (n,)."""
         return self.bundle.predict(frame_columns(frame, self.feature_names, self._numeric))
 
+    # `keel.serving.deployments.LoadedModel`'s name for the same thing.
+    predict = predict_proba
+
 
 def load_version_bundle(
     registry_config: RegistryConfig, version: str, variant: str = "int8", threads: int = 1
