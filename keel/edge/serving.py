@@ -6,6 +6,7 @@ model, so an INT8 bundle can be canaried, shadowed and rolled back like any othe
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -100,4 +101,4 @@ def bundle_loader(
     registry_config: RegistryConfig, variant: str = "int8"
 ) -> Callable[[str], BundleRiskModel]:
     """``version -> model`` for `keel.serving.deployments.Deployments(load_model=...)`."""
-    return lambda version: load_version_bundle(registry_config, version, variant)
+    return functools.partial(load_version_bundle, registry_config, variant=variant)
