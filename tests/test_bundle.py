@@ -196,6 +196,26 @@ def test_values_a_hair_above_a_tree_threshold_take_the_native_branch(windows, mo
     np.testing.assert_allclose(scores, model.predict_proba(frame), rtol=0, atol=1e-5)
 
 
+def test_an_int8_variant_beyond_its_bounds_fails_and_can_be_dropped(
+    windows, models, bundles, tmp_path
+):
+    from keel.edge.build import drop_variant
+
+    bundle = copy_bundle(bundles["torch"], tmp_path / "b")
+    strict = ParityPolicy(int8_max_abs_diff=1e-9)
+
+    report = check_parity(bundle, models["torch"], windows.test, None, strict)
+    drop_variant(bundle, "int8")
+    again = check_parity(bundle, models["torch"], windows.test, None, strict)
+
+    assert not report["passed"] and report["variants"]["fp32"]["passed"]
+    assert "differ by more than 1e-09" in report["variants"]["int8"]["failure"]
+    assert again["passed"] and set(again["variants"]) == {"fp32"}
+    assert not (bundle / "model.int8.onnx").exists()
+    with pytest.raises(BundleIntegrityError, match="no 'int8' variant"):
+        load_bundle(bundle, "int8")
+
+
 # --------------------------------------------------------------------------- broken bundles
 
 
