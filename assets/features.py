@@ -11,19 +11,22 @@ from datetime import date
 from pathlib import Path
 
 import dagster as dg
+from dagster_dbt import get_asset_key_for_model
 from pydantic import Field
 
 from assets.partitions import DAILY_PARTITIONS
+from assets.transformation import daily_dbt_models, dbt_models
 from keel import schema
 from orchestration.resources import ArtefactStore, FeatureStoreResource
 
 GROUP = "features"
 FEAST_POOL = "feast"
 
-FEATURES_MART = dg.AssetKey("fct_account_features_daily")
-LABELS_MART = dg.AssetKey("fct_default_labels")
-TAIWAN_FEATURES_MART = dg.AssetKey("fct_taiwan_features_monthly")
-TAIWAN_LABELS_MART = dg.AssetKey("fct_taiwan_labels")
+# The marts as dagster-dbt names them (its translator decides the keys, not this module).
+FEATURES_MART = get_asset_key_for_model([daily_dbt_models], "fct_account_features_daily")
+LABELS_MART = get_asset_key_for_model([daily_dbt_models], "fct_default_labels")
+TAIWAN_FEATURES_MART = get_asset_key_for_model([dbt_models], "fct_taiwan_features_monthly")
+TAIWAN_LABELS_MART = get_asset_key_for_model([dbt_models], "fct_taiwan_labels")
 
 
 class TrainingSetConfig(dg.Config):

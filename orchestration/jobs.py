@@ -1,6 +1,7 @@
 """Jobs are asset selections: what runs together, on a schedule, from a sensor or by hand."""
 
 import dagster as dg
+from dagster_dbt import build_dbt_asset_selection
 
 from assets.partitions import DAILY_PARTITIONS
 from assets.transformation import daily_dbt_models, dbt_models, dbt_unit_tests
@@ -37,12 +38,8 @@ reference_data = dg.define_asset_job(
 taiwan = dg.define_asset_job(
     "taiwan",
     selection=dg.AssetSelection.assets("raw_taiwan_credit_clients", "taiwan_training_set")
-    | dg.AssetSelection.assets(
-        "stg_taiwan__credit_clients",
-        "int_taiwan_statements_unpivoted",
-        "fct_taiwan_features_monthly",
-        "fct_taiwan_labels",
-    )
+    # The Taiwan marts and the dbt models upstream of them, as dbt selects them.
+    | build_dbt_asset_selection([dbt_models], "+fct_taiwan_features_monthly +fct_taiwan_labels")
     - WITHOUT_UNIT_TESTS,
     description="Load and validate the Taiwan data, build its marts and its training set.",
 )
