@@ -582,7 +582,7 @@ def registered_torch_version(keel_home, models, windows, monkeypatch, tmp_path):
     return config, version
 
 
-def materialise_bundle(keel_home, version: str):
+def materialise_bundle(keel_home, version: str, **settings):
     import dagster as dg
 
     from assets.bundle import model_bundle
@@ -600,7 +600,8 @@ def materialise_bundle(keel_home, version: str):
         "governance": ModelGovernance(),
         "artefacts": ArtefactStore(root=str(keel_home.artefacts)),
     }
-    config = {"ops": {"model_bundle": {"config": {"version": version, "timed_rows": 20}}}}
+    settings = {"version": version, "timed_rows": 20, **settings}
+    config = {"ops": {"model_bundle": {"config": settings}}}
     return dg.materialize(
         [model_bundle], resources=resources, run_config=config, raise_on_error=False
     )
@@ -660,3 +661,13 @@ def test_model_bundle_publishes_a_faithful_bundle_and_withholds_a_broken_one(
     with ModelRegistry(config) as registry:
         actions = [record.action for record in registry.audit_records()]
     assert actions.count("attach_bundle") == 1
+
+    # An honest exporter again, but an INT8 bound nothing meets: FP32 ships alone.
+    monkeypatch.setattr(keel.edge.export, "onnx_graph", honest_graph)
+    result = materialise_bundle(keel_home, version, int8_max_abs_diff=1e-9)
+
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed
+    tags = client.get_model_version(config.model_name, version).tags
+    assert tags["keel.bundle.variants"] == "fp32"
+    assert load_version_bundle(config, version, "int8").variant == "fp32"

@@ -68,7 +68,11 @@ class BundleRiskModel:
 def load_version_bundle(
     registry_config: RegistryConfig, version: str, variant: str = "int8", threads: int = 1
 ) -> BundleRiskModel:
-    """The published bundle of a registered version, verified against the registry's sha256."""
+    """The published bundle of a registered version, verified against the registry's sha256.
+
+    ``int8`` falls back to the bundle's FP32 graph where it has no INT8 one (tree models, or
+    an INT8 variant dropped for leaving its bounds), so one setting serves every version.
+    """
     import mlflow
 
     from keel_edge import Bundle
@@ -82,6 +86,8 @@ def load_version_bundle(
             f"version {version} has no published bundle: materialise model_bundle for it"
         )
     variants = tags.get("keel.bundle.variants", "").split(",")
+    if variant == "int8" and variant not in variants and "fp32" in variants:
+        variant = "fp32"
     if variant not in variants:
         raise BundleUnavailableError(
             f"version {version}'s bundle has no {variant!r} variant (it has {', '.join(variants)})"
