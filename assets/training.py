@@ -48,7 +48,13 @@ class TrainingConfig(dg.Config):
     """Settings shared by both model families."""
 
     trials: int = Field(default=20, ge=0, description="Optuna trials per study (0: defaults).")
-    time_budget_s: float = Field(default=900.0, gt=0, description="Tuning time limit per run.")
+    time_budget_s: float = Field(
+        default=900.0, gt=0, description="Tuning time limit per run (when not reproducible)."
+    )
+    reproducible: bool = Field(
+        default=True,
+        description="The trial count alone ends tuning, so a retried run ends as one run would.",
+    )
     seed: int = Field(default=7, description="Seed for sampling, weights and batch order.")
     validation_days: int = Field(default=7, ge=1, description="Validation window length.")
     test_days: int = Field(default=7, ge=1, description="Test window (latest days) length.")
@@ -136,6 +142,7 @@ def _options(config: TrainingConfig, compute: ComputeResource) -> "TrainingOptio
     return TrainingOptions(
         trials=config.trials,
         time_budget_s=config.time_budget_s,
+        reproducible=config.reproducible,
         seed=config.seed,
         validation_days=config.validation_days,
         test_days=config.test_days,

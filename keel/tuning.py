@@ -3,13 +3,21 @@
 Studies live in SQLite (one file per family under the Optuna folder) or in any database URL
 Optuna takes. A study is named by family, dataset version and the settings that shape the
 search, so running the same training again, after a crash or a preempted node, loads the
-study and only runs the trials still missing. Trials of a killed process stop sending their
-heartbeat; Optuna fails them after the grace period and queues their parameters again.
+study and only runs the trials still missing.
+
+Reproducible by default: trial ``k`` (``k`` trials finished before it) samples from a random
+stream seeded by the seed and ``k`` alone, so a study resumed in a new process draws what an
+uninterrupted one draws; the trial count, not the clock, ends the search; and a SQLite study is
+held by one process at a time (a lock the OS releases when its holder dies), so a trial found
+running when the lock is taken was left by a killed process and is failed before resuming. On
+a database server, trials of a killed process stop sending their heartbeat; Optuna fails them
+after the grace period and queues their parameters again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -17,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pandas as pd
 
@@ -35,6 +44,8 @@ GRACE_SECONDS = 120
 # LightGBM reports to the pruner every this many rounds (each report is a database write).
 LIGHTGBM_REPORT_EVERY = 10
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+# How long a run waits for another process tuning the same SQLite study to finish.
+SESSION_WAIT_SECONDS = 6 * 3600
 _DATABASE_URL = re.compile(r"^[a-z][a-z0-9+]*://")
 
 
@@ -51,6 +62,8 @@ class TuningResult:
     pruned_trials: int
     new_trials: int
     trial_values: list[float] = field(default_factory=list)
+    # Trials a killed run left running, failed before this run resumed the study.
+    orphaned_trials: list[int] = field(default_factory=list)
 
 
 def storage_url(storage: str, family: str) -> str:
@@ -102,10 +115,77 @@ def open_study(family: str, *, storage: str, study_name: str, seed: int) -> optu
         storage=rdb,
         study_name=study_name,
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        sampler=TrialSeededSampler(seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=warmup),
         load_if_exists=True,
     )
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """TPE whose random draws depend only on the seed and how many trials finished before.
+
+    ``TPESampler(seed=...)`` keeps one random stream per process: a study resumed in a new
+    process starts that stream again, so its next trial repeats the first trial's draws
+    instead of continuing the sequence an uninterrupted run would have drawn.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self._seed = seed
+        self._sampler = self._tpe(0)
+
+    def _tpe(self, finished: int) -> optuna.samplers.TPESampler:
+        seed = int(np.random.SeedSequence([self._seed, finished]).generate_state(1)[0])
+        return optuna.samplers.TPESampler(seed=seed)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+        self._sampler = self._tpe(finished)
+        self._sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._sampler.reseed_rng()
+
+
+@contextlib.contextmanager
+def study_session(url: str, study_name: str):
+    """Hold a SQLite study for this process; yields whether the hold is exclusive.
+
+    The lock is a file lock the OS drops when its holder dies, so whoever takes it knows that
+    a trial still marked running belongs to no live process. Database servers get no lock
+    (their trials are failed by the heartbeat).
+    """
+    if not url.startswith("sqlite:///"):
+        yield False
+        return
+    from filelock import FileLock
+
+    name = hashlib.sha256(study_name.encode()).hexdigest()[:16]
+    lock = FileLock(f"{url.removeprefix('sqlite:///')}.{name}.session.lock")
+    with lock.acquire(timeout=SESSION_WAIT_SECONDS):
+        yield True
+
+
+def fail_orphaned_trials(study: optuna.Study) -> list[int]:
+    """Fail the trials left running by a killed process; returns their numbers.
+
+    Only safe while holding the study (`study_session`): then no live process runs them.
+    """
+    orphans = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in orphans:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return [trial.number for trial in orphans]
 
 
 def suggest_lightgbm(trial: optuna.trial.Trial) -> dict[str, Any]:
@@ -207,8 +287,9 @@ def tune(
     """Run the trials still missing from ``family``'s study and return its best parameters.
 
     Trials that finished (complete or pruned) in an earlier run count towards
-    ``options.trials``; ``options.time_budget_s`` bounds this call. With ``options.trials``
-    at 0 no study is opened and the defaults are returned.
+    ``options.trials``. With ``options.reproducible`` (the default) the trial count alone ends
+    the search; otherwise ``options.time_budget_s`` also bounds this call. With
+    ``options.trials`` at 0 no study is opened and the defaults are returned.
 
     Args:
         family: ``lightgbm`` or ``torch``.
@@ -226,23 +307,26 @@ def tune(
     if options.trials == 0:
         return TuningResult(study_name, "", dict(defaults), None, None, 0, 0, 0)
 
-    study = open_study(family, storage=storage, study_name=study_name, seed=options.seed)
-    finished_before = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
-    missing = options.trials - finished_before
-    if missing > 0:
-        study.optimize(
-            _objective(family, train, validation, options, device),
-            n_trials=missing,
-            timeout=options.time_budget_s,
-            callbacks=list(callbacks),
-            gc_after_trial=family == "torch",
-        )
-    finished = study.get_trials(deepcopy=False, states=FINISHED_STATES)
+    url = storage_url(storage, family)
+    with study_session(url, study_name) as exclusive:
+        study = open_study(family, storage=storage, study_name=study_name, seed=options.seed)
+        orphaned = fail_orphaned_trials(study) if exclusive else []
+        finished_before = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+        missing = options.trials - finished_before
+        if missing > 0:
+            study.optimize(
+                _objective(family, train, validation, options, device),
+                n_trials=missing,
+                timeout=None if options.reproducible else options.time_budget_s,
+                callbacks=list(callbacks),
+                gc_after_trial=family == "torch",
+            )
+        finished = study.get_trials(deepcopy=False, states=FINISHED_STATES)
     complete = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value) if complete else None
     return TuningResult(
         study_name=study_name,
-        storage=storage_url(storage, family),
+        storage=url,
         # No complete trial within the budget: the defaults are the best we know.
         best_params={**defaults, **best.params} if best else dict(defaults),
         best_value=best.value if best else None,
@@ -251,4 +335,5 @@ def tune(
         pruned_trials=len(finished) - len(complete),
         new_trials=len(finished) - finished_before,
         trial_values=[t.value for t in complete],
+        orphaned_trials=orphaned,
     )

@@ -389,6 +389,77 @@ def test_interrupted_optuna_study_resumes_instead_of_starting_over(
     after = {trial.number: trial.params for trial in finished_trials()}
     assert {number: after[number] for number in before} == before
     assert result.best_value == max(result.trial_values)
+    # The trial the kill interrupted was failed before resuming, and the resumed study drew,
+    # trial for trial, what a study that was never interrupted draws.
+    assert len(result.orphaned_trials) <= 1 and len(after) + len(result.orphaned_trials) == (
+        max(after) + 1
+    )
+    uninterrupted = tune(
+        "lightgbm",
+        windows.train,
+        windows.validation,
+        storage=str(tmp_path / "uninterrupted"),
+        study_name="resume-test",
+        options=TrainingOptions(trials=6, seed=5, max_rounds=60, num_threads=1),
+    )
+    assert list(after.values()) == [
+        trial.params
+        for trial in optuna.load_study(
+            study_name="resume-test", storage=uninterrupted.storage
+        ).get_trials(states=FINISHED_STATES)
+    ]
+    assert result.best_params == uninterrupted.best_params
+
+
+def test_a_study_reopened_with_a_trial_left_running_continues_the_same_draws(tmp_path, windows):
+    import optuna
+
+    from keel.tuning import FINISHED_STATES, open_study, tune
+
+    def run(folder: str, trials: int):
+        return tune(
+            "lightgbm",
+            windows.train,
+            windows.validation,
+            storage=str(tmp_path / folder),
+            study_name="reopened",
+            options=TrainingOptions(trials=trials, seed=3, max_rounds=20, num_threads=1),
+        )
+
+    uninterrupted = run("a", 4)
+    run("b", 2)
+    # A process that died in its third trial leaves it running.
+    abandoned = open_study("lightgbm", storage=str(tmp_path / "b"), study_name="reopened", seed=3)
+    abandoned.ask()
+    resumed = run("b", 4)
+
+    def drawn(result) -> list[dict]:
+        study = optuna.load_study(study_name="reopened", storage=result.storage)
+        return [trial.params for trial in study.get_trials(states=FINISHED_STATES)]
+
+    assert resumed.orphaned_trials == [2]
+    assert (resumed.finished_trials, resumed.new_trials) == (4, 2)
+    assert drawn(resumed) == drawn(uninterrupted)
+    assert resumed.best_params == uninterrupted.best_params
+
+
+@pytest.mark.parametrize("reproducible", [True, False])
+def test_the_trial_count_alone_ends_a_reproducible_search(tmp_path, windows, reproducible):
+    from keel.tuning import tune
+
+    options = TrainingOptions(
+        trials=3, time_budget_s=1e-3, max_rounds=20, num_threads=1, reproducible=reproducible
+    )
+    result = tune(
+        "lightgbm",
+        windows.train,
+        windows.validation,
+        storage=str(tmp_path),
+        study_name="budget",
+        options=options,
+    )
+    # Past the time budget after its first trial: only a search without it runs all three.
+    assert result.finished_trials == (3 if reproducible else 1)
 
 
 def test_best_trial_parameters_feed_the_final_fit(keel_home: KeelPaths, frame):
@@ -871,6 +942,105 @@ def test_dagster_retries_a_killed_training_step_which_resumes(keel_home, parquet
     uninterrupted = train_torch(
         train, validation, seed=7, max_epochs=PREEMPTION_EPOCHS, patience=PREEMPTION_EPOCHS
     )
+    local_mlflow(keel_home).configure()
+    logged = load_risk_model(metadata["model_uri"].value)
+    for name, tensor in uninterrupted.model.state_dict().items():
+        assert torch.equal(logged.state_dict()[name], tensor), name
+
+
+def _trial_states(database: Path) -> list[str]:
+    import sqlite3
+
+    if not database.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as connection:
+            return [state for (state,) in connection.execute("select state from trials")]
+    except sqlite3.OperationalError:  # the schema is not written yet, or a writer holds it
+        return []
+
+
+@pytest.mark.slow
+def test_a_step_killed_while_tuning_is_retried_and_ends_with_identical_weights(
+    keel_home, parquet_training_set
+):
+    import threading
+
+    import psutil
+    import torch
+
+    from keel.tuning import FINISHED_STATES, storage_url
+
+    trials = 3
+    database = keel_home.optuna / "torch.db"
+    killed: list[list[str]] = []
+
+    def kill_the_step_in_its_second_trial() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not killed:
+            states = _trial_states(database)
+            if "RUNNING" in states and sum(s in ("COMPLETE", "PRUNED") for s in states) >= 1:
+                step = next(
+                    child
+                    for child in psutil.Process().children(recursive=True)
+                    if "spawn_main" in " ".join(child.cmdline())
+                )
+                step.send_signal(signal.SIGKILL)
+                killed.append(states)
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=kill_the_step_in_its_second_trial, daemon=True)
+    watcher.start()
+    settings = {"trials": trials, "tuning_epochs": 3, "max_epochs": 4, "patience": 4}
+    config = {
+        "training_set_path": str(parquet_training_set),
+        "dataset_version": file_sha256(parquet_training_set),
+        **settings,
+    }
+    instance = dg.DagsterInstance.local_temp(str(keel_home.dagster_home))
+    result = dg.execute_job(
+        dg.reconstructable(preemption_job),
+        instance=instance,
+        run_config={"ops": {"torch_model": {"config": config}}},
+    )
+    watcher.join(timeout=5)
+
+    assert killed, "tuning finished before the step could be killed"
+    assert result.success
+    events = [event.event_type_value for event in result.all_events]
+    assert "STEP_UP_FOR_RETRY" in events and "STEP_RESTARTED" in events
+    metadata = result.asset_materializations_for_node("torch_model")[0].metadata
+    assert metadata["finished_trials"].value == trials
+
+    # The same training, never interrupted, in another data folder.
+    uninterrupted = train_family(
+        "torch",
+        pd.read_parquet(parquet_training_set),
+        dataset_version=file_sha256(parquet_training_set),
+        options=TrainingOptions(seed=7, num_threads=1, **settings),
+        study_storage=str(keel_home.home / "uninterrupted-optuna"),
+        log=lambda line: None,
+    )
+    import optuna
+
+    studies = optuna.get_all_study_summaries(storage_url(str(keel_home.optuna), "torch"))
+    (study,) = [
+        optuna.load_study(
+            study_name=s.study_name, storage=storage_url(str(keel_home.optuna), "torch")
+        )
+        for s in studies
+    ]
+    states = [trial.state for trial in study.get_trials()]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1  # the trial the kill interrupted
+    resumed_draws = [t.params for t in study.get_trials(states=FINISHED_STATES)]
+    assert resumed_draws == [
+        t.params
+        for t in optuna.load_study(
+            study_name=uninterrupted.tuning.study_name, storage=uninterrupted.tuning.storage
+        ).get_trials(states=FINISHED_STATES)
+    ]
+    assert metadata["best_params"].value == json.loads(json.dumps(uninterrupted.best_params))
     local_mlflow(keel_home).configure()
     logged = load_risk_model(metadata["model_uri"].value)
     for name, tensor in uninterrupted.model.state_dict().items():

@@ -66,6 +66,9 @@ class TrainingOptions:
     tuning_epochs: int = 8
     # LightGBM threads (0: every core) and the network's CPU threads (0: one, see fit_network).
     num_threads: int = 0
+    # The trial count alone ends tuning (time_budget_s is ignored), so that a resumed run ends
+    # where an uninterrupted one ends; off, the time budget may stop tuning early.
+    reproducible: bool = True
 
     def for_family(self, family: str) -> dict[str, Any]:
         """The settings that apply to ``family`` (the other family's fit limits left out)."""
@@ -78,5 +81,5 @@ class TrainingOptions:
     def fingerprint(self, family: str) -> str:
         """Hash of what shapes ``family``'s search and fit (trial count and budget excluded)."""
         chosen = self.for_family(family)
-        del chosen["trials"], chosen["time_budget_s"]
+        del chosen["trials"], chosen["time_budget_s"], chosen["reproducible"]
         return _sha256(json.dumps({"family": family, **chosen}, sort_keys=True).encode())[:12]
