@@ -33,7 +33,7 @@ class Stopwatch:
 
 
 def write_result(name: str, figures: dict) -> Path:
-    """Write one benchmark's figures (top-level keys as the issue names them, plus ``params``)."""
+    """Write one benchmark's figures (keys named after what they measure, plus ``params``)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     target = RESULTS_DIR / f"{name}.json"
     target.write_text(json.dumps(figures, indent=2, sort_keys=True, default=str) + "\n")

@@ -1,6 +1,6 @@
 """The model registry on MLflow: lineage-tagged versions, approvals, aliases, rollback, audit.
 
-Stage 4 of the article. The article's stage words map onto MLflow aliases and one tag:
+The usual lifecycle stages map onto MLflow aliases and one tag:
 
 - Development: a training run in the MLflow experiment, not registered yet;
 - Staging: the registered version holding the ``challenger`` alias (it passed every gate);

@@ -269,3 +269,45 @@ def test_dbt_models_are_named_through_dagster_dbt():
             if isinstance(node, ast.Constant) and node.value in models and id(node) not in allowed
         ]
     assert not literals, literals
+
+
+# -- lint in CI, documents about the project alone -----------------------------------------------
+
+
+def test_ci_runs_the_tests_then_the_linters_and_pytest_runs_no_linter():
+    steps = [
+        line.strip()
+        for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip().startswith("make ")
+    ]
+    assert steps == ["make test", "make lint"]
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    lint = makefile.split("\nlint:", 1)[1].split("\n\n", 1)[0]
+    for command in ("ruff check", "ruff format --check", "sqlfluff lint"):
+        assert command in lint, command
+    running_linters = [
+        path.name
+        for path in (REPO_ROOT / "tests").glob("test_*.py")
+        if re.search(r"[\"'](ruff|sqlfluff)[\"']", path.read_text())
+    ]
+    assert not running_linters, running_linters
+
+
+OUTSIDE_DOCUMENTS = re.compile(
+    r"\b(the|this|our) (article|issue|ticket|brief|guide|blog post|tutorial)\b"
+    r"|\bstage \d+ of\b|\]\(\.\./",
+    re.IGNORECASE,
+)
+
+
+def test_readme_and_code_speak_of_the_project_alone():
+    """No references to documents the repository does not hold (an article, an issue...)."""
+    texts = [REPO_ROOT / "README.md", *python_files(*PACKAGES, "bench")]
+    texts += sorted((REPO_ROOT / "dbt_project" / "models").rglob("*.yml"))
+    found = [
+        f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}"
+        for path in texts
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if OUTSIDE_DOCUMENTS.search(line)
+    ]
+    assert not found, found
