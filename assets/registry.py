@@ -141,13 +141,21 @@ class RegistryAction(StrEnum):
     reject = "reject"
     promote = "promote"
     rollback = "rollback"
+    # Releases of keel serve (keel.serving.release): blue-green switch, canary stop.
+    switch = "switch"
+    canary_stop = "canary_stop"
 
 
 class RegistryActionConfig(dg.Config):
     """One approval-workflow step, as ``keel registry ...`` takes it."""
 
-    action: RegistryAction = Field(description="approve, reject, promote or rollback.")
-    version: str = Field(default="", description="Version number or alias (not for rollback).")
+    action: RegistryAction = Field(
+        description="approve, reject, promote, rollback, switch or canary_stop."
+    )
+    version: str = Field(
+        default="",
+        description="Version number or alias; for switch the slot (blue/green, default the idle).",
+    )
     actor: str = Field(description="Who acts; the model's trainer may not approve it.")
     reason: str = Field(default="", description="Why; required for reject and rollback.")
 
@@ -162,13 +170,16 @@ def apply_registry_action(
     """Approve, reject, promote or roll back a model version, and record it in the audit trail."""
     from keel.registry import RegistryError
 
-    if config.action != RegistryAction.rollback and not config.version:
+    needs_no_version = (RegistryAction.rollback, RegistryAction.switch, RegistryAction.canary_stop)
+    if config.action not in needs_no_version and not config.version:
         raise dg.Failure(f"{config.action.value} needs a version (a number or an alias)")
     mlflow.configure()
     try:
         with governance.registry(mlflow) as registry:
             if config.action == RegistryAction.rollback:
                 info = registry.rollback(config.actor, config.reason)
+            elif config.action in (RegistryAction.switch, RegistryAction.canary_stop):
+                info = _release_action(registry, config)
             else:
                 act = getattr(registry, config.action.value)
                 info = act(config.version, config.actor, config.reason)
@@ -196,6 +207,20 @@ def apply_registry_action(
             },
         )
     )
+
+
+def _release_action(registry: "ModelRegistry", config: RegistryActionConfig):
+    """A blue-green switch or a canary stop; returns the champion's VersionInfo."""
+    from keel.serving.release import ReleaseError, stop_canary, switch
+
+    try:
+        if config.action == RegistryAction.switch:
+            switch(registry, config.actor, config.reason, to_slot=config.version or None)
+        elif stop_canary(registry, config.actor, config.reason or "stopped by hand") is None:
+            raise dg.Failure("no canary is running")
+    except ReleaseError as error:
+        raise dg.Failure(str(error)) from error
+    return registry.info("champion")
 
 
 @dg.job(tags={"keel/stage": "registry"})

@@ -64,3 +64,27 @@ class GatePolicy:
             raise EvaluationError(f"confidence must lie in (0.5, 1), got {self.confidence}")
         if self.bootstrap_samples < 100:
             raise EvaluationError("bootstrap_samples must be at least 100 for a usable interval.")
+
+
+# The shadow model's live results (keel.serving.live.compare_shadow) are one more gate: a
+# challenger whose shadow disagrees with the served model does not start a canary.
+SHADOW_GATE = "shadow_agreement"
+
+
+def shadow_gate(
+    comparison: dict,
+    min_agreement: float = 0.8,
+    min_rows: int = 200,
+    max_auc_drop: float = 0.02,
+) -> tuple[bool | None, str]:
+    """Whether the shadow's live results pass: None when too few rows were shadowed to judge."""
+    rows = int(comparison.get("rows") or 0)
+    if rows < min_rows:
+        return None, f"{rows} shadowed rows (needs {min_rows})"
+    agreement = float(comparison.get("agreement") or 0.0)
+    if agreement < min_agreement:
+        return False, f"agreement {agreement:.1%} below {min_agreement:.0%} on {rows} rows"
+    served_auc, shadow_auc = comparison.get("served_auc"), comparison.get("shadow_auc")
+    if served_auc is not None and shadow_auc is not None and served_auc - shadow_auc > max_auc_drop:
+        return False, f"shadow AUC {shadow_auc:.3f} against served {served_auc:.3f}"
+    return True, f"agreement {agreement:.1%} on {rows} rows"

@@ -10,11 +10,13 @@ from assets import (
     ingestion,
     monitoring,
     registry,
+    serving,
     training,
     transformation,
 )
 from orchestration.jobs import JOBS
 from orchestration.profiles import resources_for
+from orchestration.release_sensors import RELEASE_SENSORS
 from orchestration.schedules import SCHEDULES
 from orchestration.sensors import SENSORS
 
@@ -29,6 +31,7 @@ STAGES = [
     bundle,
     inference,
     monitoring,
+    serving,
 ]
 
 defs = dg.Definitions(
@@ -36,6 +39,6 @@ defs = dg.Definitions(
     asset_checks=dg.load_asset_checks_from_modules(STAGES),
     jobs=[*JOBS, *registry.REGISTRY_JOBS],
     schedules=SCHEDULES,
-    sensors=SENSORS,
+    sensors=[*SENSORS, *RELEASE_SENSORS],
     resources=resources_for(),
 )

@@ -54,4 +54,21 @@ retrain = dg.define_asset_job(
     tags={"gpu": "true"},
 )
 
-JOBS = [daily_pipeline, reference_data, taiwan, retrain]
+# Live traffic: the day's serving log as a table, the shadow model's report, drift of live features.
+live_traffic = dg.define_asset_job(
+    "live_traffic",
+    selection=dg.AssetSelection.assets(
+        "online_predictions", "shadow_report", "online_drift_report"
+    ),
+    partitions_def=DAILY_PARTITIONS,
+    description="One day of served traffic: online predictions, shadow report, live drift.",
+)
+
+# A canary of the registered challenger; the canary sensor promotes it or rolls it back.
+release = dg.define_asset_job(
+    "release",
+    selection=dg.AssetSelection.assets("canary_deployment"),
+    description="Start a canary of the registered challenger (judged by canary_sensor).",
+)
+
+JOBS = [daily_pipeline, reference_data, taiwan, retrain, live_traffic, release]

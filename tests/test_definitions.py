@@ -57,13 +57,22 @@ def test_every_pipeline_stage_is_an_asset_group():
         "registry",
         "inference",
         "monitoring",
+        "serving",
     }
 
 
 def test_jobs_schedules_and_sensors_are_wired():
     from orchestration.definitions import defs
 
-    for job in ("daily_pipeline", "reference_data", "retrain", "taiwan", "registry_action"):
+    for job in (
+        "daily_pipeline",
+        "reference_data",
+        "retrain",
+        "taiwan",
+        "registry_action",
+        "live_traffic",
+        "release",
+    ):
         assert defs.resolve_job_def(job) is not None
     assert {s.name for s in defs.schedules} == {
         "daily_pipeline_schedule",
@@ -75,5 +84,6 @@ def test_jobs_schedules_and_sensors_are_wired():
         "drift_sensor",
         "performance_sensor",
         "run_failure_alert",
+        "canary_sensor",
     }
     assert defs.resolve_job_def("retrain").tags["gpu"] == "true"

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from keel import schema
 from keel.registry import ApprovalError, ModelRegistry, RegistryConfig
 from keel.serving import guardrails, release
 from keel.serving.deployments import (
@@ -763,3 +764,144 @@ def _answers(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# -- Dagster: the canary asset and sensor, the daily live-traffic assets -----------------------
+
+
+def _dagster_resources(config: RegistryConfig, root: Path, webhook_url: str = "") -> dict:
+    from orchestration.resources import (
+        ArtefactStore,
+        FeatureStoreResource,
+        MlflowResource,
+        ModelGovernance,
+        MonitoringResource,
+    )
+
+    return {
+        "mlflow": MlflowResource(
+            tracking_uri=config.tracking_uri,
+            registry_uri=config.registry_uri,
+            artifact_location=str(root / "mlruns"),
+            lock_file=config.lock_file,
+        ),
+        "governance": ModelGovernance(auto_approve=True),
+        "artefacts": ArtefactStore(root=str(root / "artefacts")),
+        "monitoring": MonitoringResource(webhook_url=webhook_url),
+        "feature_store": FeatureStoreResource(
+            repo_path=str(root), config_file="feature_store.yaml", marts=str(root / "marts")
+        ),
+    }
+
+
+def test_dagster_canary_asset_and_sensor_roll_back_a_breached_canary(
+    registry: ModelRegistry, registry_copy: RegistryConfig, world: World, tmp_path, webhook
+) -> None:
+    import dagster as dg
+
+    from assets.serving import canary_deployment
+    from orchestration.release_sensors import SENSOR_ACTOR, canary_sensor
+
+    url, received = webhook
+    resources = _dagster_resources(registry_copy, tmp_path, url)
+    # The registered challenger is the registry's `challenger` alias.
+    registry.client.set_registered_model_alias(registry.name, "challenger", world.challenger)
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize(
+            [canary_deployment],
+            resources=resources,
+            instance=instance,
+            run_config={
+                "ops": {"canary_deployment": {"config": {"share": 0.3, "min_requests": 100}}}
+            },
+        )
+        metadata = result.asset_materializations_for_node("canary_deployment")[0].metadata
+        assert metadata["canary_version"].value == world.challenger
+        state = release.release_state(registry)
+        assert state.canary == world.challenger and state.canary_policy.min_requests == 100
+
+        writer = PredictionLogWriter(tmp_path / "artefacts" / "prediction_log")
+        start = datetime.fromisoformat(state.canary_started_at)
+        writer.write(_log_rows("champion", world.champion, 300, start=start, seed=1))
+        writer.write(_log_rows(CANARY, world.challenger, 150, start=start, error_share=0.2))
+        writer.close()
+        with dg.build_sensor_context(instance=instance, resources=resources) as context:
+            outcome = canary_sensor(context)
+        assert isinstance(outcome, dg.SensorResult)
+        observation = outcome.asset_events[0]
+        assert observation.metadata["action"].value == "rolled_back"
+        with dg.build_sensor_context(instance=instance, resources=resources) as context:
+            assert isinstance(canary_sensor(context), dg.SkipReason)
+    last = registry.audit_records(limit=1)[-1]
+    assert (last.action, last.actor) == ("canary_rollback", SENSOR_ACTOR)
+    assert received and received[0]["canary_version"] == world.challenger
+
+
+def test_daily_live_traffic_assets_report_the_shadow(tmp_path: Path) -> None:
+    import dagster as dg
+
+    from assets.serving import online_predictions, shadow_report
+
+    day = "2026-01-02"
+    start = datetime.fromisoformat(f"{day}T10:00:00+00:00")
+    rows = _log_rows("champion", "1", 400, start=start, seed=4)
+    rng = np.random.default_rng(5)
+    shadows = []
+    for row in rows:
+        row["features"] = {"spend_7d": 1.0, "product": "gold"}
+        # The shadow's line comes later, on its own; it mostly agrees with the served score.
+        shadows.append(
+            {
+                **{k: row[k] for k in ("request_id", "ts", "account_id", "row")},
+                "record": "shadow",
+                "shadow_version": "2",
+                "shadow_score": float(np.clip(row["score"] + rng.normal(0, 0.02), 0, 1)),
+                "shadow_latency_ms": 1.5,
+                "shadow_error": None,
+            }
+        )
+    folder = tmp_path / "artefacts" / "prediction_log"
+    writer = PredictionLogWriter(folder)
+    writer.write(rows)
+    writer.write(shadows)
+    writer.write(_log_rows("champion", "1", 5, start=start - timedelta(days=1)))  # another day
+    writer.close()
+    # As a worker that started that morning would have named it.
+    written = next(folder.glob("predictions-*.jsonl"))
+    written.rename(folder / f"predictions-{day.replace('-', '')}T000000-1-1.jsonl")
+    marts = tmp_path / "marts" / schema.LABELS_MART
+    marts.mkdir(parents=True)
+    labels = pd.DataFrame(
+        {
+            "account_id": [row["account_id"] for row in rows],
+            "event_timestamp": pd.Timestamp("2026-01-03", tz="UTC"),
+            "defaulted": [int(row["score"] > 0.25) for row in rows],
+        }
+    ).drop_duplicates("account_id")
+    labels.to_parquet(marts / "2026-02-01.parquet")
+    resources = _dagster_resources(RegistryConfig("sqlite://", "sqlite://"), tmp_path)
+    resources["feature_store"] = resources["feature_store"].model_copy(
+        update={"marts": str(tmp_path / "marts")}
+    )
+    result = dg.materialize(
+        [online_predictions, shadow_report], resources=resources, partition_key=day
+    )
+    online = result.asset_materializations_for_node("online_predictions")[0].metadata
+    assert online["rows"].value == 400
+    frame = pd.read_parquet(tmp_path / "artefacts" / "online_predictions" / f"{day}.parquet")
+    assert frame.loc[0, "product"] == "gold" and frame["spend_7d"].eq(1.0).all()
+    report = result.asset_materializations_for_node("shadow_report")[0].metadata
+    comparison = report["comparison"].value
+    served, shadow = frame["score"].to_numpy(), frame["shadow_score"].to_numpy()
+    assert comparison["rows"] == 400
+    assert comparison["agreement"] == pytest.approx(((served >= 0.5) == (shadow >= 0.5)).mean())
+    assert comparison["pearson"] == pytest.approx(np.corrcoef(served, shadow)[0, 1])
+    assert comparison["shadow_p99_ms"] == pytest.approx(1.5)
+    from sklearn.metrics import roc_auc_score
+
+    truth = frame["account_id"].map(labels.set_index("account_id")["defaulted"])
+    assert comparison["labelled_rows"] == 400
+    assert comparison["served_auc"] == pytest.approx(roc_auc_score(truth, served))
+    assert comparison["shadow_auc"] == pytest.approx(roc_auc_score(truth, shadow))
+    assert comparison["shadow_auc"] < comparison["served_auc"]
+    assert report["gate"].value.startswith("passed")
