@@ -150,17 +150,23 @@ def _checked_partitions(context: dg.AssetCheckExecutionContext) -> list[str]:
 
 
 def _verdict_table(verdicts) -> str:
-    lines = [
-        "| partition | raw | clean | quarantined | bad share | passed | reasons |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
-    ]
-    for v in verdicts:
-        reasons = v.summary()
-        lines.append(
-            f"| {v.partition} | {v.raw_rows} | {v.clean_rows} | {v.quarantined_rows} "
-            f"| {v.bad_share:.2%} | {'yes' if v.passed else '**no**'} | {reasons} |"
-        )
-    return "\n".join(lines)
+    from keel.reporting import markdown_table
+
+    return markdown_table(
+        ["partition", "raw", "clean", "quarantined", "bad share", "passed", "reasons"],
+        [
+            [
+                v.partition,
+                v.raw_rows,
+                v.clean_rows,
+                v.quarantined_rows,
+                f"{v.bad_share:.2%}",
+                "yes" if v.passed else "**no**",
+                v.summary(),
+            ]
+            for v in verdicts
+        ],
+    )
 
 
 def validation_check(asset: dg.AssetsDefinition, table_name: str) -> dg.AssetChecksDefinition:

@@ -4,7 +4,6 @@ The reference is the last days of the champion's training set, reduced once per 
 profile (keel.monitoring), so a daily report only has to look at the day itself.
 """
 
-import base64
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -26,8 +25,9 @@ GROUP = "monitoring"
 
 
 def _image(path) -> dg.MetadataValue:
-    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
-    return dg.MetadataValue.md(f"![most drifted features](data:image/png;base64,{encoded})")
+    from keel.reporting import markdown_image
+
+    return dg.MetadataValue.md(markdown_image(path.read_bytes(), "most drifted features"))
 
 
 def reference_profile(

@@ -98,13 +98,16 @@ class ScoreSummary:
     flagged_share: float
 
     def to_markdown(self) -> str:
+        from keel.reporting import markdown_table
+
         edges = np.linspace(0, 1, len(self.histogram) + 1)
-        lines = ["| score | accounts |", "| --- | ---: |"]
-        lines += [
-            f"| {low:.1f}-{high:.1f} | {count} |"
-            for low, high, count in zip(edges[:-1], edges[1:], self.histogram, strict=True)
-        ]
-        return "\n".join(lines)
+        return markdown_table(
+            ["score", "accounts"],
+            [
+                [f"{low:.1f}-{high:.1f}", count]
+                for low, high, count in zip(edges[:-1], edges[1:], self.histogram, strict=True)
+            ],
+        )
 
 
 def summarise_scores(scores: np.ndarray, threshold: float = 0.5, bins: int = 10) -> ScoreSummary:

@@ -311,3 +311,23 @@ def test_readme_and_code_speak_of_the_project_alone():
         if OUTSIDE_DOCUMENTS.search(line)
     ]
     assert not found, found
+
+
+def test_report_tables_and_images_are_rendered_in_keel_reporting():
+    """Markdown and HTML tables and inline PNGs come from one helper, formatted one way."""
+    handmade = re.compile(r"data:image/|<table|^\|?\s*-{3}|\|\s*-{3}\s*\|")
+    found = []
+    for path in python_files(*PACKAGES):
+        if path == REPO_ROOT / "keel" / "reporting.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+        found += [
+            f"{path.relative_to(REPO_ROOT)}:{node.lineno} {node.value[:40]!r}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docstrings
+            and handmade.search(node.value)
+        ]
+    assert not found, found
