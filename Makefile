@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 INSTALL_HASH = $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: install demo test test-all dev lint bench bench-% lock clean
+.PHONY: install demo test test-all dev serve lint bench bench-% lock clean
 
 install:
 	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$(INSTALL_HASH)" ]; then \
@@ -38,6 +38,10 @@ test-all: install
 
 dev: install
 	$(BIN)/keel dev
+
+# The serving API on http://127.0.0.1:8000 (docs at /docs); WORKERS=4 make serve for more.
+serve: install
+	$(BIN)/keel serve --workers $(or $(WORKERS),2)
 
 lint: install
 	$(BIN)/ruff check .

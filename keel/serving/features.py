@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from feast import FeatureStore
 
 _EVENT_US = "__keel_event_us"
+# Longest wait on the online store before a request gets 503 (unless the store's own
+# connection settings say otherwise).
+STORE_TIMEOUT_S = 1.0
 
 
 class FeatureStoreUnavailable(RuntimeError):
@@ -52,6 +55,7 @@ class ServingFeatureReader(OnlineFeatureReader):
         if getattr(self, "_redis", None) is not None:
             self._ts_fields = [f"_ts:{view.name}".encode() for view in self._views]
             self._read = self._read_redis_timed
+            _fail_fast(self._redis)
         else:
             self._read = self._read_sqlite_timed
         import redis
@@ -138,6 +142,21 @@ class ServingFeatureReader(OnlineFeatureReader):
                 self._sqlite.execute("SELECT 1").fetchone()
         except self._unavailable as error:
             raise FeatureStoreUnavailable(f"{type(error).__name__}: {error}") from error
+
+
+def _fail_fast(client: Any) -> None:
+    """A request must not wait on a dead Redis: redis-py's default retries take 12 s."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    client.set_retry(Retry(NoBackoff(), 1))  # one immediate retry for a dropped connection
+    settings = client.connection_pool.connection_kwargs
+    for name, seconds in (
+        ("socket_connect_timeout", STORE_TIMEOUT_S),
+        ("socket_timeout", STORE_TIMEOUT_S),
+    ):
+        if settings.get(name) is None:
+            settings[name] = seconds
 
 
 def open_reader(
