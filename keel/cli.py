@@ -12,6 +12,7 @@ import click
 
 from keel.registry_cli import registry
 from keel.serving.cli import serve
+from keel.serving.release_cli import release
 from keel.settings import DAGSTER_CONFIG_DIR, PROJECT_ROOT, KeelPaths, active_profile
 
 
@@ -111,6 +112,7 @@ def demo(accounts: int, history_days: int, days: int, drift_day: int) -> None:
 
 cli.add_command(registry)
 cli.add_command(serve)
+cli.add_command(release)
 
 
 def main() -> None:

@@ -905,3 +905,37 @@ def test_daily_live_traffic_assets_report_the_shadow(tmp_path: Path) -> None:
     assert comparison["shadow_auc"] == pytest.approx(roc_auc_score(truth, shadow))
     assert comparison["shadow_auc"] < comparison["served_auc"]
     assert report["gate"].value.startswith("passed")
+
+
+def test_release_cli_switches_blue_green_and_back(
+    registry: ModelRegistry,
+    registry_copy: RegistryConfig,
+    world: World,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from click.testing import CliRunner
+
+    from keel import cli as keel_cli
+
+    monkeypatch.setenv(
+        "KEEL_SERVE_REGISTRY",
+        json.dumps(
+            {"tracking_uri": registry_copy.tracking_uri, "lock_file": registry_copy.lock_file}
+            | {"registry_uri": registry_copy.registry_uri}
+        ),
+    )
+    runner = CliRunner()
+
+    def keel(*args: str) -> str:
+        result = runner.invoke(keel_cli.cli, ["release", *args, "--actor", "ops"])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "slot_set" in keel("slot", "green", world.challenger)
+    first, second = world.champion, world.challenger
+    assert f"switch by ops: {first} -> {second}" in keel("switch", "--reason", "release")
+    assert registry.champion() == world.challenger
+    assert f"switch by ops: {second} -> {first}" in keel("switch")
+    assert registry.champion() == world.champion
+    refused = runner.invoke(keel_cli.cli, ["release", "canary", world.champion, "--actor", "ops"])
+    assert refused.exit_code == 1 and "champion already" in refused.output

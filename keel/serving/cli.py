@@ -32,16 +32,27 @@ def run_server(
     # prometheus-client picks multiprocess mode on import: both before any worker starts.
     os.environ.update(settings.to_env())
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = prepare_metrics_dir(port)
-    uvicorn.run(
-        "keel.serving.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=log_level,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    # The supervisor judges a running canary (keel.serving.release), like the Dagster sensor.
+    from keel.serving.release import ReleaseWatcher
+
+    watcher = ReleaseWatcher(
+        settings.registry_config(),
+        settings.resolved_log_dir(),
+        webhook_url=os.environ.get("KEEL_ALERT_WEBHOOK", ""),
+    ).start()
+    try:
+        uvicorn.run(
+            "keel.serving.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        watcher.stop()
 
 
 @click.group(invoke_without_command=True)
