@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -41,6 +42,7 @@ FIRST_DATE = date.fromisoformat(FIRST_DAY)
 STATEMENT_CYCLE_DAYS = 30
 # Written into a data folder by its first generation: every later one must use these settings.
 SETTINGS_FILE = "generator.json"
+_FINGERPRINT = re.compile(r"[0-9a-f]{12}")
 
 # Independent random streams, so that one variable can be regenerated without the others.
 _ACCOUNTS, _ACTIVITY, _MISSED, _LABELS, _MALFORMED, _LATE, _UTILISATION = range(7)
@@ -359,8 +361,10 @@ def labels_table(config: GeneratorConfig, arrival_day: date, accounts: Accounts 
     logit = (
         -3.4
         + 0.9 * a.risk
-        + (2.2 - 2.0 * concept) * (utilisation - 0.5)
-        + (1.1 + 1.5 * concept) * recent_misses
+        # Concept drift turns the old signals around: high utilisation stops meaning risk (its
+        # effect reverses) and missed payments count for less, so a model trained before decays.
+        + (2.2 - 4.4 * concept) * (utilisation - 0.5)
+        + (1.1 - 0.8 * concept) * recent_misses
         + 1.5 * label_shift
     )
     defaulted = _rng(config, _LABELS, t).random(len(a.account_id)) < _sigmoid(logit)
@@ -462,6 +466,21 @@ def record_config(folder: Path, config: GeneratorConfig) -> GeneratorConfig:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / SETTINGS_FILE
     if not path.exists():
+        unrecorded = sorted(
+            entry.name
+            for entry in folder.iterdir()
+            if entry.is_dir()
+            and _FINGERPRINT.fullmatch(entry.name)
+            and entry.name != config.fingerprint()
+        )
+        if unrecorded:
+            # Extracts from before settings were recorded: their settings are unknown.
+            raise GeneratorConfigError(
+                f"the data folder {folder} holds extracts of other, unrecorded generator "
+                f"settings ({', '.join(unrecorded)}); generating with these settings would mix "
+                "two worlds in one warehouse. Use a new KEEL_HOME, or delete the folder's "
+                "warehouse and generated data to start over."
+            )
         temporary = folder / f".{SETTINGS_FILE}.{os.getpid()}.tmp"
         temporary.write_text(config.to_json())
         try:

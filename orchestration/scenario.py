@@ -20,15 +20,13 @@ import dagster as dg
 from assets.partitions import FIRST_DAY
 from assets.transformation import daily_dbt_models
 from orchestration.jobs import WITHOUT_UNIT_TESTS, daily_pipeline, reference_data, retrain
-from orchestration.resources import DriftScenarioConfig, SourcesResource
+from orchestration.resources import DriftScenarioConfig, MonitoringResource, SourcesResource
 from orchestration.sensors import drift_sensor, performance_sensor
 
 # Light training settings: the loop, not the last decimal of AUC, is what a scenario shows.
 QUICK_TRAINING = {
-    "lightgbm_model": {"config": {"trials": 4, "time_budget_s": 60.0}},
-    "torch_model": {
-        "config": {"trials": 2, "time_budget_s": 90.0, "max_epochs": 15, "tuning_epochs": 3}
-    },
+    "lightgbm_model": {"config": {"trials": 4}},
+    "torch_model": {"config": {"trials": 2, "max_epochs": 15, "tuning_epochs": 3}},
 }
 
 history = dg.define_asset_job(
@@ -42,7 +40,7 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 @dataclass(frozen=True)
 class Scenario:
-    """A generated world with a covariate drift switched on part-way through."""
+    """A generated world with a drift switched on part-way through (covariate by default)."""
 
     # One label per account per month: 5,000 accounts give ~170 labels a day, enough for the
     # evaluation gates and the fairness report to judge.
@@ -50,7 +48,12 @@ class Scenario:
     history_days: int = 45
     days: int = 14
     drift_day: int | None = 7  # index into the monitored days; None: no drift
+    drift_kind: str = "covariate"  # a keel.generator drift kind
     drift_strength: float = 0.6
+    # The performance sensor's policy: retrain when the AUC on a day's arriving labels stays
+    # below min_auc; days with fewer labelled predictions than min_labels are too noisy to judge.
+    min_auc: float = 0.6
+    min_labels: int = 500
     # Short, so that a retraining soon after the drift starts already sees drifted labels.
     label_delay_days: int = 1
     seed: int = 7
@@ -70,7 +73,7 @@ class Scenario:
             start = self.monitored_days[self.drift_day]
             drifts = [
                 DriftScenarioConfig(
-                    kind="covariate", start=start.isoformat(), strength=self.drift_strength
+                    kind=self.drift_kind, start=start.isoformat(), strength=self.drift_strength
                 )
             ]
         return SourcesResource(
@@ -83,6 +86,25 @@ class Scenario:
                 "scenarios": drifts,
             }
         )
+
+    def monitoring(self, base: MonitoringResource) -> MonitoringResource:
+        """The monitoring policy of ``base`` with this scenario's performance policy."""
+        return MonitoringResource(
+            **{**base.model_dump(), "min_auc": self.min_auc, "min_rows": self.min_labels}
+        )
+
+
+# Concept drift that decays the champion: 15,000 accounts give ~500 labels a day, enough for a
+# day's AUC to judge; the champion's AUC falls from about 0.8 to about 0.6 once the concept turns.
+DECAY = Scenario(
+    accounts=15_000,
+    history_days=45,
+    days=12,
+    drift_day=4,
+    drift_kind="concept",
+    drift_strength=1.0,
+    min_auc=0.75,
+)
 
 
 @dataclass
@@ -150,7 +172,11 @@ def run_scenario(
     """Play ``scenario`` against ``instance`` with ``resources`` (the local profile's)."""
     from orchestration.definitions import defs as project
 
-    resources = {**resources, "sources": scenario.sources(resources["sources"])}
+    resources = {
+        **resources,
+        "sources": scenario.sources(resources["sources"]),
+        "monitoring": scenario.monitoring(resources["monitoring"]),
+    }
     defs = dg.Definitions(
         assets=project.assets,
         asset_checks=project.asset_checks,
