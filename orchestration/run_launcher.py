@@ -30,6 +30,9 @@ def process_alive(pid: int, started_by: float) -> bool:
         )
     except psutil.NoSuchProcess:
         return False
+    except psutil.AccessDenied:
+        # Another user's process: it exists, and a run is never failed on a guess.
+        return True
 
 
 def stop_process(pid: int, started_by: float) -> bool:
@@ -40,7 +43,7 @@ def stop_process(pid: int, started_by: float) -> bool:
         return False
     try:
         psutil.Process(pid).kill()
-    except psutil.NoSuchProcess:
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
     return True
 

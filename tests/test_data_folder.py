@@ -8,7 +8,12 @@ import duckdb
 import pytest
 
 from assets.ingestion import raw_default_labels
-from keel.generator import SETTINGS_FILE, GeneratorConfigError
+from keel.generator import (
+    SETTINGS_FILE,
+    GeneratorConfig,
+    GeneratorConfigError,
+    generate_account_holders,
+)
 from orchestration.profiles import resources_for
 from orchestration.resources import SourcesResource
 from orchestration.scenario import Scenario
@@ -67,3 +72,15 @@ def test_the_ui_continues_the_demo_world_and_other_settings_are_refused(keel_hom
         ).fetchall()
     assert labels == 30 and duplicates == 0
     assert [p for (p,) in partitions] == ["2026-02-10", "2026-02-11", "2026-03-12"]
+
+
+def test_a_folder_generated_before_settings_were_recorded_is_not_continued(tmp_path):
+    folder = tmp_path / "generated"
+    older = GeneratorConfig(accounts=500, label_delay_days=1)
+    (folder / older.fingerprint()).mkdir(parents=True)
+    with pytest.raises(GeneratorConfigError, match="unrecorded generator settings"):
+        generate_account_holders(GeneratorConfig(accounts=100), folder)
+    assert not (folder / SETTINGS_FILE).exists()
+    # The same settings as the extracts continue, and are recorded from then on.
+    generate_account_holders(older, folder)
+    assert json.loads((folder / SETTINGS_FILE).read_text())["accounts"] == 500
