@@ -426,3 +426,54 @@ def test_metrics_count_requests_predictions_latency_and_feature_age(serving_worl
         "problems": [],
     }
     assert not math.isnan(metric_value(after, "keel_serve_model_loaded", **labels))
+
+
+def test_log_reader_filters_by_time_joins_shadows_and_skips_a_torn_line(tmp_path):
+    from keel.serving.prediction_log import PREDICTION, SHADOW, PredictionLogWriter
+
+    writer = PredictionLogWriter(tmp_path, rotate_bytes=300)  # a new file every line or two
+    from datetime import UTC, datetime, timedelta
+
+    start = datetime.now(UTC) - timedelta(seconds=5)  # requests arrive before their lines
+    stamps = [(start + timedelta(milliseconds=10 * n)).isoformat() for n in range(5)]
+    for n, ts in enumerate(stamps):
+        writer.write(
+            [
+                {
+                    "record": PREDICTION,
+                    "request_id": f"r{n}",
+                    "ts": ts,
+                    "account_id": n,
+                    "row": 0,
+                    "arm": "champion",
+                    "score": n / 10,
+                    "features": {"spend_7d": float(n)},
+                }
+            ]
+        )
+    writer.write(
+        [
+            {
+                "record": SHADOW,
+                "request_id": "r2",
+                "ts": stamps[2],
+                "account_id": 2,
+                "row": 0,
+                "shadow_version": "2",
+                "shadow_score": 0.5,
+                "shadow_latency_ms": 1.0,
+                "shadow_error": None,
+            }
+        ]
+    )
+    writer.close()
+    assert len(list(tmp_path.glob("*.jsonl"))) >= 3
+    with open(writer.path, "ab") as torn:  # a worker killed in the middle of a write
+        torn.write(b'{"record": "prediction", "request_id": "r9", "ts": "2026-01')
+    frame = read_prediction_log(tmp_path, since=stamps[1], until=datetime.fromisoformat(stamps[4]))
+    assert frame["request_id"].tolist() == ["r1", "r2", "r3"]
+    assert frame["shadow_score"].tolist()[1] == 0.5 and frame["features"].tolist()[0] == {
+        "spend_7d": 1.0
+    }
+    assert str(frame["ts"].dt.tz) == "UTC" and list(frame.columns) == list(COLUMNS)
+    assert read_prediction_log(tmp_path / "missing").empty

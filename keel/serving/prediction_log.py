@@ -43,7 +43,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +80,8 @@ SHADOW_FIELDS = ("shadow_version", "shadow_score", "shadow_latency_ms", "shadow_
 COLUMNS = PREDICTION_FIELDS + SHADOW_FIELDS
 _FILE_PREFIX = "predictions-"
 _STAMP = "%Y%m%dT%H%M%S"
+# The longest a request may take from arrival (its ``ts``) to its log write.
+_LATEST_WRITE = timedelta(minutes=10)
 
 
 def default_log_dir(paths: KeelPaths | None = None) -> Path:
@@ -200,8 +202,12 @@ def read_prediction_log(
     files = sorted(folder.glob(f"{_FILE_PREFIX}*.jsonl")) if folder.is_dir() else []
     for path in files:
         opened = _file_start(path)
-        # A file holds requests from its start on (to the second); later files cannot help.
-        if end is not None and opened is not None and opened > end:
+        # A file holds lines written from its start until its last write, of requests that
+        # arrived a little earlier: files that start well after ``until``, or were last
+        # written before ``since``, cannot hold a wanted line.
+        if end is not None and opened is not None and opened > end + _LATEST_WRITE:
+            continue
+        if start is not None and path.stat().st_mtime < start.timestamp():
             continue
         for line in path.read_bytes().split(b"\n")[:-1]:
             if not line:
