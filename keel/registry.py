@@ -21,7 +21,6 @@ registration is idempotent per dataset version and model family.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -29,8 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from keel.registry_audit import AUDIT_TABLE as AUDIT_TABLE  # the table's name, for readers
 from keel.registry_audit import (
-    AUDIT_TABLE,
     HEAD_TAG,
     KEY_FILE_NAME,
     AuditHead,
@@ -39,6 +38,18 @@ from keel.registry_audit import (
     AuditRecord,
     AuditVerdict,
     load_key,
+)
+from keel.registry_lineage import (
+    GATE_PREFIX,
+    METRIC_PREFIX,
+    TAG_APPROVAL,
+    TAG_EVALUATION_REPORT,
+    TAG_GATES_PASSED,
+    TAG_PREVIOUS_CHAMPION,
+    TAG_STAGE,
+    TAG_TRAINING_SET_SHA256,
+    file_sha256,
+    version_lineage,
 )
 from keel.schema import LINEAGE_TAGS
 from keel.settings import KeelPaths
@@ -65,16 +76,6 @@ DEPLOY_ACTIONS = (
     "switch",
 )
 
-TAG_TRAINING_SET_SHA256 = "keel.training_set_sha256"
-TAG_STAGE = "keel.stage"
-TAG_APPROVAL = "keel.approval_status"
-TAG_GATES_PASSED = "keel.gates_passed"
-TAG_PREVIOUS_CHAMPION = "keel.previous_champion"
-TAG_EVALUATION_REPORT = "keel.evaluation_report"
-METRIC_PREFIX = "keel.metric."
-GATE_PREFIX = "keel.gate."
-
-__all__ = ["AUDIT_TABLE", "AuditRecord", "AuditVerdict"]
 _PG_LOCK_KEY = 0x6B65656C  # "keel": one advisory lock for every registry write
 
 
@@ -147,24 +148,6 @@ class VersionInfo:
     dataset_version: str
     model_family: str
     created: bool = False
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a file, or of a folder's files (relative names and contents, sorted)."""
-    from upath import UPath
-
-    target = UPath(path)
-    if not target.exists():
-        raise RegistryError(f"training set {path!r} does not exist: its lineage cannot be proven")
-    digest = hashlib.sha256()
-    files = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
-    for file in files:
-        if target.is_dir():
-            digest.update(str(file.relative_to(target)).encode() + b"\0")
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def _now() -> str:
@@ -326,49 +309,8 @@ class ModelRegistry:
     def lineage(self, version_or_alias: str) -> dict[str, Any]:
         """What the version was built from: training set, features, dbt models, code, metrics."""
         number = self.resolve(version_or_alias)
-        version = self._version(number)
-        tags = version.tags
-        path = tags.get("keel.training_set_path", "")
-        recorded = tags.get(TAG_TRAINING_SET_SHA256, "")
-        try:
-            current = file_sha256(path) if path else None
-        except RegistryError:
-            current = None
-        return {
-            "model": self.name,
-            "version": number,
-            "asked_for": str(version_or_alias),
-            "aliases": [a for a, v in self._aliases().items() if v == number],
-            "stage": tags.get(TAG_STAGE),
-            "approval_status": tags.get(TAG_APPROVAL),
-            "model_uri": f"models:/{self.name}/{number}",
-            "source": version.source,
-            "mlflow_run_id": version.run_id,
-            "training_set": {
-                "path": path,
-                "sha256": recorded,
-                "dataset_version": tags.get("keel.dataset_version"),
-                "exists": current is not None,
-                "sha256_matches": current == recorded if current is not None else None,
-            },
-            "feature_service": tags.get("keel.feature_service"),
-            "dbt_models": [m for m in tags.get("keel.dbt_models", "").split(",") if m],
-            "dbt_manifest_hash": tags.get("keel.dbt_manifest_hash"),
-            "code_commit": tags.get("keel.code_commit"),
-            "code_dirty": tags.get("keel.code_dirty") == "true",
-            "dagster_data_version": tags.get("keel.dagster_data_version"),
-            "model_family": tags.get("keel.model_family"),
-            "trained_by": tags.get("keel.trained_by"),
-            "evaluation_report": tags.get(TAG_EVALUATION_REPORT),
-            "metrics": {
-                k.removeprefix(METRIC_PREFIX): float(v)
-                for k, v in tags.items()
-                if k.startswith(METRIC_PREFIX)
-            },
-            "gates": {
-                k.removeprefix(GATE_PREFIX): v for k, v in tags.items() if k.startswith(GATE_PREFIX)
-            },
-        }
+        aliases = [a for a, v in self._aliases().items() if v == number]
+        return version_lineage(self.name, self._version(number), str(version_or_alias), aliases)
 
     # -- the audit trail -------------------------------------------------------------------------
 
@@ -613,7 +555,13 @@ class ModelRegistry:
             raise RegistryError(f"run {run_id} lacks the lineage tags {', '.join(missing)}")
         lineage = {tag: run_tags[tag] for tag in LINEAGE_TAGS}
         dataset_version, family = lineage["keel.dataset_version"], lineage["keel.model_family"]
-        training_set_sha256 = file_sha256(lineage["keel.training_set_path"])
+        try:
+            training_set_sha256 = file_sha256(lineage["keel.training_set_path"])
+        except FileNotFoundError as error:
+            raise RegistryError(
+                f"training set {lineage['keel.training_set_path']!r} does not exist: its lineage "
+                "cannot be proven"
+            ) from error
         details = {
             "run_id": run_id,
             "dataset_version": dataset_version,
