@@ -73,7 +73,20 @@ def test_jobs_schedules_and_sensors_are_wired():
         "live_traffic",
         "release",
     ):
-        assert defs.resolve_job_def(job) is not None
+        assert defs.resolve_job_def(job).name == job
+    # Each job runs the stages it is named for, and not the others.
+    expected = {
+        "daily_pipeline": {"raw_account_activity", "batch_predictions", "drift_report"},
+        "reference_data": {"raw_account_holders", "feast_registry"},
+        "retrain": {"training_set", "lightgbm_model", "torch_model", "registered_model"},
+        "taiwan": {"raw_taiwan_credit_clients", "taiwan_training_set"},
+    }
+    for job, assets in expected.items():
+        keys = defs.resolve_job_def(job).asset_layer.selected_asset_keys
+        selected = {key.to_user_string() for key in keys}
+        assert assets <= selected, (job, assets - selected)
+        others = set().union(*(a for name, a in expected.items() if name != job))
+        assert not others & selected, (job, others & selected)
     assert {s.name for s in defs.schedules} == {
         "daily_pipeline_schedule",
         "reference_data_schedule",

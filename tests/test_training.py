@@ -698,12 +698,36 @@ def test_dbt_lineage_lists_models_upstream_of_the_marts(dbt_manifest, tmp_path):
         dbt_lineage(tmp_path / "missing.json")
 
 
-def test_code_version_reads_git_or_takes_a_fixed_commit():
-    from keel.tracking import code_version
+def test_code_version_reads_git_or_takes_a_fixed_commit(tmp_path):
+    from keel.tracking import LineageError, code_version
 
-    version = code_version()
-    assert len(version.commit) == 40 and int(version.commit, 16) >= 0
-    assert code_version(commit="abc123").commit == "abc123"
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    with pytest.raises(LineageError, match=r"set MlflowResource\.code_commit"):
+        code_version(tmp_path)  # not a git checkout
+    # An image without .git carries the commit it was built from.
+    assert code_version(tmp_path, commit="abc123") == code_version(commit="abc123")
+    assert not code_version(tmp_path, commit="abc123").dirty
+
+    git("init", "-q")
+    (tmp_path / "model.py").write_text("x = 1\n")
+    git("add", "model.py")
+    git("commit", "-q", "-m", "first")
+    clean = code_version(tmp_path)
+    assert clean.commit == git("rev-parse", "HEAD") and not clean.dirty
+    (tmp_path / "model.py").write_text("x = 2\n")
+    assert code_version(tmp_path).dirty
+    git("commit", "-q", "-am", "second")
+    assert code_version(tmp_path).commit == git("rev-parse", "HEAD") != clean.commit
+    (tmp_path / "notes.txt").write_text("untracked")
+    assert code_version(tmp_path).dirty
 
 
 def local_mlflow(paths: KeelPaths):
