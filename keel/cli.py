@@ -70,7 +70,8 @@ def dev(host: str, port: int) -> None:
 @click.option("--history-days", default=45, show_default=True, help="Days before monitoring.")
 @click.option("--days", default=10, show_default=True, help="Days run one at a time.")
 @click.option("--drift-day", default=4, show_default=True, help="Monitored day drift starts.")
-def demo(accounts: int, history_days: int, days: int, drift_day: int) -> None:
+@click.option("--no-release", is_flag=True, help="Skip the serving and release part.")
+def demo(accounts: int, history_days: int, days: int, drift_day: int, no_release: bool) -> None:
     """Run the whole loop on generated data and print where to look."""
     import dagster as dg
 
@@ -99,6 +100,12 @@ def demo(accounts: int, history_days: int, days: int, drift_day: int) -> None:
     click.echo(f"champion versions over time: {' -> '.join(result.champions)}")
     lineage = result.champion_lineage
     click.echo(f"champion trained on {lineage.get('training_set', {}).get('path')}")
+    if not no_release:
+        from keel.serving.demo import run_release_demo
+
+        click.echo("")
+        click.echo("Release: keel serve for a moment, canaries judged on live traffic")
+        run_release_demo(paths, echo=click.echo)
     click.echo("")
     click.echo("Where to look:")
     click.echo("  Dagster UI   make dev, then http://127.0.0.1:3000 (runs, asset graph, reports)")

@@ -939,3 +939,34 @@ def test_release_cli_switches_blue_green_and_back(
     assert registry.champion() == world.champion
     refused = runner.invoke(keel_cli.cli, ["release", "canary", world.champion, "--actor", "ops"])
     assert refused.exit_code == 1 and "champion already" in refused.output
+
+
+@pytest.mark.slow
+def test_release_demo_rolls_back_the_broken_canary_and_promotes_the_good_one(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keel.serving.demo import run_release_demo
+
+    home = tmp_path / "demo-home"
+    shutil.copytree(world.home.home, home, ignore=shutil.ignore_patterns("*.lock"))
+    monkeypatch.setenv("KEEL_HOME", str(home))
+    monkeypatch.setenv("KEEL_PROFILE", "local")
+    monkeypatch.setenv("KEEL_SERVE_FEAST_OVERRIDES", json.dumps(world.feast_overrides))
+    paths = KeelPaths(home)
+    with ModelRegistry(RegistryConfig.local(paths)) as registry:
+        registry.promote(world.challenger, "ops", "the loop retrained")
+    lines: list[str] = []
+    records = run_release_demo(paths, echo=lines.append)
+    assert [r.action for r in records] == [
+        "canary_start",
+        "canary_rollback",
+        "canary_start",
+        "canary_pass",
+        "promote",
+        "slot_set",
+        "switch",
+        "promote",
+    ]
+    assert all(", 0 failed;" in line for line in lines if "requests answered" in line)
+    with ModelRegistry(RegistryConfig.local(paths)) as registry:
+        assert registry.champion() == world.challenger

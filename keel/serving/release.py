@@ -300,7 +300,7 @@ def set_guardrail_gauge(verdict: Verdict | None) -> None:
 def post_alert(webhook_url: str, payload: dict[str, Any]) -> bool:
     """POST an alert to the monitoring webhook (logged when none is set); True when sent."""
     if not webhook_url:
-        log.warning("no alert webhook configured; alert: %s", json.dumps(payload, default=str))
+        log.warning("no alert webhook configured; alert: %s", payload.get("text", ""))
         return False
     import requests
 
