@@ -94,6 +94,35 @@ def _webhook() -> tuple[HTTPServer, list[dict]]:
     return server, received
 
 
+def _drifted_days(instance: dg.DagsterInstance, days: list[str]) -> None:
+    """Drift reports of days whose features all shifted (a real keel.monitoring result)."""
+    import numpy as np
+    import pandas as pd
+
+    from keel import schema
+    from keel.monitoring import build_reference_profile, data_drift
+
+    rng = np.random.default_rng(5)
+
+    def frame(shift: float) -> pd.DataFrame:
+        data = {name: rng.normal(10 + 10 * shift, 2, 1_000) for name in schema.NUMERIC_FEATURES}
+        data["product"] = rng.choice(list(schema.PRODUCTS), 1_000)
+        data["main_channel_30d"] = rng.choice(list(schema.CHANNELS), 1_000)
+        return pd.DataFrame(data)
+
+    profile = build_reference_profile(frame(0.0), champion_version="1", training_set_hash="a")
+    drift = data_drift(profile, frame(1.0))
+    assert drift.dataset_drift
+    for day in days:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                asset_key="drift_report",
+                partition=day,
+                metadata={"drift": dg.MetadataValue.json(drift.to_dict())},
+            )
+        )
+
+
 def test_every_instance_file_turns_on_run_monitoring():
     for path in sorted(DAGSTER_CONFIG_DIR.glob("*.yaml")):
         config = yaml.safe_load(path.read_text())
@@ -104,7 +133,7 @@ def test_every_instance_file_turns_on_run_monitoring():
 
 
 @pytest.mark.slow
-def test_a_killed_run_is_failed_its_slot_freed_retried_and_alerted(
+def test_a_killed_retrain_run_is_failed_freed_retried_alerted_and_unblocks_retraining(
     keel_home, tmp_path, monkeypatch
 ):
     from dagster._daemon import (
@@ -113,7 +142,15 @@ def test_a_killed_run_is_failed_its_slot_freed_retried_and_alerted(
     )
 
     from orchestration.resources import MonitoringResource
-    from orchestration.sensors import retraining_in_flight, run_failure_alert
+    from orchestration.sensors import drift_sensor, retraining_in_flight, run_failure_alert
+
+    monitoring = MonitoringResource(min_drifted_days=2, min_rows=100)
+
+    def drift_tick(cursor):
+        context = dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources={"monitoring": monitoring}
+        )
+        return drift_sensor(context)
 
     home = prepare_dagster_home(keel_home, "local")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
@@ -133,6 +170,10 @@ def test_a_killed_run_is_failed_its_slot_freed_retried_and_alerted(
             time.sleep(1)
             assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.STARTED
             assert retraining_in_flight(instance)
+            # A drift episode now waits for the retraining that looks in flight.
+            _drifted_days(instance, ["2026-03-01", "2026-03-02"])
+            waiting = drift_tick(None)
+            assert not waiting.run_requests
 
             daemon = _DaemonContext(instance)
             logger = logging.getLogger("run_monitoring")
@@ -143,6 +184,8 @@ def test_a_killed_run_is_failed_its_slot_freed_retried_and_alerted(
             # retraining is no longer blocked by a run that looks in flight.
             assert run.tags["dagster/will_retry"] == "true"
             assert not retraining_in_flight(instance)
+            retraining = drift_tick(waiting.cursor)
+            assert [r.job_name for r in retraining.run_requests] == ["retrain"]
             from orchestration.run_launcher import process_alive
 
             assert not process_alive(step_pid, step_start.timestamp)
