@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import json
 import multiprocessing
+import os
 import shutil
 import socket
 import threading
@@ -734,3 +735,41 @@ def test_registration_refuses_an_evaluation_file_that_is_not_the_one_evaluated(
     [failure] = [event for event in result.all_events if event.is_step_failure]
     assert "is not the file its evaluation wrote" in failure.step_failure_data.error.message
     assert versions == [] and registry.audit_records() == []
+
+
+def _open_handles(database: Path) -> list[str]:
+    """Files this process holds open on ``database`` (and its journal)."""
+    handles = []
+    for descriptor in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(descriptor)
+        except OSError:
+            continue
+        if target.startswith(str(database)):
+            handles.append(target)
+    return handles
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to list open files")
+def test_scoring_and_monitoring_close_the_registry_they_open(registry, config, keel_home):
+    import dagster as dg
+
+    from assets.inference import champion
+    from assets.monitoring import reference_profile
+    from orchestration.profiles import resources_for
+    from orchestration.resources import ModelGovernance
+
+    audit = keel_home.home / "audit.db"
+    governance = ModelGovernance(audit_uri=f"sqlite:///{audit}")
+    resources = resources_for("local")
+    with ModelRegistry(RegistryConfig(**{**config.__dict__, "audit_uri": governance.audit_uri})):
+        assert _open_handles(audit)  # an open registry holds its audit database
+    assert _open_handles(audit) == []
+    with pytest.raises(dg.Failure, match="there is no champion yet"):
+        champion(resources["mlflow"], governance)
+    assert _open_handles(audit) == []
+    with pytest.raises(RegistryError, match="has no version 7"):
+        reference_profile(
+            "7", resources["mlflow"], governance, resources["artefacts"], resources["monitoring"]
+        )
+    assert _open_handles(audit) == []
