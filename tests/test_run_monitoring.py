@@ -41,9 +41,18 @@ def quick_write():
     """Needs the warehouse slot for a moment."""
 
 
+@dg.asset
+def failing_step():
+    """Fails on its own: a step failure, not a dead worker."""
+    raise ValueError("gate failed")
+
+
 retrain = dg.define_asset_job("retrain", selection=[slow_write], tags={"gpu": "true"})
 after = dg.define_asset_job("after", selection=[quick_write])
-defs = dg.Definitions(assets=[slow_write, quick_write], jobs=[retrain, after])
+failing = dg.define_asset_job("failing", selection=[failing_step])
+defs = dg.Definitions(
+    assets=[slow_write, quick_write, failing_step], jobs=[retrain, after, failing]
+)
 '''
 
 
@@ -214,6 +223,12 @@ def test_a_killed_retrain_run_is_failed_freed_retried_alerted_and_unblocks_retra
         # The next run that needs the warehouse gets the slot.
         after = _dagster_job(module, "after", env)
         assert after.wait(timeout=240) == 0
+        # A run failed by a step is not retried.
+        failing = _dagster_job(module, "failing", env)
+        assert failing.wait(timeout=240) != 0
+        with dg.DagsterInstance.get() as instance:
+            (record,) = instance.get_run_records(dg.RunsFilter(job_name="failing"))
+            assert record.dagster_run.tags["dagster/will_retry"] == "false"
     finally:
         if worker.poll() is None:
             worker.kill()
