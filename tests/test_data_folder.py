@@ -32,6 +32,12 @@ def _load_labels(sources: SourcesResource, warehouse, days: list[date]) -> None:
 def test_the_ui_continues_the_demo_world_and_other_settings_are_refused(keel_home):
     profile = resources_for("local")
     ui_sources, warehouse = profile["sources"], profile["warehouse"]
+    new_world = ui_sources.generator_config()
+    assert (new_world.accounts, new_world.label_delay_days, new_world.late_share) == (
+        2_000,
+        30,
+        0.02,
+    )
     # The demo's world (next-day labels, no late rows), smaller.
     demo = Scenario(accounts=300, history_days=2, days=1, drift_day=None)
     demo_sources = demo.sources(ui_sources)
