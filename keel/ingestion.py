@@ -158,8 +158,8 @@ def _json_lines_as_text(connection: duckdb.DuckDBPyConnection, path: Path, quote
         keys = [row[0] for row in described.fetchall()]
     except duckdb.Error as error:
         raise IngestionError(f"{path.name} cannot be read: {error}") from error
-    identifiers = ['"' + key.replace('"', '""') + '"' for key in keys]
-    as_json = ", ".join("'" + key.replace("'", "''") + "': 'JSON'" for key in keys)
+    identifiers = [quote_identifier(key) for key in keys]
+    as_json = ", ".join(f"{quote_literal(key)}: 'JSON'" for key in keys)
     values = ", ".join(f"{name} ->> '$' as {name}" for name in identifiers)
     return f"(select {values} from {lines}, columns = {{{as_json}}}))"
 
