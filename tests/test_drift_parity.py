@@ -154,6 +154,7 @@ def test_dataset_verdict_equals_evidentlys_drifted_columns_count(
         assert not ours.dataset_drift
 
 
+@SLOW
 def test_a_share_exactly_at_the_limit_is_drift_on_both_sides():
     reference = account_frame(4000, 21, 0.0, frozenset())
     current = account_frame(

@@ -389,26 +389,11 @@ def test_interrupted_optuna_study_resumes_instead_of_starting_over(
     after = {trial.number: trial.params for trial in finished_trials()}
     assert {number: after[number] for number in before} == before
     assert result.best_value == max(result.trial_values)
-    # The trial the kill interrupted was failed before resuming, and the resumed study drew,
-    # trial for trial, what a study that was never interrupted draws.
+    # The trial the kill interrupted was failed before resuming (the draws are compared with
+    # an uninterrupted study's in the next test, and through the Dagster retry when slow).
     assert len(result.orphaned_trials) <= 1 and len(after) + len(result.orphaned_trials) == (
         max(after) + 1
     )
-    uninterrupted = tune(
-        "lightgbm",
-        windows.train,
-        windows.validation,
-        storage=str(tmp_path / "uninterrupted"),
-        study_name="resume-test",
-        options=TrainingOptions(trials=6, seed=5, max_rounds=60, num_threads=1),
-    )
-    assert list(after.values()) == [
-        trial.params
-        for trial in optuna.load_study(
-            study_name="resume-test", storage=uninterrupted.storage
-        ).get_trials(states=FINISHED_STATES)
-    ]
-    assert result.best_params == uninterrupted.best_params
 
 
 def test_a_study_reopened_with_a_trial_left_running_continues_the_same_draws(tmp_path, windows):
