@@ -204,18 +204,35 @@ def test_an_unapproved_version_cannot_take_canary_traffic(
     assert release.release_state(registry).canary is None
 
 
-def test_blue_green_switch_is_instant_and_switches_back(
-    registry: ModelRegistry, registry_copy: RegistryConfig, world: World
+def test_blue_green_switch_from_the_cli_is_instant_and_switches_back(
+    registry: ModelRegistry,
+    registry_copy: RegistryConfig,
+    world: World,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from click.testing import CliRunner
+
+    from keel import cli as keel_cli
+
     champion, challenger = world.champion, world.challenger
+    fields = ("tracking_uri", "registry_uri", "lock_file")
+    registry_json = json.dumps({name: getattr(registry_copy, name) for name in fields})
+    monkeypatch.setenv("KEEL_SERVE_REGISTRY", registry_json)
+    runner = CliRunner()
+
+    def keel(*args: str) -> str:
+        result = runner.invoke(keel_cli.cli, ["release", *args, "--actor", "ops"])
+        assert result.exit_code == 0, result.output
+        return result.output
+
     deployments = Deployments(registry_copy, poll_seconds=0.2)
     deployments.refresh()
-    release.assign_slot(registry, "green", challenger, "ops")
+    assert "slot_set" in keel("slot", "green", challenger)
     deployments.refresh()
     standby = deployments.current.standby
     assert standby.version == challenger and deployments.current.live_slot == "blue"
 
-    release.switch(registry, "ops", "release 2")
+    assert f"switch by ops: {champion} -> {challenger}" in keel("switch", "--reason", "release")
     deployments.refresh()
     assert deployments.current.champion.version == challenger
     # The switched-to model is the one already warm in the standby slot: nothing was loaded.
@@ -223,7 +240,7 @@ def test_blue_green_switch_is_instant_and_switches_back(
     assert deployments.current.standby.version == champion
     assert deployments.current.live_slot == "green"
 
-    release.switch(registry, "ops", "switch back")
+    assert f"switch by ops: {challenger} -> {champion}" in keel("switch")
     deployments.refresh()
     assert deployments.current.champion.version == champion
     actions = [(r.action, r.from_version, r.to_version) for r in registry.audit_records(limit=5)]
@@ -235,6 +252,8 @@ def test_blue_green_switch_is_instant_and_switches_back(
         ("promote", challenger, champion),
     ]
     assert registry.champion() == champion
+    refused = runner.invoke(keel_cli.cli, ["release", "canary", champion, "--actor", "ops"])
+    assert refused.exit_code == 1 and "champion already" in refused.output
 
 
 # -- guardrails --------------------------------------------------------------------------------
@@ -799,7 +818,7 @@ def test_dagster_canary_asset_and_sensor_roll_back_a_breached_canary(
 ) -> None:
     import dagster as dg
 
-    from assets.serving import canary_deployment
+    from assets.serving import CanaryConfig, canary_deployment
     from orchestration.release_sensors import SENSOR_ACTOR, canary_sensor
 
     url, received = webhook
@@ -807,16 +826,13 @@ def test_dagster_canary_asset_and_sensor_roll_back_a_breached_canary(
     # The registered challenger is the registry's `challenger` alias.
     registry.client.set_registered_model_alias(registry.name, "challenger", world.challenger)
     with dg.DagsterInstance.ephemeral() as instance:
-        result = dg.materialize(
-            [canary_deployment],
-            resources=resources,
-            instance=instance,
-            run_config={
-                "ops": {"canary_deployment": {"config": {"share": 0.3, "min_requests": 100}}}
-            },
+        result = canary_deployment(
+            context=dg.build_asset_context(instance=instance),
+            config=CanaryConfig(share=0.3, min_requests=100),
+            mlflow=resources["mlflow"],
+            governance=resources["governance"],
         )
-        metadata = result.asset_materializations_for_node("canary_deployment")[0].metadata
-        assert metadata["canary_version"].value == world.challenger
+        assert result.metadata["canary_version"].value == world.challenger
         state = release.release_state(registry)
         assert state.canary == world.challenger and state.canary_policy.min_requests == 100
 
@@ -905,40 +921,6 @@ def test_daily_live_traffic_assets_report_the_shadow(tmp_path: Path) -> None:
     assert comparison["shadow_auc"] == pytest.approx(roc_auc_score(truth, shadow))
     assert comparison["shadow_auc"] < comparison["served_auc"]
     assert report["gate"].value.startswith("passed")
-
-
-def test_release_cli_switches_blue_green_and_back(
-    registry: ModelRegistry,
-    registry_copy: RegistryConfig,
-    world: World,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from click.testing import CliRunner
-
-    from keel import cli as keel_cli
-
-    monkeypatch.setenv(
-        "KEEL_SERVE_REGISTRY",
-        json.dumps(
-            {"tracking_uri": registry_copy.tracking_uri, "lock_file": registry_copy.lock_file}
-            | {"registry_uri": registry_copy.registry_uri}
-        ),
-    )
-    runner = CliRunner()
-
-    def keel(*args: str) -> str:
-        result = runner.invoke(keel_cli.cli, ["release", *args, "--actor", "ops"])
-        assert result.exit_code == 0, result.output
-        return result.output
-
-    assert "slot_set" in keel("slot", "green", world.challenger)
-    first, second = world.champion, world.challenger
-    assert f"switch by ops: {first} -> {second}" in keel("switch", "--reason", "release")
-    assert registry.champion() == world.challenger
-    assert f"switch by ops: {second} -> {first}" in keel("switch")
-    assert registry.champion() == world.champion
-    refused = runner.invoke(keel_cli.cli, ["release", "canary", world.champion, "--actor", "ops"])
-    assert refused.exit_code == 1 and "champion already" in refused.output
 
 
 @pytest.mark.slow
