@@ -164,7 +164,7 @@ def online_predictions(
     )
 
 
-def _labels_for_day(feature_store: FeatureStoreResource, day: str):
+def labels_for_day(feature_store: FeatureStoreResource, day: str):
     """Outcomes of the accounts observed on ``day`` that have arrived so far."""
     import pandas as pd
     from upath import UPath
@@ -214,7 +214,7 @@ def shadow_report(
     with path.open("rb") as handle:
         frame = pd.read_parquet(handle)
     comparison = compare_shadow(
-        frame, monitoring.decision_threshold, _labels_for_day(feature_store, day)
+        frame, monitoring.decision_threshold, labels_for_day(feature_store, day)
     ).to_dict()
     passed, why = shadow_gate(comparison)
     target = artefacts.path("monitoring", "shadow", f"{day}.json")

@@ -10,6 +10,7 @@ import dagster as dg
 
 from orchestration.resources import (
     ArtefactStore,
+    FeatureStoreResource,
     MlflowResource,
     ModelGovernance,
     MonitoringResource,
@@ -29,18 +30,29 @@ def canary_sensor(
     governance: ModelGovernance,
     artefacts: ArtefactStore,
     monitoring: MonitoringResource,
+    feature_store: FeatureStoreResource,
 ):
     """Evaluate the canary once; an observation records a promotion or a rollback."""
-    from assets.serving import CANARY_KEY, prediction_log_dir
-    from keel.serving.release import evaluate_release
+    from datetime import datetime
+
+    from assets.serving import CANARY_KEY, labels_for_day, prediction_log_dir
+    from keel.serving.release import evaluate_release, release_state
 
     mlflow.configure()
     with governance.registry(mlflow) as registry:
+        started = release_state(registry).canary_started_at
+        # Outcomes of the accounts observed on the canary's first day, once they arrive.
+        labels = (
+            labels_for_day(feature_store, datetime.fromisoformat(started).date().isoformat())
+            if started
+            else None
+        )
         outcome = evaluate_release(
             registry,
             str(prediction_log_dir(artefacts)),
             actor=SENSOR_ACTOR,
             webhook_url=monitoring.webhook_url,
+            labels=labels,
         )
     if outcome.verdict is None:
         return dg.SkipReason("no canary is running")
