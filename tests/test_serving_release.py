@@ -952,3 +952,38 @@ def test_release_demo_rolls_back_the_broken_canary_and_promotes_the_good_one(
     assert all(", 0 failed;" in line for line in lines if "requests answered" in line)
     with ModelRegistry(RegistryConfig.local(paths)) as registry:
         assert registry.champion() == world.challenger
+
+
+@pytest.mark.slow
+def test_drift_report_runs_on_live_traffic(
+    registry: ModelRegistry, registry_copy: RegistryConfig, world: World, tmp_path: Path
+) -> None:
+    import dagster as dg
+
+    from assets.serving import online_drift_report, online_predictions
+
+    day = "2026-01-02"
+    source = registry.lineage(world.champion)["training_set"]["path"]
+    frame = pd.read_parquet(source).head(400).reset_index(drop=True)
+    frame["utilisation"] = frame["utilisation"] + 2.0  # live traffic drifted on two features
+    frame["balance"] = frame["balance"] * 5.0
+    start = datetime.fromisoformat(f"{day}T10:00:00+00:00")
+    rows = _log_rows("champion", world.champion, len(frame), start=start, seed=3)
+    for row, (_, features) in zip(rows, frame.iterrows(), strict=True):
+        row["features"] = {name: features[name] for name in schema.MODEL_FEATURES}
+    folder = tmp_path / "artefacts" / "prediction_log"
+    writer = PredictionLogWriter(folder)
+    writer.write(rows)
+    writer.close()
+    next(folder.glob("predictions-*.jsonl")).rename(
+        folder / "predictions-20260102T000000-1-1.jsonl"
+    )
+    resources = _dagster_resources(registry_copy, tmp_path)
+    result = dg.materialize(
+        [online_predictions, online_drift_report], resources=resources, partition_key=day
+    )
+    metadata = result.asset_materializations_for_node("online_drift_report")[0].metadata
+    drifted = set(metadata["drifted_features"].value)
+    assert {"utilisation", "balance"} <= drifted and "spend_7d" not in drifted
+    assert metadata["rows"].value == 400
+    assert metadata["champion_version"].value == world.champion
