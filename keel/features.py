@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from keel import schema
+from keel.files import atomic_write, replace_durably
 from keel.settings import FEATURE_REPO_DIR, HOME_ENV, keel_home
 
 if TYPE_CHECKING:
@@ -386,8 +387,7 @@ def write_versioned_parquet(table: pa.Table, directory: Path) -> tuple[Path, str
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
         version = digest.hexdigest()
-        target = directory / f"{version}.parquet"
-        os.replace(scratch, target)
+        target = replace_durably(scratch, directory / f"{version}.parquet")
     finally:
         scratch.unlink(missing_ok=True)
     return target, version
@@ -430,7 +430,5 @@ def build_training_set(
         "feature_service": feature_service,
         "rows": result.rows,
     }
-    scratch = directory / f".{uuid.uuid4().hex}.json.tmp"
-    scratch.write_text(json.dumps(pointer, indent=2) + "\n")
-    os.replace(scratch, directory / "latest.json")
+    atomic_write(directory / "latest.json", json.dumps(pointer, indent=2) + "\n")
     return result

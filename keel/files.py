@@ -57,6 +57,21 @@ def atomic_write(path: str | os.PathLike[str] | Any, data: bytes | str, mode: in
     return path
 
 
+def replace_durably(scratch: Path, target: Path) -> Path:
+    """Rename a finished ``scratch`` file (written by another library) onto ``target``, fsynced.
+
+    The file's bytes reach the disk before the rename, and the rename before the return.
+    """
+    descriptor = os.open(scratch, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    os.replace(scratch, target)
+    _fsync_folder(Path(target).parent)
+    return target
+
+
 def create_exclusive(path: Path, data: bytes | str, mode: int = 0o600) -> bool:
     """Create ``path`` with ``data`` unless it exists; returns whether this call created it.
 

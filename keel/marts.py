@@ -10,6 +10,7 @@ from pathlib import Path
 import duckdb
 
 from keel import schema
+from keel.files import replace_durably
 from keel.sql import quote_identifier, quote_literal
 
 
@@ -122,7 +123,7 @@ def export_days(
                     f"hive_partitioning = false)) to {quote_literal(merged)} (format parquet)"
                 )
                 produced = [merged]
-            produced[0].replace(target)
+            replace_durably(produced[0], target)
             written[day] = _row_count(connection, target)
         return written
     finally:
@@ -139,7 +140,7 @@ def export_table(connection: duckdb.DuckDBPyConnection, export: MartExport, mart
         f"copy (select {_columns(export)} from {quote_identifier(export.model)}) "
         f"to {quote_literal(temporary)} (format parquet)"
     )
-    temporary.replace(target)
+    replace_durably(temporary, target)
     return _row_count(connection, target)
 
 

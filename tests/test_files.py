@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 from upath import UPath
 
-from keel.files import atomic_write, create_exclusive
+from keel.files import atomic_write, create_exclusive, replace_durably
 from keel.inference import write_predictions
 
 
@@ -61,4 +61,7 @@ def test_atomic_write_keeps_the_mode_and_create_exclusive_never_overwrites(tmp_p
     assert secret.read_text() == "first" and secret.stat().st_mode & 0o777 == 0o600
     atomic_write(tmp_path / "report.json", "{}")
     assert (tmp_path / "report.json").read_text() == "{}"
+    (tmp_path / ".mart.parquet.tmp").write_bytes(b"new")
+    replace_durably(tmp_path / ".mart.parquet.tmp", tmp_path / "report.json")
+    assert (tmp_path / "report.json").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["key", "report.json"]
