@@ -596,6 +596,12 @@ def test_an_audit_key_readable_by_others_is_refused(config, keel_home):
         ModelRegistry(RegistryConfig(**{**config.__dict__, "audit_key_file": str(key_file)}))
     with pytest.raises(RegistryError, match="at least 32 characters"):
         ModelRegistry(RegistryConfig(**{**config.__dict__, "audit_key": "short"}))
+    refused = _invoke("--audit-key-file", str(key_file), "audit", "--verify")
+    assert refused.exit_code == 1 and "chmod 600" in refused.output
+    short = CliRunner().invoke(
+        keel_cli.cli, ["registry", "audit"], env={"KEEL_REGISTRY_AUDIT_KEY": "short"}
+    )
+    assert short.exit_code == 1 and "at least 32 characters" in short.output
 
 
 @contextlib.contextmanager
