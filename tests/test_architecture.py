@@ -5,6 +5,7 @@ well under a second and say exactly what to fix.
 """
 
 import ast
+import functools
 import importlib.metadata
 import re
 from pathlib import Path
@@ -19,6 +20,12 @@ MAX_MODULE_LINES = 700
 
 def python_files(*packages: str) -> list[Path]:
     return sorted(p for package in packages for p in (REPO_ROOT / package).rglob("*.py"))
+
+
+@functools.cache
+def parsed(path: Path) -> ast.Module:
+    """A module's syntax tree, parsed once for all the checks here."""
+    return ast.parse(path.read_text())
 
 
 def module_name(path: Path) -> str:
@@ -59,7 +66,7 @@ def test_keel_modules_import_each_other_without_a_cycle():
     """Function-level imports count too: a lazy import back is still a cycle in the design."""
     paths = {module_name(path): path for path in python_files("keel")}
     graph = {
-        name: (runtime_imports(ast.parse(path.read_text())) & paths.keys()) - {name}
+        name: (runtime_imports(parsed(path)) & paths.keys()) - {name}
         for name, path in paths.items()
     }
     state: dict[str, str] = {}
@@ -97,7 +104,7 @@ def pinned_versions() -> dict[str, str]:
     "path", sorted(p for p in MIRRORS.glob("*.py") if p.name != "__init__.py"), ids=lambda p: p.stem
 )
 def test_every_mirror_names_its_pinned_version_and_an_existing_parity_test(path):
-    docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+    docstring = ast.get_docstring(parsed(path)) or ""
     mirrored = re.findall(r"^Mirrors: ([\w.-]+)==(\S+)", docstring, re.MULTILINE)
     tests = re.findall(r"^Parity test: (\S+)::(\w+)$", docstring, re.MULTILINE)
     assert len(mirrored) == 1, f"{path.name} must say once which pinned version it mirrors"
@@ -118,7 +125,7 @@ def test_only_mirrors_import_a_dependencys_private_names():
     for path in python_files(*PACKAGES):
         if path.is_relative_to(MIRRORS):
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(parsed(path)):
             if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
                 continue
             if node.module.split(".")[0] in ours or node.module == "__future__":
@@ -162,7 +169,7 @@ def test_keel_home_is_read_in_settings_and_resolved_by_the_profile_alone():
     for path in python_files(*PACKAGES):
         if path == REPO_ROOT / "keel" / "settings.py":
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(parsed(path)):
             text = ast.unparse(node) if isinstance(node, ast.Call | ast.Subscript) else ""
             if ("environ" in text or "getenv" in text) and (
                 "KEEL_HOME" in text or "HOME_ENV" in text
@@ -173,7 +180,7 @@ def test_keel_home_is_read_in_settings_and_resolved_by_the_profile_alone():
         f"{path.relative_to(REPO_ROOT)}:{line}"
         for path in python_files("assets", "orchestration")
         if path != REPO_ROOT / "orchestration" / "profiles.py"
-        for line in calls_to(ast.parse(path.read_text()), {"KeelPaths.current", "keel_home"})
+        for line in calls_to(parsed(path), {"KeelPaths.current", "keel_home"})
     }
     assert not resolved, f"resolve KEEL_HOME in orchestration/profiles.py only: {resolved}"
 
@@ -185,7 +192,7 @@ def test_the_first_day_is_written_once():
 
     places = []
     for path in python_files(*PACKAGES):
-        tree = ast.parse(path.read_text())
+        tree = parsed(path)
         docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
         for node in ast.walk(tree):
             literal = isinstance(node, ast.Constant) and node.value == FIRST_DAY
@@ -221,7 +228,7 @@ def test_no_pipeline_code_changes_the_process_environment():
     for path in python_files("keel", "assets", "orchestration"):
         if str(path.relative_to(REPO_ROOT)) in ENVIRONMENT_OWNERS:
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(parsed(path)):
             targets = []
             if isinstance(node, ast.Assign | ast.AugAssign | ast.Delete):
                 targets = (
@@ -255,7 +262,7 @@ def test_dbt_models_are_named_through_dagster_dbt():
     models = {path.stem for path in (REPO_ROOT / "dbt_project" / "models").rglob("*.sql")}
     literals = []
     for path in python_files("assets", "orchestration"):
-        tree = ast.parse(path.read_text())
+        tree = parsed(path)
         allowed = {
             id(argument)
             for node in ast.walk(tree)
@@ -320,7 +327,7 @@ def test_report_tables_and_images_are_rendered_in_keel_reporting():
     for path in python_files(*PACKAGES):
         if path == REPO_ROOT / "keel" / "reporting.py":
             continue
-        tree = ast.parse(path.read_text())
+        tree = parsed(path)
         docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
         found += [
             f"{path.relative_to(REPO_ROOT)}:{node.lineno} {node.value[:40]!r}"
