@@ -204,11 +204,12 @@ def test_an_unapproved_version_cannot_take_canary_traffic(
     assert release.release_state(registry).canary is None
 
 
-def test_blue_green_switch_from_the_cli_is_instant_and_switches_back(
+def test_blue_green_switch_from_the_cli_is_instant_and_the_job_switches_back(
     registry: ModelRegistry,
     registry_copy: RegistryConfig,
     world: World,
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     from click.testing import CliRunner
 
@@ -240,7 +241,20 @@ def test_blue_green_switch_from_the_cli_is_instant_and_switches_back(
     assert deployments.current.standby.version == champion
     assert deployments.current.live_slot == "green"
 
-    assert f"switch by ops: {challenger} -> {champion}" in keel("switch")
+    # Switching back from the Dagster registry_action job.
+    from assets.registry import registry_action
+
+    run = registry_action.execute_in_process(
+        run_config={
+            "ops": {
+                "apply_registry_action": {
+                    "config": {"action": "switch", "actor": "dagster-ops", "reason": "back"}
+                }
+            }
+        },
+        resources=_dagster_resources(registry_copy, tmp_path),
+    )
+    assert run.success
     deployments.refresh()
     assert deployments.current.champion.version == champion
     actions = [(r.action, r.from_version, r.to_version) for r in registry.audit_records(limit=5)]
@@ -251,6 +265,7 @@ def test_blue_green_switch_from_the_cli_is_instant_and_switches_back(
         ("switch", challenger, champion),
         ("promote", challenger, champion),
     ]
+    assert registry.audit_records(limit=1)[-1].actor == "dagster-ops"
     assert registry.champion() == champion
     refused = runner.invoke(keel_cli.cli, ["release", "canary", champion, "--actor", "ops"])
     assert refused.exit_code == 1 and "champion already" in refused.output
@@ -417,6 +432,13 @@ def test_a_breached_canary_is_rolled_back_once_with_evidence_and_an_alert(
     assert registry.champion() == champion
     assert len(received) == 1 and received[0]["canary_version"] == challenger
     assert received[0]["audit_record"] == rollbacks[0].id
+    from prometheus_client import REGISTRY
+
+    def gauge(name: str) -> float | None:
+        labels = {"arm": CANARY, "guardrail": name}
+        return REGISTRY.get_sample_value("keel_serve_guardrail_state", labels)
+
+    assert (gauge("error_rate"), gauge("p99_latency_ms")) == (1.0, 0.0)
     assert release.evaluate_release(registry, tmp_path / "log").action == "none"
 
 

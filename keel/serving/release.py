@@ -287,12 +287,15 @@ def switch(
 # -- judging the canary --------------------------------------------------------------------------
 
 
-def set_guardrail_gauge(verdict: Verdict | None) -> None:
-    """GUARDRAIL_STATE for the canary arm: 1 per breached guardrail, 0 otherwise."""
+def set_guardrail_gauge(verdict: Verdict) -> None:
+    """GUARDRAIL_STATE for the canary arm: 1 per guardrail the last judged canary breached.
+
+    A rolled-back canary's breaches stay visible until the next canary is judged.
+    """
     from keel.serving.metrics import GUARDRAIL_STATE
 
     names = ("error_rate", "p99_latency_ms", "score_psi", "auc")
-    breached = {c.name for c in verdict.breaches} if verdict else set()
+    breached = {c.name for c in verdict.breaches}
     for name in names:
         GUARDRAIL_STATE.labels(arm=CANARY, guardrail=name).set(1.0 if name in breached else 0.0)
 
@@ -338,7 +341,6 @@ def evaluate_release(
 
     state = release_state(registry)
     if state.canary is None or state.champion is None:
-        set_guardrail_gauge(None)
         return ReleaseOutcome("none", None)
     started = datetime.fromisoformat(state.canary_started_at)
     policy = state.canary_policy or GuardrailPolicy()
