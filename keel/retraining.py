@@ -92,6 +92,7 @@ def observe_day(
         seen_at: When the verdict was reported (seconds since the epoch).
     """
     date.fromisoformat(partition)  # a clear error for a key that is not a day
+    bad = bool(bad)  # NumPy booleans do not go into a JSON cursor
     verdicts = {**state.verdicts, partition: bad}
     bad_since = {d: t for d, t in state.bad_since.items() if d != partition or bad}
     if bad:
