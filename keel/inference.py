@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from keel import schema
+from keel.monitoring_policy import DEFAULT_DECISION_THRESHOLD
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -35,7 +36,13 @@ class InferenceError(RuntimeError):
 
 
 def approved_champion(registry: ModelRegistry) -> str:
-    """The champion's version number; ApprovalError unless the audit log approves it."""
+    """The champion's version number; ApprovalError unless the audit log agrees and approves it.
+
+    The ``champion`` alias must point where the audit log's last promotion or rollback went:
+    an alias moved outside Keel, even onto a version approved once, is refused.
+    """
+    from keel.registry import ApprovalError
+
     version = registry.champion()
     if version is None:
         raise InferenceError(
@@ -43,6 +50,13 @@ def approved_champion(registry: ModelRegistry) -> str:
             "and approve a version, or turn on auto_approve"
         )
     registry.require_approved(version)
+    audited = registry.audited_champion()
+    if version != audited:
+        raise ApprovalError(
+            f"the {registry.name} champion alias points at version {version}, but the audit log "
+            f"made version {audited or 'none'} the champion: the alias was moved outside Keel "
+            "(keel registry promote or rollback move it with an audit record)"
+        )
     return version
 
 
@@ -110,7 +124,9 @@ class ScoreSummary:
         )
 
 
-def summarise_scores(scores: np.ndarray, threshold: float = 0.5, bins: int = 10) -> ScoreSummary:
+def summarise_scores(
+    scores: np.ndarray, threshold: float = DEFAULT_DECISION_THRESHOLD, bins: int = 10
+) -> ScoreSummary:
     """Count, mean, quantiles, a histogram, and the share above the decision threshold."""
     scores = np.asarray(scores, dtype=float)
     counts, _ = np.histogram(scores, bins=bins, range=(0.0, 1.0))

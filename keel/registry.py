@@ -333,6 +333,11 @@ class ModelRegistry:
         """Check the keyed chain and the head kept in MLflow: (intact, first bad record, why)."""
         return self._log.verify(self._head())
 
+    def audited_champion(self) -> str | None:
+        """The champion as the audit log has it: where the last promotion or rollback went."""
+        moves = [r for r in self._log.records() if r.action in ("promote", "rollback")]
+        return moves[-1].to_version if moves else None
+
     def _version_records(self, number: str) -> list[AuditRecord]:
         return [r for r in self._log.records() if r.to_version == number]
 
@@ -648,7 +653,7 @@ class ModelRegistry:
             raise ApprovalError("a rejection needs a reason")
         with self._serialised():
             number = self.resolve(version)
-            if number == self.champion():
+            if number in (self.champion(), self.audited_champion()):
                 raise ApprovalError(
                     f"version {number} is the champion: roll back first, then reject it"
                 )
@@ -672,7 +677,8 @@ class ModelRegistry:
                 f"version {number}: {problem}; promotion to {CHAMPION} needs an approval by "
                 "someone other than its trainer or the auto-approve policy"
             )
-        previous = self.champion()
+        # The audit log's champion, not an alias anyone with MLflow access may have moved.
+        previous = self.audited_champion()
         if previous == number:
             raise ApprovalError(f"version {number} is already the champion")
         self._record("promote", actor, previous, number, reason)
@@ -683,7 +689,7 @@ class ModelRegistry:
         if not reason.strip():
             raise ApprovalError("a rollback needs a reason")
         with self._serialised():
-            current = self.champion()
+            current = self.audited_champion()
             if current is None:
                 raise RegistryError(f"{self.name} has no champion to roll back")
             # The audit log, not a tag anyone may set, says which version held it before.

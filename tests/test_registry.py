@@ -679,6 +679,15 @@ def test_a_champion_set_directly_in_mlflow_is_refused_by_batch_scoring_and_alert
     assert "version 2 of keel-default-risk is not approved" in json.dumps(received[0])
     assert not (keel_home.artefacts / "predictions" / "2026-02-01.parquet").exists()
 
+    # Moving the alias back onto a version approved once is refused too: the log says 1 -> 2.
+    registry.approve("2", actor="bob", reason="reviewed")
+    registry.promote("2", actor="bob", reason="release")
+    assert approved_champion(registry) == "2"
+    registry.client.set_registered_model_alias(registry.name, CHAMPION, "1")
+    registry.require_approved("1")
+    with pytest.raises(ApprovalError, match="points at version 1, but the audit log made ver"):
+        approved_champion(registry)
+
 
 def _evaluation_summary(run_id: str, fairness_passed: bool) -> dict:
     """An evaluation summary as challenger_evaluation writes it (the fields registration reads)."""
