@@ -16,7 +16,12 @@ from dagster_dbt import DbtCliInvocation, DbtCliResource
 from packaging.version import Version
 
 from keel.gates import GatePolicy
-from keel.retrain_policy import DEFAULT_DRIFT_SHARE, DEFAULT_MIN_AUC, RetrainPolicy
+from keel.monitoring_policy import (
+    DEFAULT_DECISION_THRESHOLD,
+    DEFAULT_DRIFT_SHARE,
+    DEFAULT_MIN_AUC,
+    RetrainPolicy,
+)
 
 if TYPE_CHECKING:
     import duckdb
@@ -132,7 +137,7 @@ class MonitoringResource(dg.ConfigurableResource):
     # Retrain when the AUC measured on late labels falls below this.
     min_auc: float = DEFAULT_MIN_AUC
     # Score above which an account is flagged, for precision and recall.
-    decision_threshold: float = 0.5
+    decision_threshold: float = DEFAULT_DECISION_THRESHOLD
     # Run-failure alerts are POSTed here as JSON; empty means they are only logged.
     webhook_url: str = ""
 

@@ -207,15 +207,26 @@ def test_the_first_day_is_written_once():
 def test_monitoring_thresholds_have_one_default():
     import inspect
 
-    from keel.monitoring import data_drift, evidently_data_drift
-    from keel.retrain_policy import DEFAULT_DRIFT_SHARE, RetrainPolicy
+    from keel.inference import summarise_scores
+    from keel.monitoring import data_drift, evidently_data_drift, performance
+    from keel.monitoring_policy import (
+        DEFAULT_DECISION_THRESHOLD,
+        DEFAULT_DRIFT_SHARE,
+        RetrainPolicy,
+    )
     from orchestration.resources import MonitoringResource
+
+    def default(function, name):
+        return inspect.signature(function).parameters[name].default
 
     resource, policy = MonitoringResource(), RetrainPolicy()
     assert resource.min_rows == policy.min_rows
     assert resource.drift_share == DEFAULT_DRIFT_SHARE
     for function in (data_drift, evidently_data_drift):
-        assert inspect.signature(function).parameters["drift_share"].default == DEFAULT_DRIFT_SHARE
+        assert default(function, "drift_share") == DEFAULT_DRIFT_SHARE
+    assert resource.decision_threshold == DEFAULT_DECISION_THRESHOLD
+    assert default(performance, "threshold") == DEFAULT_DECISION_THRESHOLD
+    assert default(summarise_scores, "threshold") == DEFAULT_DECISION_THRESHOLD
 
 
 # Entry points of their own processes, where setting the environment is the point.

@@ -53,7 +53,7 @@ from keel.monitoring.reports import (
     write_performance_report,
 )
 from keel.monitoring.retrain import RetrainDecision, should_retrain
-from keel.retrain_policy import DEFAULT_DRIFT_SHARE, RetrainPolicy
+from keel.monitoring_policy import DEFAULT_DRIFT_SHARE, RetrainPolicy
 
 __all__ = [
     "DEFAULT_DRIFT_SHARE",

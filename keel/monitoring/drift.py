@@ -29,8 +29,8 @@ from keel.monitoring.reference import (
     ProfileError,
     ReferenceProfile,
 )
+from keel.monitoring_policy import DEFAULT_DRIFT_SHARE
 from keel.reporting import markdown_table
-from keel.retrain_policy import DEFAULT_DRIFT_SHARE
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from keel.monitoring.common import _scores_array
+from keel.monitoring_policy import DEFAULT_DECISION_THRESHOLD
 from keel.reporting import markdown_table
 
 
@@ -87,7 +88,7 @@ def performance(
     scores: Sequence[float] | np.ndarray | pd.Series,
     labels: Sequence[int] | np.ndarray | pd.Series,
     *,
-    threshold: float = 0.5,
+    threshold: float = DEFAULT_DECISION_THRESHOLD,
     bins: int = 10,
 ) -> PerformanceResult:
     """AUC, precision and recall at ``threshold``, Brier score and a reliability table.

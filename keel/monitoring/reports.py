@@ -26,8 +26,8 @@ from keel.monitoring.drift import DriftResult, FeatureDrift, PredictionDrift
 from keel.monitoring.performance import PerformanceResult
 from keel.monitoring.quality import QualityResult
 from keel.monitoring.reference import ReferenceProfile
+from keel.monitoring_policy import DEFAULT_DRIFT_SHARE
 from keel.reporting import html_facts, html_table, new_figure, png_bytes
-from keel.retrain_policy import DEFAULT_DRIFT_SHARE
 
 
 def evidently_data_drift(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from keel.monitoring.drift import DriftResult
 from keel.monitoring.performance import PerformanceResult
-from keel.retrain_policy import RetrainPolicy
+from keel.monitoring_policy import RetrainPolicy
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""When a day's monitoring result calls for retraining: the policy, with the one set of defaults.
+"""What monitoring judges by: the retraining policy and the one default of each threshold.
 
 Kept apart from ``keel.monitoring`` (NumPy, pandas) so that the Dagster monitoring resource takes
-its defaults from here without importing the maths, and the sensors and the maths never disagree.
+its defaults from here without importing the maths, and the sensors, the reports and batch
+scoring never disagree.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 DEFAULT_DRIFT_SHARE = 0.5
 # The AUC on late labels below which a deployment retrains (RetrainPolicy leaves it off).
 DEFAULT_MIN_AUC = 0.6
+# Score above which an account is flagged: precision and recall, the flagged share of a day.
+DEFAULT_DECISION_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
