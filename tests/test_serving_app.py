@@ -271,7 +271,6 @@ def test_canary_errors_fall_back_to_the_champion_and_the_shadow_is_logged(fresh_
                 )
                 assert response.status_code == 200, response.text  # the client never sees a failure
                 answers[account_id] = response.json()
-            client.app.state.service.shadow.drain()
             log_dir = client.app.state.service.settings.resolved_log_dir()
     finally:
         deployments.stop()

@@ -32,6 +32,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from starlette.background import BackgroundTask
 
 from keel.schema import CATEGORICAL_FEATURES
 from keel.serving import metrics
@@ -94,8 +95,19 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
-def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type=_JSON, headers=headers)
+def _json(
+    status: int,
+    body: Any,
+    headers: dict[str, str] | None = None,
+    background: BackgroundTask | None = None,
+) -> Response:
+    return Response(
+        orjson.dumps(body),
+        status_code=status,
+        media_type=_JSON,
+        headers=headers,
+        background=background,
+    )
 
 
 def _iso_us(event_us: int | None) -> str | None:
@@ -119,7 +131,7 @@ class Service:
         self._predictions: dict[tuple[str, str], Any] = {}
 
     def close(self) -> None:
-        self.shadow.stop()
+        self.shadow.flush()
         self.log_writer.close()
 
     def _observe(self, arm: str, version: str, count: int, seconds: float) -> None:
@@ -166,16 +178,18 @@ class Service:
         seconds = latency_ms / 1000
         if scores is not None:
             self._metrics(batch, scores, seconds)
+        shadow = None
         if snapshot is not None and snapshot.shadow is not None and scores is not None:
             rows = [i for i, known in enumerate(batch.known) if known]
             if rows:
-                self.shadow.submit(ShadowJob(request_id, ts, snapshot.shadow, batch, rows))
+                shadow = self.shadow.task(ShadowJob(request_id, ts, snapshot.shadow, batch, rows))
         metrics.REQUESTS.labels(route, str(status)).inc()
         if body is not None:
             if status == 503:
                 metrics.ERRORS.labels("", "", "model" if snapshot else "not_ready").inc()
-            return _json(status, body)
-        return _json(200, {"request_id": request_id, "predictions": self._answers(batch, scores)})
+            return _json(status, body, background=shadow)
+        answers = {"request_id": request_id, "predictions": self._answers(batch, scores)}
+        return _json(200, answers, background=shadow)
 
     def _records(
         self,

@@ -146,7 +146,8 @@ def require_role(role: str):
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; roles are {ROLES}")
 
-    def dependency(request: Request, key: str | None = Depends(_api_key_header)) -> Principal:
+    # async: a plain function would run in the thread pool, a thread hop on every request.
+    async def dependency(request: Request, key: str | None = Depends(_api_key_header)) -> Principal:
         keys: KeyStore | None = request.app.state.keys
         if keys is None:
             return ANONYMOUS

@@ -17,7 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from keel.mirrors.feast_online_reader import _NOTHING, OnlineFeatureReader, _decode_column
+from keel.mirrors.feast_online_reader import (
+    _NOTHING,
+    OnlineFeatureReader,
+    _decode,
+    _decode_column,
+)
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -75,10 +80,17 @@ class ServingFeatureReader(OnlineFeatureReader):
             replies = [self._redis.hmget(keys[0] + project, fields)]
         else:
             replies = self._hmget_all(keys=[key + project for key in keys], args=fields)
-        columns = {
-            name: _decode_column([reply[position] for reply in replies], fallback)
-            for position, name in enumerate(self.stored_features)
-        }
+        if len(replies) == 1:  # one entity: numpy per column costs more than it saves
+            (reply,) = replies
+            columns = {
+                name: [_decode(reply[position], fallback)]
+                for position, name in enumerate(self.stored_features)
+            }
+        else:
+            columns = {
+                name: _decode_column([reply[position] for reply in replies], fallback)
+                for position, name in enumerate(self.stored_features)
+            }
         first_ts = len(self._redis_fields)
         event_us: list[int | None] = []
         for reply in replies:

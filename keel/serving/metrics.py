@@ -88,7 +88,7 @@ SHADOW_LATENCY = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 SHADOW_DROPPED = Counter(
-    "keel_serve_shadow_dropped", "Shadow jobs dropped because the shadow queue was full."
+    "keel_serve_shadow_dropped", "Shadow jobs dropped because too many were waiting."
 )
 # Set by the release side with keel.serving.guardrails.STATE_VALUES.
 GUARDRAIL_STATE = Gauge(

@@ -27,7 +27,7 @@ features            object: the model's feature values as served
 route               ``lookup`` (features from the online store) or ``features`` (given)
 shadow_version      null here; see below
 shadow_score        null here
-shadow_latency_ms   null here
+shadow_latency_ms   null here (then: shadow model time, the request's share of a batch)
 shadow_error        null here
 =================== ==================================================================
 

@@ -7,19 +7,21 @@ canary raises, the same rows get the champion's scores and each row records the 
 error, so the client sees no failure while the error still counts against the canary. When
 the champion raises, the request fails (`ModelUnavailable`, HTTP 503).
 
-The shadow model scores the same rows on one background thread per worker, after the
-response; its results go to the prediction log as ``shadow`` records.
+The shadow model scores the same rows after the response is sent (handed over as a
+background task of the response, scored in batches across requests); its results go to the
+prediction log as ``shadow`` records.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from starlette.background import BackgroundTask
 
 from keel.serving import metrics
 from keel.serving.cache import PredictionCache
@@ -95,18 +97,20 @@ class FastLightGBM:
 
         from keel.training import SMALL_BATCH_ROWS
 
-        count, width = len(rows), len(self.numeric)
-        every = count == len(columns[self.numeric[0]])
-        matrix = np.empty((count, width + len(self.categories)), dtype=np.float64)
-        for j, name in enumerate(self.numeric):
-            column = columns[name]
-            matrix[:, j] = np.array(column if every else [column[i] for i in rows], np.float64)
-        numbers = matrix[:, :width]
-        numbers[np.isinf(numbers)] = np.nan
-        for k, (name, codes) in enumerate(self.categories):
-            column = columns[name]
-            matrix[:, width + k] = [codes.get(column[i], 0) for i in rows]
-        threads = 1 if count <= SMALL_BATCH_ROWS else 0
+        numbers = [columns[name] for name in self.numeric]
+        categories = [(columns[name], codes) for name, codes in self.categories]
+        # One conversion for the whole matrix (None becomes NaN): cheaper than one per column.
+        matrix = np.array(
+            [
+                [column[i] for column in numbers]
+                + [codes.get(column[i], 0) for column, codes in categories]
+                for i in rows
+            ],
+            dtype=np.float64,
+        ).reshape(len(rows), len(numbers) + len(categories))
+        numeric = matrix[:, : len(numbers)]
+        numeric[np.isinf(numeric)] = np.nan
+        threads = 1 if len(rows) <= SMALL_BATCH_ROWS else 0
         raw = self.booster.predict(matrix, raw_score=True, num_threads=threads)
         return 0.5 * (1.0 + np.tanh(0.5 * (np.asarray(raw, np.float64) - self.logit_offset)))
 
@@ -263,41 +267,98 @@ class ShadowJob:
 
 
 class ShadowRunner:
-    """One background thread that scores shadow jobs and logs them; a full queue drops jobs.
+    """Scores shadow jobs after their responses are sent, in batches, and logs them.
+
+    A job is handed over as its response's background task, on the worker's event loop once
+    the client has its answer. Jobs gather until `BATCH_ROWS` rows or `MAX_WAIT_S` seconds,
+    then the shadow model scores them in one call (one LightGBM call for many requests costs
+    little more than one for a single row) and their lines go to the log in one write. Jobs
+    beyond ``max_pending`` waiting at once are dropped and counted.
 
     Args:
         log_writer: Where shadow records go.
-        max_queue: Jobs waiting before new ones are dropped (counted in the metrics).
+        max_pending: Jobs waiting before new ones are dropped.
     """
 
-    def __init__(self, log_writer: PredictionLogWriter, max_queue: int) -> None:
+    BATCH_ROWS = 64
+    MAX_WAIT_S = 0.05
+
+    def __init__(self, log_writer: PredictionLogWriter, max_pending: int) -> None:
         self.log_writer = log_writer
-        self._queue: queue.Queue[ShadowJob | None] = queue.Queue(maxsize=max_queue)
-        self._thread = threading.Thread(target=self._run, name="keel-shadow", daemon=True)
-        self._thread.start()
+        self.max_pending = max_pending
+        self.pending = 0
         self.done = 0
+        self._jobs: list[ShadowJob] = []
+        self._rows = 0
+        self._timer: asyncio.TimerHandle | None = None
 
-    def submit(self, job: ShadowJob) -> None:
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
+    def task(self, job: ShadowJob) -> BackgroundTask | None:
+        """The background task that queues ``job``; None when too many are waiting."""
+        if self.pending >= self.max_pending:
             metrics.SHADOW_DROPPED.inc()
+            return None
+        self.pending += 1
+        return BackgroundTask(self.add, job)
 
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
+    async def add(self, job: ShadowJob) -> None:
+        self._jobs.append(job)
+        self._rows += len(job.rows)
+        if self._rows >= self.BATCH_ROWS:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.MAX_WAIT_S, self.flush)
+
+    def flush(self) -> None:
+        """Score and log every waiting job now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        jobs, self._jobs, self._rows = self._jobs, [], 0
+        if not jobs:
+            return
+        try:
+            self.log_writer.write(self._score(jobs))
+        except Exception:
+            log.exception("shadow scoring of %d requests failed", len(jobs))
+        finally:
+            self.pending -= len(jobs)
+            self.done += len(jobs)
+
+    def _score(self, jobs: list[ShadowJob]) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        groups: dict[int, list[ShadowJob]] = {}
+        for job in jobs:
+            groups.setdefault(id(job.model), []).append(job)
+        for group in groups.values():
+            model = group[0].model
+            names = model.feature_names
+            merged = Batch(
+                account_ids=[j.batch.account_ids[i] for j in group for i in j.rows],
+                columns={n: [j.batch.columns[n][i] for j in group for i in j.rows] for n in names},
+                event_us=[],
+                known=[],
+            )
+            started = time.perf_counter()
             try:
-                self.log_writer.write(self._score(job))
+                scores, _ = _predict(model, merged, list(range(len(merged.account_ids))))
             except Exception:
-                log.exception("shadow job of request %s failed", job.request_id)
-            finally:
-                self.done += 1
-                self._queue.task_done()
+                # One bad request must not cost the others their shadow scores.
+                for job in group:
+                    records.extend(self._score_one(job))
+                continue
+            seconds = time.perf_counter() - started
+            metrics.SHADOW_PREDICTIONS.labels(model.version).inc(len(scores))
+            metrics.SHADOW_LATENCY.labels(model.version).observe(seconds)
+            position = 0
+            for job in group:
+                share = seconds * len(job.rows) / len(scores)
+                part = scores[position : position + len(job.rows)]
+                position += len(job.rows)
+                records.extend(_shadow_records(job, part, share, None))
+        return records
 
     @staticmethod
-    def _score(job: ShadowJob) -> list[dict[str, Any]]:
+    def _score_one(job: ShadowJob) -> list[dict[str, Any]]:
         version = job.model.version
         started = time.perf_counter()
         try:
@@ -308,30 +369,25 @@ class ShadowRunner:
         seconds = time.perf_counter() - started
         metrics.SHADOW_PREDICTIONS.labels(version).inc(len(job.rows))
         metrics.SHADOW_LATENCY.labels(version).observe(seconds)
-        latency_ms = round(seconds * 1000, 3)
-        ids = job.batch.account_ids
-        return [
-            {
-                "record": SHADOW,
-                "request_id": job.request_id,
-                "ts": job.ts,
-                "account_id": ids[i],
-                "row": i,
-                "shadow_version": version,
-                "shadow_score": score,
-                "shadow_latency_ms": latency_ms,
-                "shadow_error": error,
-            }
-            for i, score in zip(job.rows, scores, strict=True)
-        ]
+        return _shadow_records(job, scores, seconds, error)
 
-    def drain(self, timeout: float = 10.0) -> None:
-        """Wait until queued jobs are done (tests, shutdown)."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self.drain(timeout)
-        self._queue.put(None)
-        self._thread.join(timeout)
+def _shadow_records(
+    job: ShadowJob, scores: list[float | None], seconds: float, error: str | None
+) -> list[dict[str, Any]]:
+    latency_ms = round(seconds * 1000, 3)
+    ids = job.batch.account_ids
+    return [
+        {
+            "record": SHADOW,
+            "request_id": job.request_id,
+            "ts": job.ts,
+            "account_id": ids[i],
+            "row": i,
+            "shadow_version": job.model.version,
+            "shadow_score": score,
+            "shadow_latency_ms": latency_ms,
+            "shadow_error": error,
+        }
+        for i, score in zip(job.rows, scores, strict=True)
+    ]

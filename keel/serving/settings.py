@@ -49,7 +49,8 @@ class ServeSettings:
         log_dir: Prediction log folder; empty means ``$KEEL_HOME/artefacts/prediction_log``.
         cache_entries: Prediction cache size per worker; 0 turns the cache off.
         unknown_entities: Default policy for accounts without features (`UNKNOWN_POLICIES`).
-        shadow_queue: Shadow jobs waiting per worker before new ones are dropped.
+        shadow_queue: Shadow jobs waiting per worker (to run after their response) before new
+            ones are dropped.
     """
 
     feast_config: str = ""
