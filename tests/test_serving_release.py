@@ -1,25 +1,17 @@
-"""Releases of keel serve: deployments follow the registry, canary guardrails, blue-green, shadow.
+"""Releases of keel serve: deployments follow the registry, guardrails, the judge, blue-green.
 
-Fast tests run on a copy of the session's serving world registry (real MLflow, real LightGBM
-models, real audit table), so they may move aliases freely. Tests against the running app
-under load are marked slow.
+The tests run on a private copy of the session's serving world registry (real MLflow, real
+LightGBM models, real audit table), so they may move aliases freely. The running app under
+load is in test_serving_release_app.py.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
 import threading
-import time
 import uuid
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from types import SimpleNamespace
-from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -35,50 +27,24 @@ from keel.serving.deployments import (
     LoadedModel,
     Snapshot,
     entity_bucket,
-    load_registered_model,
 )
-from keel.serving.guardrails import GuardrailPolicy, evaluate_canary
+from keel.serving.guardrails import evaluate_canary
 from keel.serving.prediction_log import PredictionLogWriter
-from keel.settings import KeelPaths
+from tests import release_support
+from tests.release_support import FAST_POLICY, dagster_resources, log_frame, log_rows
 from tests.serving_support import (  # noqa: F401 (serving_world is a fixture)
     APPROVER,
     GATES,
     TRAINER,
     World,
-    keel_home_env,
     serving_world,
 )
 
-# Small bars so that a test judges after a few hundred log rows.
-FAST_POLICY = GuardrailPolicy(
-    window_minutes=10,
-    min_requests=100,
-    promote_after_requests=300,
-    promote_after_minutes=0,
-)
-
-
-@pytest.fixture
-def world(request: pytest.FixtureRequest) -> World:
-    """The session's serving world (registered champion and challenger); aliases never move."""
-    return request.getfixturevalue("serving_world")
-
-
-@pytest.fixture
-def registry_copy(world: World, tmp_path: Path) -> RegistryConfig:
-    """A private copy of the world's registry database (the model artefacts stay shared)."""
-    home = KeelPaths(tmp_path / "release-home").ensure()
-    for path in world.home.mlflow.iterdir():  # the database and the audit key
-        if path.is_file() and not path.name.endswith(".lock"):
-            shutil.copy2(path, home.mlflow / path.name)
-    return RegistryConfig.local(home)
-
-
-@pytest.fixture
-def registry(registry_copy: RegistryConfig):
-    opened = ModelRegistry(registry_copy)
-    yield opened
-    opened.close()
+# Fixtures shared with the app tests.
+world = release_support.world
+registry_copy = release_support.registry_copy
+registry = release_support.registry
+webhook = release_support.webhook
 
 
 def _model(version: str, arm: str = CANARY) -> LoadedModel:
@@ -252,7 +218,7 @@ def test_blue_green_switch_from_the_cli_is_instant_and_the_job_switches_back(
                 }
             }
         },
-        resources=_dagster_resources(registry_copy, tmp_path),
+        resources=dagster_resources(registry_copy, tmp_path),
     )
     assert run.success
     deployments.refresh()
@@ -280,76 +246,34 @@ def _feature_frame(names: tuple[str, ...], rows: int) -> pd.DataFrame:
     return warm_frame(names, rows)
 
 
-def _log_rows(
-    arm: str,
-    version: str,
-    count: int,
-    *,
-    start: datetime,
-    error_share: float = 0.0,
-    latency_ms: float = 4.0,
-    seed: int = 0,
-) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for n in range(count):
-        failed = n < round(count * error_share)
-        rows.append(
-            {
-                "record": "prediction",
-                "request_id": uuid.uuid4().hex,
-                "ts": (start + timedelta(milliseconds=10 * n)).isoformat(),
-                "account_id": int(rng.integers(1, 10_000)),
-                "row": 0,
-                "arm": arm,
-                "model_version": version,
-                "score": float(rng.beta(2, 8)),
-                "latency_ms": float(latency_ms * rng.uniform(0.8, 1.2)),
-                "error": f"{arm}: RuntimeError: boom" if failed else None,
-                "fallback_version": "1" if failed else None,
-                "cache_hit": False,
-                "feature_event_time": None,
-                "features": {},
-                "route": "lookup",
-            }
-        )
-    return rows
-
-
-def _frame(rows: list[dict]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows)
-    frame["ts"] = pd.to_datetime(frame["ts"], utc=True)
-    return frame
-
-
 def test_guardrails_flag_errors_latency_and_score_shift_and_pass_a_healthy_canary() -> None:
     start = datetime.now(UTC) - timedelta(minutes=5)
     now = datetime.now(UTC)
-    champion = _log_rows("champion", "1", 900, start=start, seed=1)
+    champion = log_rows("champion", "1", 900, start=start, seed=1)
 
     def verdict(canary_rows):
-        return evaluate_canary(_frame(champion + canary_rows), "2", "1", start, FAST_POLICY, now)
+        return evaluate_canary(log_frame(champion + canary_rows), "2", "1", start, FAST_POLICY, now)
 
-    healthy = verdict(_log_rows(CANARY, "2", 400, start=start, seed=2))
+    healthy = verdict(log_rows(CANARY, "2", 400, start=start, seed=2))
     assert healthy.state == guardrails.PROMOTE and not healthy.breaches
-    erroring = verdict(_log_rows(CANARY, "2", 400, start=start, error_share=0.2, seed=2))
+    erroring = verdict(log_rows(CANARY, "2", 400, start=start, error_share=0.2, seed=2))
     assert [c.name for c in erroring.breaches] == ["error_rate"]
     assert erroring.breaches[0].canary == pytest.approx(0.2)
-    slow = verdict(_log_rows(CANARY, "2", 400, start=start, latency_ms=20.0, seed=2))
+    slow = verdict(log_rows(CANARY, "2", 400, start=start, latency_ms=20.0, seed=2))
     assert [c.name for c in slow.breaches] == ["p99_latency_ms"]
-    shifted = _log_rows(CANARY, "2", 400, start=start, seed=2)
+    shifted = log_rows(CANARY, "2", 400, start=start, seed=2)
     for row in shifted:
         row["score"] = min(1.0, row["score"] + 0.3)
     assert [c.name for c in verdict(shifted).breaches] == ["score_psi"]
-    few = verdict(_log_rows(CANARY, "2", 50, start=start, error_share=0.5, seed=2))
+    few = verdict(log_rows(CANARY, "2", 50, start=start, error_share=0.5, seed=2))
     assert few.state == guardrails.COLLECTING and not few.breaches
 
 
 def test_auc_guardrail_judges_once_labels_arrive() -> None:
     start = datetime.now(UTC) - timedelta(minutes=5)
     rng = np.random.default_rng(7)
-    champion = _log_rows("champion", "1", 600, start=start, seed=1)
-    canary = _log_rows(CANARY, "2", 600, start=start, seed=2)
+    champion = log_rows("champion", "1", 600, start=start, seed=1)
+    canary = log_rows(CANARY, "2", 600, start=start, seed=2)
     labels = []
     for row in champion + canary:
         label = int(rng.random() < 0.3)
@@ -357,7 +281,7 @@ def test_auc_guardrail_judges_once_labels_arrive() -> None:
         # The champion ranks well; the canary's scores are noise.
         if row["arm"] == "champion":
             row["score"] = float(np.clip(0.3 + 0.4 * label + rng.normal(0, 0.15), 0, 1))
-    frame = _frame(champion + canary)
+    frame = log_frame(champion + canary)
     without = evaluate_canary(frame, "2", "1", start, FAST_POLICY, datetime.now(UTC))
     assert next(c for c in without.checks if c.name == "auc").passed is None
     labelled = pd.DataFrame(labels).drop_duplicates("account_id")
@@ -369,30 +293,6 @@ def test_auc_guardrail_judges_once_labels_arrive() -> None:
 # -- the judge: rollback with evidence and an alert, promotion, idempotence --------------------
 
 
-class _Webhook(BaseHTTPRequestHandler):
-    received: ClassVar[list[dict]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).received.append(json.loads(body))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args) -> None:
-        return None
-
-
-@pytest.fixture
-def webhook():
-    server = HTTPServer(("127.0.0.1", 0), _Webhook)
-    _Webhook.received = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/alert", _Webhook.received
-    server.shutdown()
-    server.server_close()
-
-
 def test_a_breached_canary_is_rolled_back_once_with_evidence_and_an_alert(
     registry: ModelRegistry, registry_copy: RegistryConfig, world: World, tmp_path, webhook
 ) -> None:
@@ -401,8 +301,8 @@ def test_a_breached_canary_is_rolled_back_once_with_evidence_and_an_alert(
     release.start_canary(registry, challenger, "ops", share=0.3, policy=FAST_POLICY)
     start = datetime.fromisoformat(release.release_state(registry).canary_started_at)
     writer = PredictionLogWriter(tmp_path / "log")
-    writer.write(_log_rows("champion", champion, 400, start=start, seed=1))
-    writer.write(_log_rows(CANARY, challenger, 200, start=start, error_share=0.2, seed=2))
+    writer.write(log_rows("champion", champion, 400, start=start, seed=1))
+    writer.write(log_rows(CANARY, challenger, 200, start=start, error_share=0.2, seed=2))
     writer.close()
     # The supervisor's watcher and the Dagster sensor judge at the same moment.
     registries = [ModelRegistry(registry_copy) for _ in range(2)]
@@ -449,13 +349,13 @@ def test_a_canary_that_holds_is_promoted_under_the_approval_policy(
     release.start_canary(registry, challenger, "ops", share=0.3, policy=FAST_POLICY)
     start = datetime.fromisoformat(release.release_state(registry).canary_started_at)
     writer = PredictionLogWriter(tmp_path / "log")
-    writer.write(_log_rows("champion", champion, 200, start=start, seed=1))
-    writer.write(_log_rows(CANARY, challenger, 150, start=start, seed=2))
+    writer.write(log_rows("champion", champion, 200, start=start, seed=1))
+    writer.write(log_rows(CANARY, challenger, 150, start=start, seed=2))
     writer.close()
     # Not yet enough canary requests for promotion: it keeps running.
     assert release.evaluate_release(registry, tmp_path / "log").action == "healthy"
     writer = PredictionLogWriter(tmp_path / "log")
-    writer.write(_log_rows(CANARY, challenger, 200, start=start, seed=3))
+    writer.write(log_rows(CANARY, challenger, 200, start=start, seed=3))
     writer.close()
     outcome = release.evaluate_release(registry, tmp_path / "log")
     assert outcome.action == "promoted"
@@ -469,370 +369,7 @@ def test_a_canary_that_holds_is_promoted_under_the_approval_policy(
     assert records[0].details["canary_rows_since_start"] == 350
 
 
-# -- the running app: admin routes, hot swap, faulty canaries, registry outage -----------------
-
-
-class FaultyModel:
-    """A real model with injected faults: every ``fail_every``-th call raises, or a delay."""
-
-    def __init__(self, model, fail_every: int = 0, delay_s: float = 0.0) -> None:
-        self.model = model
-        self.family = model.family
-        self.fail_every = fail_every
-        self.delay_s = delay_s
-        self.calls = 0
-        self._lock = threading.Lock()
-
-    @property
-    def feature_names(self) -> tuple[str, ...]:
-        return self.model.feature_names
-
-    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
-        with self._lock:
-            self.calls += 1
-            calls = self.calls
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        # The two warm-up calls pass, so the version loads and then fails under traffic.
-        if self.fail_every and calls > 2 and calls % self.fail_every == 0:
-            raise RuntimeError("injected fault")
-        return self.model.predict_proba(frame)
-
-
-def _loader(config: RegistryConfig, faults: dict[str, dict]):
-    def load(version: str):
-        return FaultyModel(load_registered_model(config, version), **faults.get(version, {}))
-
-    return load
-
-
-@contextmanager
-def running_app(world: World, config: RegistryConfig, tmp_path: Path, **faults):
-    """The real app under uvicorn on a free 127.0.0.1 port, with its deployments started."""
-    import uvicorn
-
-    from keel.serving.app import create_app
-    from keel.serving.auth import KeyStore
-
-    settings = world.serve_settings(
-        registry={
-            "tracking_uri": config.tracking_uri,
-            "registry_uri": config.registry_uri,
-            "lock_file": config.lock_file,
-        },
-        keys_file=str(tmp_path / "keys.db"),
-        log_dir=str(tmp_path / "log"),
-        cache_entries=0,
-        poll_seconds=0.2,
-    )
-    keys = KeyStore(settings.resolved_keys_file())
-    deploy_key = keys.add("release-manager", ["deploy"])
-    predict_key = keys.add("client", ["predict"])
-    deployments = Deployments(config, poll_seconds=0.2, load_model=_loader(config, faults))
-    deployments.start(wait_s=120)
-    assert deployments.ready, deployments.last_error
-    app = create_app(settings, deployments=deployments)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    # Feast finds the world's stores through KEEL_HOME while the app starts and runs.
-    home = keel_home_env(world.home)
-    home.__enter__()
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        assert server.started, "the app did not start"
-        yield SimpleNamespace(
-            url=f"http://127.0.0.1:{sock.getsockname()[1]}",
-            deployments=deployments,
-            deploy_key=deploy_key,
-            predict_key=predict_key,
-            log_dir=tmp_path / "log",
-        )
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        deployments.stop()
-        sock.close()
-        home.__exit__(None, None, None)
-
-
-class Load:
-    """Clients sending one-account predictions from threads; bounded in count and time."""
-
-    def __init__(self, service, accounts: list[int], threads: int = 4) -> None:
-        self.service, self.accounts, self.threads = service, accounts, threads
-        self.ok = self.failed = 0
-        self.versions: set[str] = set()
-        self.stop = threading.Event()
-        self._lock = threading.Lock()
-        self._workers: list[threading.Thread] = []
-
-    def _run(self, seed: int, max_requests: int, deadline: float) -> None:
-        import httpx
-
-        rng = np.random.default_rng(seed)
-        headers = {"X-API-Key": self.service.predict_key}
-        with httpx.Client(base_url=self.service.url, headers=headers, timeout=30) as client:
-            for _ in range(max_requests):
-                if self.stop.is_set() or time.monotonic() > deadline:
-                    return
-                account = int(rng.choice(self.accounts))
-                try:
-                    response = client.post("/v1/predict", json={"account_ids": [account]})
-                    good = response.status_code == 200
-                    version = response.json()["predictions"][0]["model_version"] if good else ""
-                except httpx.HTTPError:
-                    good, version = False, ""
-                with self._lock:
-                    self.ok += good
-                    self.failed += not good
-                    self.versions.add(version)
-
-    def start(self, max_requests: int, max_seconds: float) -> Load:
-        deadline = time.monotonic() + max_seconds
-        per_thread = max_requests // self.threads
-        self._workers = [
-            threading.Thread(target=self._run, args=(n, per_thread, deadline), daemon=True)
-            for n in range(self.threads)
-        ]
-        for worker in self._workers:
-            worker.start()
-        return self
-
-    def join(self) -> Load:
-        self.stop.set()
-        for worker in self._workers:
-            worker.join(timeout=60)
-        return self
-
-
-def _wait_for(condition, timeout_s: float) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, "timed out"
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
-def test_admin_routes_need_the_deploy_role_and_record_the_key_owner(
-    registry: ModelRegistry, registry_copy: RegistryConfig, world: World, tmp_path: Path
-) -> None:
-    import httpx
-
-    with (
-        running_app(world, registry_copy, tmp_path) as service,
-        httpx.Client(base_url=service.url, timeout=30) as client,
-    ):
-        body = {"version": world.challenger, "share": 0.2, "min_requests": 50}
-        assert client.post("/v1/admin/canary", json=body).status_code == 401
-        as_client = {"X-API-Key": service.predict_key}
-        assert client.post("/v1/admin/canary", json=body, headers=as_client).status_code == 403
-        deployer = {"X-API-Key": service.deploy_key}
-        bad = client.post("/v1/admin/canary", json={**body, "share": 1.5}, headers=deployer)
-        assert bad.status_code == 422
-        started = client.post("/v1/admin/canary", json=body, headers=deployer)
-        assert started.status_code == 200, started.text
-        answer = started.json()
-        assert answer["serving"] == {CHAMPION: world.champion, CANARY: world.challenger}
-        assert answer["audit_record"]["actor"] == "release-manager"
-        assert answer["registry"]["canary_policy"]["min_requests"] == 50
-        again = client.post("/v1/admin/slots/green", json={"version": "999"}, headers=deployer)
-        assert again.status_code == 409 and "999" in again.json()["detail"]
-        client.request(
-            "DELETE", "/v1/admin/canary", json={"reason": "done"}, headers=deployer
-        ).raise_for_status()
-        assert client.post(
-            "/v1/admin/slots/green", json={"version": world.challenger}, headers=deployer
-        ).is_success
-        switched = client.post("/v1/admin/switch", json={}, headers=deployer).json()
-        assert switched["serving"] == {CHAMPION: world.challenger}
-        back = client.post("/v1/admin/switch", json={"reason": "back"}, headers=deployer)
-        assert back.json()["serving"] == {CHAMPION: world.champion}
-    actors = {r.actor for r in registry.audit_records(limit=6)}
-    assert actors == {"release-manager"}
-
-
-@pytest.mark.slow
-def test_hot_swap_under_load_fails_no_request(
-    registry: ModelRegistry, registry_copy: RegistryConfig, world: World, tmp_path: Path
-) -> None:
-    with running_app(world, registry_copy, tmp_path) as service:
-        load = Load(service, world.account_ids).start(max_requests=4_000, max_seconds=60)
-        _wait_for(lambda: load.ok >= 200, 60)
-        registry.promote(world.challenger, "ops", "hot swap under load")
-        swap = _wait_for(
-            lambda: service.deployments.current.champion.version == world.challenger, 30
-        )
-        done = load.ok + 200
-        _wait_for(lambda: load.ok >= done, 60)
-        load.join()
-    print(f"hot swap: {load.ok} ok, {load.failed} failed, swapped after {swap:.2f} s")
-    assert load.failed == 0
-    assert load.versions == {world.champion, world.challenger}
-
-
-def _canary_fault_run(registry, config, world, tmp_path, fault: dict, policy: GuardrailPolicy):
-    """A canary with ``fault`` under load, judged by the supervisor's watcher; the numbers."""
-    release.start_canary(registry, world.challenger, "ops", share=0.3, policy=policy)
-    started = time.monotonic()
-    with running_app(world, config, tmp_path, **{world.challenger: fault}) as service:
-        watcher = release.ReleaseWatcher(config, service.log_dir, interval_s=0.5).start()
-        load = Load(service, world.account_ids).start(max_requests=20_000, max_seconds=240)
-        try:
-            _wait_for(lambda: release.release_state(registry).canary is None, 240)
-            rolled_back_after = time.monotonic() - started
-            _wait_for(lambda: service.deployments.current.canary is None, 10)
-        finally:
-            load.join()
-            watcher.stop()
-    rollback = registry.audit_records(limit=1)[-1]
-    return load, rolled_back_after, rollback
-
-
-@pytest.mark.slow
-def test_a_canary_failing_one_request_in_five_is_rolled_back_and_clients_see_no_error(
-    registry: ModelRegistry, registry_copy: RegistryConfig, world: World, tmp_path: Path
-) -> None:
-    policy = GuardrailPolicy(
-        window_minutes=2, min_requests=100, max_psi=50.0, promote_after_requests=100_000
-    )
-    load, after, rollback = _canary_fault_run(
-        registry, registry_copy, world, tmp_path, {"fail_every": 5}, policy
-    )
-    print(f"erroring canary: {load.ok} ok, {load.failed} failed, rolled back after {after:.1f} s")
-    assert load.failed == 0
-    assert after < policy.window_minutes * 60
-    assert rollback.action == "canary_rollback" and rollback.actor == release.WATCHER
-    error_check = next(c for c in rollback.details["checks"] if c["name"] == "error_rate")
-    assert error_check["passed"] is False and error_check["canary"] == pytest.approx(0.2, abs=0.05)
-
-
-@pytest.mark.slow
-def test_a_canary_five_times_slower_is_rolled_back(
-    registry: ModelRegistry, registry_copy: RegistryConfig, world: World, tmp_path: Path
-) -> None:
-    # The champion's median request latency under the same load sets the canary's handicap:
-    # its requests take five times as long.
-    with running_app(world, registry_copy, tmp_path / "probe") as service:
-        probe = Load(service, world.account_ids).start(400, 60)
-        _wait_for(lambda: probe.ok + probe.failed >= 400, 90)
-        probe.join()
-        from keel.serving.prediction_log import read_prediction_log
-
-        champion_ms = float(read_prediction_log(service.log_dir)["latency_ms"].median())
-    # Two different models differ in scores; this test is about speed alone.
-    policy = GuardrailPolicy(
-        window_minutes=2, min_requests=100, max_psi=50.0, promote_after_requests=100_000
-    )
-    fault = {"delay_s": 4 * champion_ms / 1000}
-    load, after, rollback = _canary_fault_run(
-        registry, registry_copy, world, tmp_path, fault, policy
-    )
-    latency = next(c for c in rollback.details["checks"] if c["name"] == "p99_latency_ms")
-    print(
-        f"slow canary: champion median {champion_ms:.1f} ms, canary p99 {latency['canary']:.1f} ms"
-        f" vs {latency['champion']:.1f} ms; {load.ok} ok, {load.failed} failed, "
-        f"rolled back after {after:.1f} s"
-    )
-    assert load.failed == 0 and latency["passed"] is False
-    assert after < policy.window_minutes * 60
-
-
-@pytest.mark.slow
-def test_registry_down_keeps_the_last_good_model_serving(
-    registry: ModelRegistry,
-    registry_copy: RegistryConfig,
-    world: World,
-    tmp_path: Path,
-    venv_bin: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The registry behind a real MLflow tracking server that is then stopped.
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = subprocess.Popen(
-        [
-            str(venv_bin / "mlflow"),
-            "server",
-            *("--backend-store-uri", registry_copy.tracking_uri),
-            *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_for(lambda: _answers(url), 120)
-        remote = RegistryConfig(
-            tracking_uri=url,
-            registry_uri=url,
-            lock_file=registry_copy.lock_file,
-            audit_uri=registry_copy.tracking_uri,
-            audit_key_file=str(Path(registry_copy.lock_file).with_name("registry-audit.key")),
-        )
-        with running_app(world, remote, tmp_path) as service:
-            load = Load(service, world.account_ids).start(max_requests=3_000, max_seconds=90)
-            _wait_for(lambda: load.ok >= 100, 60)
-            server.terminate()
-            server.wait(timeout=30)
-            polls = service.deployments.polls
-            _wait_for(lambda: service.deployments.polls >= polls + 5, 60)
-            served_while_down = load.ok
-            _wait_for(lambda: load.ok >= served_while_down + 300, 60)
-            load.join()
-            assert "registry unreachable" in service.deployments.last_error
-            assert service.deployments.current.champion.version == world.champion
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(timeout=30)
-    print(f"registry down: {load.ok} ok, {load.failed} failed")
-    assert load.failed == 0
-
-
-def _answers(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 # -- Dagster: the canary asset and sensor, the daily live-traffic assets -----------------------
-
-
-def _dagster_resources(config: RegistryConfig, root: Path, webhook_url: str = "") -> dict:
-    from orchestration.resources import (
-        ArtefactStore,
-        FeatureStoreResource,
-        MlflowResource,
-        ModelGovernance,
-        MonitoringResource,
-    )
-
-    return {
-        "mlflow": MlflowResource(
-            tracking_uri=config.tracking_uri,
-            registry_uri=config.registry_uri,
-            artifact_location=str(root / "mlruns"),
-            lock_file=config.lock_file,
-        ),
-        "governance": ModelGovernance(auto_approve=True),
-        "artefacts": ArtefactStore(root=str(root / "artefacts")),
-        "monitoring": MonitoringResource(webhook_url=webhook_url),
-        "feature_store": FeatureStoreResource(
-            repo_path=str(root), config_file="feature_store.yaml", marts=str(root / "marts")
-        ),
-    }
 
 
 def test_dagster_canary_asset_and_sensor_roll_back_a_breached_canary(
@@ -844,7 +381,7 @@ def test_dagster_canary_asset_and_sensor_roll_back_a_breached_canary(
     from orchestration.release_sensors import SENSOR_ACTOR, canary_sensor
 
     url, received = webhook
-    resources = _dagster_resources(registry_copy, tmp_path, url)
+    resources = dagster_resources(registry_copy, tmp_path, url)
     # The registered challenger is the registry's `challenger` alias.
     registry.client.set_registered_model_alias(registry.name, "challenger", world.challenger)
     with dg.DagsterInstance.ephemeral() as instance:
@@ -860,8 +397,8 @@ def test_dagster_canary_asset_and_sensor_roll_back_a_breached_canary(
 
         writer = PredictionLogWriter(tmp_path / "artefacts" / "prediction_log")
         start = datetime.fromisoformat(state.canary_started_at)
-        writer.write(_log_rows("champion", world.champion, 300, start=start, seed=1))
-        writer.write(_log_rows(CANARY, world.challenger, 150, start=start, error_share=0.2))
+        writer.write(log_rows("champion", world.champion, 300, start=start, seed=1))
+        writer.write(log_rows(CANARY, world.challenger, 150, start=start, error_share=0.2))
         writer.close()
         with dg.build_sensor_context(instance=instance, resources=resources) as context:
             outcome = canary_sensor(context)
@@ -882,7 +419,7 @@ def test_daily_live_traffic_assets_report_the_shadow(tmp_path: Path) -> None:
 
     day = "2026-01-02"
     start = datetime.fromisoformat(f"{day}T10:00:00+00:00")
-    rows = _log_rows("champion", "1", 400, start=start, seed=4)
+    rows = log_rows("champion", "1", 400, start=start, seed=4)
     rng = np.random.default_rng(5)
     shadows = []
     for row in rows:
@@ -902,7 +439,7 @@ def test_daily_live_traffic_assets_report_the_shadow(tmp_path: Path) -> None:
     writer = PredictionLogWriter(folder)
     writer.write(rows)
     writer.write(shadows)
-    writer.write(_log_rows("champion", "1", 5, start=start - timedelta(days=1)))  # another day
+    writer.write(log_rows("champion", "1", 5, start=start - timedelta(days=1)))  # another day
     writer.close()
     # As a worker that started that morning would have named it.
     written = next(folder.glob("predictions-*.jsonl"))
@@ -917,7 +454,7 @@ def test_daily_live_traffic_assets_report_the_shadow(tmp_path: Path) -> None:
         }
     ).drop_duplicates("account_id")
     labels.to_parquet(marts / "2026-02-01.parquet")
-    resources = _dagster_resources(RegistryConfig("sqlite://", "sqlite://"), tmp_path)
+    resources = dagster_resources(RegistryConfig("sqlite://", "sqlite://"), tmp_path)
     resources["feature_store"] = resources["feature_store"].model_copy(
         update={"marts": str(tmp_path / "marts")}
     )
@@ -943,69 +480,3 @@ def test_daily_live_traffic_assets_report_the_shadow(tmp_path: Path) -> None:
     assert comparison["shadow_auc"] == pytest.approx(roc_auc_score(truth, shadow))
     assert comparison["shadow_auc"] < comparison["served_auc"]
     assert report["gate"].value.startswith("passed")
-
-
-@pytest.mark.slow
-def test_release_demo_rolls_back_the_broken_canary_and_promotes_the_good_one(
-    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from keel.serving.demo import run_release_demo
-
-    home = tmp_path / "demo-home"
-    shutil.copytree(world.home.home, home, ignore=shutil.ignore_patterns("*.lock"))
-    monkeypatch.setenv("KEEL_HOME", str(home))
-    monkeypatch.setenv("KEEL_PROFILE", "local")
-    monkeypatch.setenv("KEEL_SERVE_FEAST_OVERRIDES", json.dumps(world.feast_overrides))
-    paths = KeelPaths(home)
-    with ModelRegistry(RegistryConfig.local(paths)) as registry:
-        registry.promote(world.challenger, "ops", "the loop retrained")
-    lines: list[str] = []
-    records = run_release_demo(paths, echo=lines.append)
-    assert [r.action for r in records] == [
-        "canary_start",
-        "canary_rollback",
-        "canary_start",
-        "canary_pass",
-        "promote",
-        "slot_set",
-        "switch",
-        "promote",
-    ]
-    assert all(", 0 failed;" in line for line in lines if "requests answered" in line)
-    with ModelRegistry(RegistryConfig.local(paths)) as registry:
-        assert registry.champion() == world.challenger
-
-
-@pytest.mark.slow
-def test_drift_report_runs_on_live_traffic(
-    registry: ModelRegistry, registry_copy: RegistryConfig, world: World, tmp_path: Path
-) -> None:
-    import dagster as dg
-
-    from assets.serving import online_drift_report, online_predictions
-
-    day = "2026-01-02"
-    source = registry.lineage(world.champion)["training_set"]["path"]
-    frame = pd.read_parquet(source).head(400).reset_index(drop=True)
-    frame["utilisation"] = frame["utilisation"] + 2.0  # live traffic drifted on two features
-    frame["balance"] = frame["balance"] * 5.0
-    start = datetime.fromisoformat(f"{day}T10:00:00+00:00")
-    rows = _log_rows("champion", world.champion, len(frame), start=start, seed=3)
-    for row, (_, features) in zip(rows, frame.iterrows(), strict=True):
-        row["features"] = {name: features[name] for name in schema.MODEL_FEATURES}
-    folder = tmp_path / "artefacts" / "prediction_log"
-    writer = PredictionLogWriter(folder)
-    writer.write(rows)
-    writer.close()
-    next(folder.glob("predictions-*.jsonl")).rename(
-        folder / "predictions-20260102T000000-1-1.jsonl"
-    )
-    resources = _dagster_resources(registry_copy, tmp_path)
-    result = dg.materialize(
-        [online_predictions, online_drift_report], resources=resources, partition_key=day
-    )
-    metadata = result.asset_materializations_for_node("online_drift_report")[0].metadata
-    drifted = set(metadata["drifted_features"].value)
-    assert {"utilisation", "balance"} <= drifted and "spend_7d" not in drifted
-    assert metadata["rows"].value == 400
-    assert metadata["champion_version"].value == world.champion
