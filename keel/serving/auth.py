@@ -148,21 +148,26 @@ def require_role(role: str):
 
     # async: a plain function would run in the thread pool, a thread hop on every request.
     async def dependency(request: Request, key: str | None = Depends(_api_key_header)) -> Principal:
-        keys: KeyStore | None = request.app.state.keys
-        if keys is None:
-            return ANONYMOUS
-        principal = keys.check(key) if key else None
-        if principal is None:
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                detail=f"a valid API key is required in the {HEADER} header",
-                headers={"WWW-Authenticate": HEADER},
-            )
-        if not principal.allows(role):
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN,
-                detail=f"the key of {principal.owner} lacks the {role!r} role",
-            )
-        return principal
+        return authorize(request, role, key)
 
     return dependency
+
+
+def authorize(request: Request, role: str, key: str | None) -> Principal:
+    """The caller's `Principal` for ``key`` if it carries ``role``; else HTTP 401 or 403."""
+    keys: KeyStore | None = request.app.state.keys
+    if keys is None:
+        return ANONYMOUS
+    principal = keys.check(key) if key else None
+    if principal is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            detail=f"a valid API key is required in the {HEADER} header",
+            headers={"WWW-Authenticate": HEADER},
+        )
+    if not principal.allows(role):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail=f"the key of {principal.owner} lacks the {role!r} role",
+        )
+    return principal
