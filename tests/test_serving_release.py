@@ -160,7 +160,7 @@ def test_a_version_that_fails_to_load_never_takes_traffic(
 
 
 def test_an_unapproved_version_cannot_take_canary_traffic(
-    registry: ModelRegistry, world: World
+    registry: ModelRegistry, registry_copy: RegistryConfig, world: World, tmp_path: Path
 ) -> None:
     version = registry.client.create_model_version(
         registry.name, registry.client.get_model_version_download_uri(registry.name, "2")
@@ -168,6 +168,13 @@ def test_an_unapproved_version_cannot_take_canary_traffic(
     with pytest.raises(ApprovalError, match="only once approved"):
         release.start_canary(registry, str(version), "ops", share=0.1)
     assert release.release_state(registry).canary is None
+    # Aliases moved by hand in MLflow: the audit log holds no approval, so it serves nothing.
+    registry.client.set_registered_model_alias(registry.name, CANARY, str(version))
+    registry.client.set_registered_model_tag(registry.name, "keel.canary_share", "0.5")
+    deployments = Deployments(registry_copy, poll_seconds=0.2)
+    assert deployments.refresh() and deployments.current.canary is None
+    assert "not approved" in deployments.failed_versions()[str(version)]
+    assert release.evaluate_release(registry, tmp_path / "log").action == "unmanaged"
 
 
 def test_blue_green_switch_from_the_cli_is_instant_and_the_job_switches_back(

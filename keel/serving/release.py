@@ -75,7 +75,7 @@ class ReleaseState:
 class ReleaseOutcome:
     """What one evaluation of the release did."""
 
-    action: str  # none, collecting, healthy, rolled_back, promoted, already_handled
+    action: str  # none, unmanaged, collecting, healthy, rolled_back, promoted, already_handled
     verdict: Verdict | None
     record: AuditRecord | None = None
 
@@ -342,6 +342,10 @@ def evaluate_release(
     state = release_state(registry)
     if state.canary is None or state.champion is None:
         return ReleaseOutcome("none", None)
+    if not state.canary_started_at:
+        # An alias moved by hand carries no start time or policy: nothing to judge it by.
+        log.warning("canary v%s was not started by keel release; not judged", state.canary)
+        return ReleaseOutcome("unmanaged", None)
     started = datetime.fromisoformat(state.canary_started_at)
     policy = state.canary_policy or GuardrailPolicy()
     frame = read_prediction_log(log_dir, since=started)
