@@ -476,3 +476,26 @@ def test_log_reader_filters_by_time_joins_shadows_and_skips_a_torn_line(tmp_path
     }
     assert str(frame["ts"].dt.tz) == "UTC" and list(frame.columns) == list(COLUMNS)
     assert read_prediction_log(tmp_path / "missing").empty
+
+
+def test_keys_cli_prints_a_key_once_lists_and_revokes_it(keel_home):
+    from click.testing import CliRunner
+
+    from keel.cli import cli
+    from keel.serving.settings import default_keys_file
+
+    runner = CliRunner()
+    added = runner.invoke(cli, ["serve", "keys", "add", "--owner", "dana", "--role", "deploy"])
+    assert added.exit_code == 0, added.output
+    key = added.output.strip()
+    assert key.startswith("keel_") and key.encode() not in default_keys_file().read_bytes()
+    principal = KeyStore(default_keys_file()).check(key)
+    assert principal.owner == "dana" and principal.roles == frozenset({"deploy"})
+    listed = runner.invoke(cli, ["serve", "keys", "list"]).output
+    key_id = key.split("_")[1]
+    assert key_id in listed and "dana" in listed and "active" in listed and key not in listed
+    assert runner.invoke(cli, ["serve", "keys", "revoke", key_id]).exit_code == 0
+    assert KeyStore(default_keys_file()).check(key) is None
+    assert runner.invoke(cli, ["serve", "keys", "revoke", key_id]).exit_code == 1
+    wrong = runner.invoke(cli, ["serve", "keys", "add", "--owner", "x", "--role", "root"])
+    assert wrong.exit_code == 2 and "root" in wrong.output
