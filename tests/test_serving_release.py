@@ -175,6 +175,11 @@ def test_an_unapproved_version_cannot_take_canary_traffic(
     assert deployments.refresh() and deployments.current.canary is None
     assert "not approved" in deployments.failed_versions()[str(version)]
     assert release.evaluate_release(registry, tmp_path / "log").action == "unmanaged"
+    # Even an approved version is not followed as champion when the alias moved by hand.
+    registry.client.set_registered_model_alias(registry.name, CHAMPION, world.challenger)
+    assert deployments.refresh()
+    assert deployments.current.champion.version == world.champion
+    assert "moved outside Keel" in deployments.last_error
 
 
 def test_blue_green_switch_from_the_cli_is_instant_and_the_job_switches_back(

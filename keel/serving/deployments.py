@@ -289,6 +289,19 @@ class Deployments:
                 return str(error)
         return ""
 
+    def _champion_moved_outside_keel(self, version: str) -> str:
+        """Why the champion alias may not be followed (the audit log put it elsewhere), or empty."""
+        from keel.registry import ModelRegistry
+
+        with ModelRegistry(self.config) as registry:
+            audited = registry.audited_champion()
+        if audited == version:
+            return ""
+        return (
+            f"the {CHAMPION} alias points at version {version}, but the audit log made version "
+            f"{audited or 'none'} the champion: the alias was moved outside Keel"
+        )
+
     def _model(self, version: str | None, needs_approval: bool) -> LoadedModel | None:
         """The loaded model of ``version``, loading it now if needed; None if it cannot serve."""
         if not version:
@@ -338,10 +351,19 @@ class Deployments:
     def _build(self, view: RegistryView) -> Snapshot | None:
         aliases = view.aliases
         previous = self._snapshot
-        champion = self._model(aliases.get(CHAMPION), needs_approval=True)
+        champion_version = aliases.get(CHAMPION)
+        champion = None
+        # Checked when the alias moves: a champion alias moved by hand is not followed.
+        moved = previous is None or champion_version != previous.champion.version
+        refusal = self._champion_moved_outside_keel(champion_version) if moved else ""
+        if refusal:
+            self.last_error = refusal
+            log.error("%s; it takes no traffic", refusal)
+        else:
+            champion = self._model(champion_version, needs_approval=True)
         if champion is None:
             if previous is None:
-                self.last_error = self._why_no_champion(aliases)
+                self.last_error = refusal or self._why_no_champion(aliases)
                 return None
             champion = previous.champion  # the new champion cannot serve: keep the old one
         canary_version = aliases.get(CANARY)
