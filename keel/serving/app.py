@@ -19,6 +19,7 @@ write their lines to the prediction log.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -119,6 +120,7 @@ def _json(
     )
 
 
+@functools.lru_cache(maxsize=4096)  # a day's features share a handful of event times
 def _iso_us(event_us: int | None) -> str | None:
     if event_us is None:
         return None
