@@ -59,7 +59,7 @@ def test_no_module_passes_the_line_limit():
         for path in python_files(*PACKAGES)
         if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES
     }
-    assert not too_long, f"modules over {MAX_MODULE_LINES} lines: {too_long}"
+    assert not too_long, f"split these along their sections (limit {MAX_MODULE_LINES}): {too_long}"
 
 
 def test_keel_modules_import_each_other_without_a_cycle():
@@ -264,7 +264,10 @@ def test_no_pipeline_code_changes_the_process_environment():
                 ) or function in {"os.putenv", "os.unsetenv"}
             if mutated:
                 writes.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
-    assert not writes, writes
+    assert not writes, (
+        f"set the environment only in entry points ({sorted(ENVIRONMENT_OWNERS)}); pass "
+        f"settings to the code that needs them instead: {writes}"
+    )
 
 
 def test_dbt_models_are_named_through_dagster_dbt():
