@@ -160,6 +160,13 @@ def test_bad_input_gets_a_clear_4xx_and_the_worker_keeps_serving(serving_world):
             == 200
         )
         log_dir = client.app.state.service.settings.resolved_log_dir()
+        docs = client.get("/openapi.json").json()
+        predict_doc = docs["paths"]["/v1/predict"]["post"]
+        schema_doc = predict_doc["requestBody"]["content"]["application/json"]["schema"]
+        assert schema_doc["properties"]["account_ids"]["maxItems"] == 1000
+        assert predict_doc["security"] == [{"APIKeyHeader": []}]
+        assert "APIKeyHeader" in docs["components"]["securitySchemes"]
+        assert client.get("/docs").status_code == 200
     logged = read_prediction_log(log_dir)
     rejected_rows = logged[logged["request_id"] == rejected.json()["request_id"]]
     assert len(rejected_rows) == 2 and rejected_rows["score"].isna().all()
