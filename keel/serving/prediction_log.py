@@ -218,7 +218,7 @@ def read_prediction_log(
             else:
                 predictions.append(record)
     frame = pd.DataFrame.from_records(predictions, columns=list(PREDICTION_FIELDS))
-    frame["ts"] = pd.to_datetime(frame["ts"], utc=True, format="ISO8601")
+    frame["ts"] = pd.to_datetime(frame["ts"], utc=True, format="ISO8601", errors="coerce")
     frame["feature_event_time"] = pd.to_datetime(
         frame["feature_event_time"], utc=True, format="ISO8601"
     )
