@@ -471,6 +471,31 @@ def test_a_bundle_serves_through_the_serving_model_interface(bundles, models, wi
     )
 
 
+def test_keel_serve_bundle_flag_reaches_every_workers_model_loader(keel_home, monkeypatch):
+    from click.testing import CliRunner
+
+    from keel.edge.serving import load_version_bundle
+    from keel.serving import cli as serve_cli
+    from keel.serving.settings import ServeSettings
+    from keel.settings import SettingsError
+
+    started = {}
+    monkeypatch.setattr(serve_cli, "run_server", lambda settings, *_: started.update(s=settings))
+
+    result = CliRunner().invoke(serve_cli.serve, ["--bundle", "int8", "--no-auth"])
+
+    assert result.exit_code == 0, result.output
+    # What each uvicorn worker reads back from the environment the command sets.
+    worker = ServeSettings.from_env(started["s"].to_env())
+    loader = worker.model_loader()
+    assert loader.func is load_version_bundle and loader.keywords == {"variant": "int8"}
+    assert ServeSettings().model_loader() is None  # no flag: native models
+    with pytest.raises(SettingsError, match="bundle='fp16'"):
+        ServeSettings(bundle="fp16")
+    refused = CliRunner().invoke(serve_cli.serve, ["--bundle", "fp16"])
+    assert refused.exit_code != 0 and "fp16" in refused.output
+
+
 # --------------------------------------------------------------------------- clean environment
 
 

@@ -322,7 +322,9 @@ def create_app(
 
         owned = deployments is None
         active = deployments or Deployments(
-            settings.registry_config(), poll_seconds=settings.poll_seconds
+            settings.registry_config(),
+            poll_seconds=settings.poll_seconds,
+            load_model=settings.model_loader(),
         )
         if owned:
             active.start(wait_s=ready_timeout_s)

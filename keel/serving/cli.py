@@ -67,6 +67,12 @@ def run_server(
 @click.option("--cache-entries", type=int, default=None, help="Prediction cache per worker.")
 @click.option("--unknown", type=click.Choice(UNKNOWN_POLICIES), default=None, help="Policy.")
 @click.option("--no-auth", is_flag=True, help="Serve without API keys (local experiments).")
+@click.option(
+    "--bundle",
+    type=click.Choice(["fp32", "int8"]),
+    default=None,
+    help="Serve each version's edge bundle (ONNX) instead of its native model.",
+)
 @click.option("--log-level", default="warning", show_default=True)
 @click.pass_context
 def serve(
@@ -80,6 +86,7 @@ def serve(
     cache_entries: int | None,
     unknown: str | None,
     no_auth: bool,
+    bundle: str | None,
     log_level: str,
 ) -> None:
     """Serve default-risk scores over HTTP (POST /v1/predict, /docs); `keys` manages API keys.
@@ -98,6 +105,7 @@ def serve(
         "cache_entries": cache_entries,
         "unknown_entities": unknown,
         "auth": False if no_auth else None,
+        "bundle": bundle,
     }
     settings = replace(settings, **{k: v for k, v in changes.items() if v is not None})
     if settings.auth and not settings.resolved_keys_file().exists():

@@ -22,6 +22,8 @@ MAX_BATCH = 1_000
 # "reject": a request naming an account the online store does not know gets 404 and nothing
 # is scored; "null": it gets 200 with score null and found false for those accounts.
 UNKNOWN_POLICIES = ("reject", "null")
+# What `ServeSettings.bundle` takes: "" serves native models, else that edge-bundle variant.
+BUNDLE_VARIANTS = ("", "fp32", "int8")
 
 
 def serve_dir(paths: KeelPaths | None = None) -> Path:
@@ -51,6 +53,9 @@ class ServeSettings:
         unknown_entities: Default policy for accounts without features (`UNKNOWN_POLICIES`).
         shadow_queue: Shadow jobs waiting per worker (to run after their response) before new
             ones are dropped.
+        bundle: ``fp32`` or ``int8``: serve each version's published edge bundle instead of
+            its native model (``keel.edge.serving``; ``int8`` takes FP32 where a bundle has no
+            INT8 graph); empty serves the native models.
     """
 
     feast_config: str = ""
@@ -64,12 +69,15 @@ class ServeSettings:
     cache_entries: int = 100_000
     unknown_entities: str = "reject"
     shadow_queue: int = 1_000
+    bundle: str = ""
 
     def __post_init__(self) -> None:
         if self.unknown_entities not in UNKNOWN_POLICIES:
             raise SettingsError(
                 f"unknown_entities={self.unknown_entities!r}; use one of {UNKNOWN_POLICIES}."
             )
+        if self.bundle not in BUNDLE_VARIANTS:
+            raise SettingsError(f"bundle={self.bundle!r}; use one of {BUNDLE_VARIANTS}.")
         if self.cache_entries < 0 or self.shadow_queue < 1 or self.poll_seconds <= 0:
             raise SettingsError("cache_entries >= 0, shadow_queue >= 1 and poll_seconds > 0.")
 
@@ -85,6 +93,14 @@ class ServeSettings:
         from keel.serving.prediction_log import default_log_dir
 
         return Path(self.log_dir) if self.log_dir else default_log_dir()
+
+    def model_loader(self):  # -> Callable[[str], model] | None
+        """``version -> model`` for the deployments: None loads native models."""
+        if not self.bundle:
+            return None
+        from keel.edge.serving import bundle_loader
+
+        return bundle_loader(self.registry_config(), self.bundle)
 
     def registry_config(self):  # -> keel.registry.RegistryConfig
         from keel.registry import RegistryConfig
