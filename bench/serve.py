@@ -226,6 +226,7 @@ def main() -> None:
     from keel.registry import ModelRegistry
     from keel.serving.auth import KeyStore
     from keel.serving.deployments import load_registered_model
+    from keel.serving.guardrails import GuardrailPolicy
     from keel.serving.release import set_shadow, start_canary
     from keel.settings import KeelPaths
     from keel.training import save_risk_model
@@ -251,7 +252,18 @@ def main() -> None:
     processes: list[subprocess.Popen] = []
     try:
         with _home(world), ModelRegistry(world.registry_config()) as registry:
-            start_canary(registry, world.challenger, actor="bench", share=CANARY_SHARE)
+            # The two bench models differ on purpose; the canary must keep serving throughout
+            # (the release watcher still judges it every few seconds).
+            lenient = GuardrailPolicy(
+                max_psi=100.0,
+                max_p99_ratio=100.0,
+                min_p99_excess_ms=10_000.0,
+                promote_after_requests=10**9,
+                promote_after_minutes=10**6,
+            )
+            start_canary(
+                registry, world.challenger, actor="bench", share=CANARY_SHARE, policy=lenient
+            )
             set_shadow(registry, world.challenger, actor="bench")
         key = KeyStore(world.serve_settings().resolved_keys_file()).add("bench", ["predict"])
         model_dir = save_risk_model(
@@ -270,6 +282,7 @@ def main() -> None:
         ready = httpx.get(f"http://127.0.0.1:{keel_port}/readyz", timeout=10).json()
         if set(ready["models"]) != {"champion", "canary", "shadow"}:
             raise SystemExit(f"keel serve is not running canary and shadow: {ready}")
+        keel_readyz = f"http://127.0.0.1:{keel_port}/readyz"
         same = compare_scores(keel_url, bare_url, key, world)
 
         # Unique accounts per request from here: the first CHECKED_ACCOUNTS were asked already.
@@ -296,6 +309,7 @@ def main() -> None:
         figures = {name: median_run(name_runs) for name, name_runs in runs.items()}
         figures["keel"]["cache_hits"] = keel_hits
         metrics_text = httpx.get(f"http://127.0.0.1:{keel_port}/metrics", timeout=10).text
+        models_at_end = httpx.get(keel_readyz, timeout=10).json()["models"]
     finally:
         for process in processes:
             stop_server(process)
@@ -320,6 +334,7 @@ def main() -> None:
             metrics_text, "keel_serve_shadow_predictions_total", version=world.challenger
         ),
         "shadow_dropped": metric_value(metrics_text, "keel_serve_shadow_dropped_total"),
+        "models_at_end": models_at_end,
         "params": {
             "workers": WORKERS,
             "connections": CONNECTIONS,
