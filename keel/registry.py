@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -51,110 +51,57 @@ from keel.registry_lineage import (
     file_sha256,
     version_lineage,
 )
-from keel.schema import LINEAGE_TAGS
-from keel.settings import KeelPaths
-from keel.training import REGISTERED_MODEL_NAME
-
-# Where training logs the pyfunc model inside its run (keel.tracking.MODEL_ARTIFACT).
-MODEL_ARTIFACT_PATH = "model"
-
-CHALLENGER = "challenger"
-CHAMPION = "champion"
-STAGING, PRODUCTION, ARCHIVED = "Staging", "Production", "Archived"
-PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
-AUTO_APPROVER = "policy:auto-approve"
-ACTIONS = ("register", "approve", "reject", "promote", "rollback")
-# Releases of keel serve (keel.serving.release): canary, shadow and blue-green slots.
-DEPLOY_ACTIONS = (
-    "canary_start",
-    "canary_stop",
-    "canary_rollback",
-    "canary_pass",
-    "shadow_set",
-    "shadow_clear",
-    "slot_set",
-    "switch",
+from keel.registry_releases import ReleaseSteps
+from keel.registry_types import (
+    ACTIONS,
+    APPROVED,
+    ARCHIVED,
+    AUTO_APPROVER,
+    CHALLENGER,
+    CHAMPION,
+    DEPLOY_ACTIONS,
+    MODEL_ARTIFACT_PATH,
+    PENDING,
+    PRODUCTION,
+    REJECTED,
+    STAGING,
+    ApprovalError,
+    RegistryConfig,
+    RegistryError,
+    VersionInfo,
+    require_actor,
 )
+from keel.schema import LINEAGE_TAGS
+
+# The registry's names live in keel.registry_types; callers import them from here.
+__all__ = [
+    "ACTIONS",
+    "APPROVED",
+    "ARCHIVED",
+    "AUTO_APPROVER",
+    "CHALLENGER",
+    "CHAMPION",
+    "DEPLOY_ACTIONS",
+    "MODEL_ARTIFACT_PATH",
+    "PENDING",
+    "PRODUCTION",
+    "REJECTED",
+    "STAGING",
+    "ApprovalError",
+    "ModelRegistry",
+    "RegistryConfig",
+    "RegistryError",
+    "VersionInfo",
+]
 
 _PG_LOCK_KEY = 0x6B65656C  # "keel": one advisory lock for every registry write
-
-
-class RegistryError(RuntimeError):
-    """A registry action that cannot be carried out as asked."""
-
-
-class ApprovalError(RegistryError):
-    """An approval, promotion or rejection that the workflow forbids."""
-
-
-@dataclass(frozen=True)
-class RegistryConfig:
-    """Where the registry and its audit log live.
-
-    Attributes:
-        tracking_uri: MLflow tracking store (runs and their lineage tags).
-        registry_uri: MLflow model registry store.
-        lock_file: File lock that serialises registry writes; empty means next to the SQLite
-            audit database, or none for Postgres (which takes an advisory lock instead).
-        audit_uri: SQLAlchemy URL of the audit database; empty means the registry's own
-            database (must then be ``sqlite:`` or ``postgresql:``).
-        model_name: The registered model.
-        lock_timeout_s: How long a writer waits for the lock before giving up with an error.
-        audit_key: The secret that chains the audit log (shared profiles: an env var).
-        audit_key_file: A file holding it, created with mode 0600 on first use; empty means
-            ``registry-audit.key`` next to a SQLite audit database. A Postgres audit log
-            needs one of the two.
-    """
-
-    tracking_uri: str
-    registry_uri: str
-    lock_file: str = ""
-    audit_uri: str = ""
-    model_name: str = REGISTERED_MODEL_NAME
-    lock_timeout_s: float = 300.0
-    audit_key: str = field(default="", repr=False)
-    audit_key_file: str = ""
-
-    @classmethod
-    def local(cls, paths: KeelPaths | None = None) -> RegistryConfig:
-        """The embedded profile's layout: MLflow on SQLite inside the data folder."""
-        paths = paths or KeelPaths.current()
-        database = f"sqlite:///{paths.mlflow / 'mlflow.db'}"
-        return cls(
-            tracking_uri=database,
-            registry_uri=database,
-            lock_file=str(paths.mlflow / "registry.lock"),
-        )
-
-    def resolved_audit_uri(self) -> str:
-        uri = self.audit_uri or self.registry_uri
-        if not uri.startswith(("sqlite:", "postgresql")):
-            raise RegistryError(
-                f"the registry at {self.registry_uri!r} is not a SQL database, so the audit log "
-                "needs its own: set audit_uri to a sqlite:/// or postgresql:// URL"
-            )
-        return uri
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """A registered version as the workflow sees it."""
-
-    version: str
-    stage: str
-    approval_status: str
-    aliases: tuple[str, ...]
-    trained_by: str
-    dataset_version: str
-    model_family: str
-    created: bool = False
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-class ModelRegistry:
+class ModelRegistry(ReleaseSteps):
     """The registered model ``keel-default-risk``: versions, approvals, aliases and audit trail.
 
     Every method that changes the registry runs under one cross-process lock, so parallel
@@ -626,7 +573,7 @@ class ModelRegistry:
         return self.info(number)
 
     def _approve(self, number: str, actor: str, reason: str) -> None:
-        _require_actor(actor)
+        require_actor(actor)
         tags = self._version(number).tags
         records = self._version_records(number)
         registered = [r for r in records if r.action == "register"]
@@ -648,7 +595,7 @@ class ModelRegistry:
 
     def reject(self, version: str, actor: str, reason: str) -> VersionInfo:
         """Reject a version for good; the champion is rolled back, not rejected."""
-        _require_actor(actor)
+        require_actor(actor)
         if not reason.strip():
             raise ApprovalError("a rejection needs a reason")
         with self._serialised():
@@ -670,7 +617,7 @@ class ModelRegistry:
         return self.info(number)
 
     def _promote(self, number: str, actor: str, reason: str) -> None:
-        _require_actor(actor)
+        require_actor(actor)
         problem = self._approval_problem(number)
         if problem:
             raise ApprovalError(
@@ -685,7 +632,7 @@ class ModelRegistry:
 
     def rollback(self, actor: str, reason: str) -> VersionInfo:
         """Give the champion alias back to the version that held it before the current one."""
-        _require_actor(actor)
+        require_actor(actor)
         if not reason.strip():
             raise ApprovalError("a rollback needs a reason")
         with self._serialised():
@@ -701,130 +648,3 @@ class ModelRegistry:
                 )
             self._record("rollback", actor, current, previous, reason)
         return self.info(previous)
-
-    # -- edge bundles: ONNX exports that passed their parity check (keel.edge) ---------------------
-
-    def attach_bundle(
-        self, version: str, actor: str, tags: Mapping[str, str], details: Mapping[str, Any]
-    ) -> AuditRecord:
-        """Record a verified edge bundle on a version: ``keel.bundle.*`` tags and an audit line."""
-        _require_actor(actor)
-        foreign = sorted(key for key in tags if not key.startswith("keel.bundle."))
-        if foreign:
-            raise RegistryError(f"attach_bundle only sets keel.bundle.* tags, not {foreign}")
-        with self._serialised():
-            number = self.resolve(version)
-            record = self._append(
-                "attach_bundle", actor, None, number, "passed its parity check", details
-            )
-            self._set_tags(number, tags)
-        return record
-
-    # -- deployments: the serving aliases that keel.serving follows --------------------------------
-
-    def deployment_state(self) -> tuple[dict[str, str], dict[str, str]]:
-        """Every alias of the registered model and its tags (the release settings)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            model = self.client.get_registered_model(self.name)
-        except MlflowException as error:
-            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return {}, {}
-            raise
-        return {k: str(v) for k, v in model.aliases.items()}, dict(model.tags)
-
-    def _require_serving_approval(self, number: str) -> None:
-        problem = self._approval_problem(number)
-        if problem:
-            raise ApprovalError(
-                f"version {number} of {self.name} is not approved: {problem}. A version answers "
-                f"clients only once approved (`keel registry approve {number}`)"
-            )
-
-    def deploy(
-        self,
-        action: str,
-        actor: str,
-        reason: str,
-        *,
-        from_version: str | None = None,
-        to_version: str | None = None,
-        aliases: Mapping[str, str | None] | None = None,
-        tags: Mapping[str, str | None] | None = None,
-        expect: Mapping[str, str | None] | None = None,
-        approved: tuple[str, ...] = (),
-        promote: str | None = None,
-        details: Mapping[str, Any] | None = None,
-    ) -> AuditRecord | None:
-        """Move serving aliases and release tags in one locked step, audited before they move.
-
-        Returns None and changes nothing when an alias in ``expect`` no longer has the expected
-        version (another watcher acted first), so evaluating a release twice is harmless. The
-        record carries the changes, so a writer dying half-way leaves them for the next one.
-
-        Args:
-            action: One of `DEPLOY_ACTIONS`.
-            actor: Who acts (a person, an API key's owner, or a watcher).
-            reason: Why, for the audit trail.
-            from_version: The version losing traffic, for the audit trail.
-            to_version: The version gaining traffic, for the audit trail.
-            aliases: Alias -> version to set, or None to remove.
-            tags: Registered-model tag -> value to set, or None to remove.
-            expect: Alias -> version (None: absent) that must hold for the step to happen.
-            approved: Versions that must be approved first (they will answer clients).
-            promote: A version to make the champion in the same step (a switch, a canary pass).
-            details: Evidence kept with the audit record.
-        """
-        _require_actor(actor)
-        if action not in DEPLOY_ACTIONS:
-            raise RegistryError(
-                f"{action!r} is not a deployment action ({', '.join(DEPLOY_ACTIONS)})"
-            )
-        with self._serialised():
-            current, _ = self.deployment_state()
-            if any(current.get(alias) != version for alias, version in (expect or {}).items()):
-                return None
-            for number in (*approved, *([promote] if promote else [])):
-                self._require_serving_approval(number)
-            if promote and current.get(CHAMPION) == promote:
-                raise ApprovalError(f"version {promote} is already the champion")
-            for version in (aliases or {}).values():
-                if version is not None:
-                    self._version(version)
-            changes = {"aliases": dict(aliases or {}), "tags": dict(tags or {}), "promote": promote}
-            record = self._append(
-                action,
-                actor,
-                from_version,
-                to_version,
-                reason,
-                {**(details or {}), "changes": changes},
-                replay=True,
-            )
-            self._apply_deployment(record)
-            self._log.settle(record.id)
-        return record
-
-    def _apply_deployment(self, record: AuditRecord) -> None:
-        """Make the changes a deployment record holds; doing it twice changes nothing."""
-        changes = record.details.get("changes") or {}
-        target = changes.get("promote")
-        if target and self.champion() != target:
-            self._promote(target, record.actor, record.reason)
-        current, current_tags = self.deployment_state()
-        for alias, version in (changes.get("aliases") or {}).items():
-            if version is not None:
-                self.client.set_registered_model_alias(self.name, alias, version)
-            elif alias in current:
-                self.client.delete_registered_model_alias(self.name, alias)
-        for key, value in (changes.get("tags") or {}).items():
-            if value is not None:
-                self.client.set_registered_model_tag(self.name, key, value)
-            elif key in current_tags:
-                self.client.delete_registered_model_tag(self.name, key)
-
-
-def _require_actor(actor: str) -> None:
-    if not actor or not actor.strip():
-        raise ApprovalError("every registry action needs an actor (who is doing this)")

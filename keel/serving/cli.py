@@ -31,6 +31,8 @@ def run_server(
     # Workers read their settings and the metrics folder from the environment, and
     # prometheus-client picks multiprocess mode on import: both before any worker starts.
     os.environ.update(settings.to_env())
+    # A server's log is no place for model download progress bars.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = prepare_metrics_dir(port)
     # The supervisor judges a running canary (keel.serving.release), like the Dagster sensor.
     from keel.serving.release import ReleaseWatcher

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -154,8 +153,6 @@ def load_registered_model(registry_config: RegistryConfig, version: str) -> Any:
 
     from keel.tracking import load_logged_model
 
-    # A server's log is no place for download progress bars.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Resolve with this registry's client rather than MLflow's process-wide tracking URI.
     client = mlflow.MlflowClient(
         tracking_uri=registry_config.tracking_uri, registry_uri=registry_config.registry_uri
