@@ -419,7 +419,13 @@ def test_evaluation_gates_registration_and_registry_action_job(keel_home, traine
 
     mlflow_resource, uris = trained_runs
     instance = dg.DagsterInstance.ephemeral()
-    lenient = {"min_roc_auc": 0.6, "max_auc_regression": 1.0, "bootstrap_samples": 200}
+    # The latency gate has tests of its own; a busy CI machine must not fail this workflow test.
+    lenient = {
+        "min_roc_auc": 0.6,
+        "max_auc_regression": 1.0,
+        "bootstrap_samples": 200,
+        "latency_p99_ms": 10_000.0,
+    }
     resources = {
         "mlflow": mlflow_resource,
         "artefacts": ArtefactStore(root=str(keel_home.artefacts)),
