@@ -112,6 +112,7 @@ def registered_model(
             model_uri=challenger["uri"],
             evaluation_report=str(metadata.get("report", "")),
             reason=config.reason,
+            promote=governance.release == "direct",
         )
         state = registry_state(registry)
     context.log.info(
@@ -129,6 +130,7 @@ def registered_model(
             "dataset_version": dg.MetadataValue.text(info.dataset_version),
             "model_family": dg.MetadataValue.text(info.model_family),
             "auto_approve": dg.MetadataValue.bool(governance.auto_approve),
+            "release": dg.MetadataValue.text(governance.release),
             **state,
         }
     )

@@ -92,7 +92,8 @@ def canary_deployment(
         if challenger is None or challenger == state.champion:
             raise dg.Failure(
                 "there is no challenger to release: register one (the retrain job); with "
-                "auto_approve on, registration promotes it to champion directly"
+                "auto_approve on and release='direct', registration promotes it to champion "
+                "directly (set the governance resource's release to 'canary')"
             )
         (passed, why), shadow_day = _latest_shadow_verdict(context, challenger)
         if passed is False:

@@ -476,12 +476,14 @@ class ModelRegistry(ReleaseSteps):
         model_uri: str | None = None,
         evaluation_report: str = "",
         reason: str = "",
+        promote: bool = True,
     ) -> VersionInfo:
         """Register a candidate that passed every gate and make it the challenger.
 
         Idempotent per dataset version and model family: a second call for the same pair
         returns the existing version (``created=False``) and writes nothing. With
-        ``auto_approve`` the new version is approved by the policy and promoted to champion.
+        ``auto_approve`` the new version is approved by the policy and, unless ``promote`` is
+        False (a canary release promotes it later), promoted to champion.
 
         Args:
             run_id: The MLflow training run (it carries the lineage tags).
@@ -492,6 +494,7 @@ class ModelRegistry(ReleaseSteps):
             model_uri: The run's model URI when known (``models:/m-...`` or ``runs:/...``).
             evaluation_report: Where the evaluation's HTML report is kept.
             reason: Why, for the audit trail.
+            promote: Whether an auto-approved version becomes the champion at once.
         """
         if not gates:
             raise RegistryError("no gate results: a candidate is registered only after its gates")
@@ -562,7 +565,8 @@ class ModelRegistry(ReleaseSteps):
             self._record("register", actor, self.challenger(), number, reason, details)
             if auto_approve:
                 self._approve(number, AUTO_APPROVER, "auto-approve policy: every gate passed")
-                self._promote(number, AUTO_APPROVER, "auto-approve policy: every gate passed")
+                if promote:
+                    self._promote(number, AUTO_APPROVER, "auto-approve policy: every gate passed")
         return VersionInfo(**{**asdict(self.info(number)), "created": True})
 
     def approve(self, version: str, actor: str, reason: str = "") -> VersionInfo:

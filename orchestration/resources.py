@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import fields
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import dagster as dg
 from dagster_dbt import DbtCliInvocation, DbtCliResource
@@ -285,6 +285,9 @@ class ModelGovernance(dg.ConfigurableResource):
     confidence: float = _GATES.confidence
     # Promote a candidate that passed every gate without a human approval.
     auto_approve: bool = False
+    # How an approved challenger reaches champion: "direct" promotes it at registration,
+    # "canary" leaves it the approved challenger for canary_deployment; its judge promotes it.
+    release: Literal["direct", "canary"] = "direct"
     # SQLAlchemy URL of the audit log; empty keeps it in the MLflow registry's database.
     audit_uri: str = ""
     # Secret that chains the audit log; empty uses a 0600 key file next to a SQLite audit log.

@@ -1,0 +1,138 @@
+"""Release paths through Dagster: a canary release mode for registration, the canary's own
+expected score distribution as its PSI reference, and the shadow report as an evaluation gate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import dagster as dg
+
+from keel.registry import ModelRegistry, RegistryConfig
+from keel.serving import release
+from keel.serving.deployments import CANARY
+from keel.serving.prediction_log import PredictionLogWriter
+from keel.settings import KeelPaths
+from tests import release_support
+from tests.release_support import dagster_resources, log_rows
+from tests.serving_support import (  # noqa: F401 (serving_world is a fixture)
+    GATES,
+    World,
+    log_lightgbm_run,
+    serving_world,
+)
+
+world = release_support.world
+registry_copy = release_support.registry_copy
+registry = release_support.registry
+
+EVALUATION_KEY = dg.AssetKey("challenger_evaluation")
+
+
+def _evaluated_run(world: World, config: RegistryConfig, tmp_path: Path, seed: int) -> str:
+    """A freshly trained run in the private registry copy, logged as the training stage does."""
+    home = KeelPaths(tmp_path / "release-home")
+    shutil.copytree(world.home.marts, home.marts, dirs_exist_ok=True)
+    return log_lightgbm_run(home, config, seed=seed)
+
+
+def _record_evaluation(instance: dg.DagsterInstance, run_id: str, folder: Path) -> None:
+    """A challenger_evaluation materialisation whose summary passed every gate."""
+    quality = dict.fromkeys(
+        (
+            "accuracy",
+            "precision",
+            "recall",
+            "f1",
+            "roc_auc",
+            "pr_auc",
+            "log_loss",
+            "brier_score",
+            "expected_calibration_error",
+        ),
+        0.7,
+    )
+    summary = {
+        "gates": [{"name": name, "passed": True} for name in GATES],
+        "comparison": None,
+        "challenger": {
+            "uri": f"runs:/{run_id}/model",
+            "details": {"run_id": run_id},
+            "quality": quality,
+            "threshold": {"value": 0.5},
+            "serving": {
+                "latency_p50_ms": 1.0,
+                "latency_p99_ms": 2.0,
+                "throughput_rows_per_s": 1e5,
+            },
+            "fairness": {},
+        },
+    }
+    path = folder / "evaluation.json"
+    content = json.dumps(summary).encode()
+    path.write_bytes(content)
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            EVALUATION_KEY,
+            metadata={
+                "evaluation_path": dg.MetadataValue.path(str(path)),
+                "evaluation_sha256": hashlib.sha256(content).hexdigest(),
+            },
+        )
+    )
+
+
+def test_canary_release_mode_registers_without_promoting_and_the_judge_promotes(
+    registry: ModelRegistry, registry_copy: RegistryConfig, world: World, tmp_path: Path
+) -> None:
+    from assets.registry import registered_model
+    from assets.serving import canary_deployment
+    from orchestration.resources import ModelGovernance
+
+    run_id = _evaluated_run(world, registry_copy, tmp_path, seed=3)
+    resources = dagster_resources(registry_copy, tmp_path)
+    resources["governance"] = ModelGovernance(auto_approve=True, release="canary")
+    run_config = {
+        "ops": {
+            "canary_deployment": {
+                "config": {
+                    "share": 0.3,
+                    "min_requests": 100,
+                    "promote_after_requests": 300,
+                    "promote_after_minutes": 0.0,
+                }
+            }
+        }
+    }
+    with dg.DagsterInstance.ephemeral() as instance:
+        _record_evaluation(instance, run_id, tmp_path)
+        result = dg.materialize(
+            [registered_model, canary_deployment],
+            resources=resources,
+            run_config=run_config,
+            instance=instance,
+        )
+    registered = result.asset_materializations_for_node("registered_model")[0].metadata
+    version = str(registered["version"].value)
+    assert registered["approval_status"].value == "approved"
+    assert registered["aliases"].value == "challenger"
+    assert registry.champion() == world.champion
+    canary = result.asset_materializations_for_node("canary_deployment")[0].metadata
+    assert canary["canary_version"].value == version
+    assert canary["champion_version"].value == world.champion
+
+    # The canary holds on live traffic; its judge promotes it.
+    state = release.release_state(registry)
+    start = datetime.fromisoformat(state.canary_started_at)
+    writer = PredictionLogWriter(tmp_path / "log")
+    writer.write(log_rows("champion", world.champion, 300, start=start, seed=1))
+    writer.write(log_rows(CANARY, version, 300, start=start, seed=2))
+    writer.close()
+    assert release.evaluate_release(registry, tmp_path / "log").action == "promoted"
+    assert registry.champion() == version
+    actions = [r.action for r in registry.audit_records(limit=5)]
+    assert actions[-4:] == ["approve", "canary_start", "canary_pass", "promote"]
