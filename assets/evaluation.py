@@ -195,6 +195,7 @@ def challenger_evaluation(
 
     from keel.evaluation import ServingProbe, evaluate, html_report
     from keel.files import atomic_write
+    from keel.serving.guardrails import score_histogram
 
     mlflow.configure()
     client = MlflowClient(mlflow.tracking_uri, mlflow.registry_uri)
@@ -249,6 +250,10 @@ def challenger_evaluation(
         probe=probe,
         variants_of=variants_of,
         seed=config.seed,
+    )
+    # Stored with the registered version: the canary's expected live score distribution.
+    evaluation.summary["challenger"]["score_histogram"] = score_histogram(
+        evaluation.challenger_scores
     )
     report_target = artefacts.path("evaluation", context.run_id, "report.html")
     summary_target = artefacts.path("evaluation", context.run_id, "evaluation.json")

@@ -86,6 +86,7 @@ def registered_model(
 ) -> dg.MaterializeResult:
     """The evaluated challenger as an MLflow model version with lineage, gates and approval."""
     from keel.evaluation import flat_metrics
+    from keel.serving.guardrails import TAG_SCORE_HISTOGRAM
 
     metadata = materialisation_metadata(context, EVALUATION_KEY)
     if metadata is None:
@@ -101,6 +102,9 @@ def registered_model(
             metadata={"evaluation": dg.MetadataValue.path(str(metadata["evaluation_path"]))},
         )
     challenger = evaluation["challenger"]
+    histogram = challenger.get("score_histogram")
+    # The canary guardrail compares live scores with these held-out ones.
+    extra_tags = {TAG_SCORE_HISTOGRAM: json.dumps(histogram)} if histogram else None
     mlflow.configure()
     with governance.registry(mlflow) as registry:
         info = registry.register(
@@ -113,6 +117,7 @@ def registered_model(
             evaluation_report=str(metadata.get("report", "")),
             reason=config.reason,
             promote=governance.release == "direct",
+            extra_tags=extra_tags,
         )
         state = registry_state(registry)
     context.log.info(

@@ -51,7 +51,7 @@ class CanaryConfig(dg.Config):
     min_requests: int = Field(default=200, description="Rows per arm before judging.")
     max_error_rate: float = Field(default=0.01, description="Largest canary error rate.")
     max_p99_ratio: float = Field(default=1.5, description="Canary p99 over champion p99.")
-    max_psi: float = Field(default=0.2, description="PSI of canary scores vs champion's.")
+    max_psi: float = Field(default=0.2, description="PSI of canary live vs held-out scores.")
     promote_after_requests: int = Field(default=2_000, description="Canary rows to promote.")
     promote_after_minutes: float = Field(default=30.0, description="Minutes to promote.")
     started_by: str = Field(default="keel-pipeline", description="Actor in the audit trail.")

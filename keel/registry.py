@@ -477,6 +477,7 @@ class ModelRegistry(ReleaseSteps):
         evaluation_report: str = "",
         reason: str = "",
         promote: bool = True,
+        extra_tags: Mapping[str, str] | None = None,
     ) -> VersionInfo:
         """Register a candidate that passed every gate and make it the challenger.
 
@@ -495,6 +496,7 @@ class ModelRegistry(ReleaseSteps):
             evaluation_report: Where the evaluation's HTML report is kept.
             reason: Why, for the audit trail.
             promote: Whether an auto-approved version becomes the champion at once.
+            extra_tags: More version tags (the held-out score histogram, for example).
         """
         if not gates:
             raise RegistryError("no gate results: a candidate is registered only after its gates")
@@ -556,6 +558,7 @@ class ModelRegistry(ReleaseSteps):
                 "keel.registered_at": _now(),
                 **{f"{METRIC_PREFIX}{k}": f"{float(v):.6g}" for k, v in metrics.items()},
                 **{f"{GATE_PREFIX}{k}": "passed" for k in gates},
+                **(extra_tags or {}),
             }
             created = self.client.create_model_version(
                 self.name, source, run_id=run_id, tags=tags, model_id=model_id

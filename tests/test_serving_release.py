@@ -263,8 +263,12 @@ def test_guardrails_flag_errors_latency_and_score_shift_and_pass_a_healthy_canar
     now = datetime.now(UTC)
     champion = log_rows("champion", "1", 900, start=start, seed=1)
 
+    # The canary's scores on its held-out window, as its evaluation stored them.
+    expected = guardrails.score_histogram(np.random.default_rng(9).beta(2, 8, 5_000))
+
     def verdict(canary_rows):
-        return evaluate_canary(log_frame(champion + canary_rows), "2", "1", start, FAST_POLICY, now)
+        frame = log_frame(champion + canary_rows)
+        return evaluate_canary(frame, "2", "1", start, FAST_POLICY, now, expected_scores=expected)
 
     healthy = verdict(log_rows(CANARY, "2", 400, start=start, seed=2))
     assert healthy.state == guardrails.PROMOTE and not healthy.breaches

@@ -11,10 +11,12 @@ from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 
 from keel.registry import ModelRegistry, RegistryConfig
 from keel.serving import release
 from keel.serving.deployments import CANARY
+from keel.serving.guardrails import TAG_SCORE_HISTOGRAM, score_histogram
 from keel.serving.prediction_log import PredictionLogWriter
 from keel.settings import KeelPaths
 from tests import release_support
@@ -70,6 +72,7 @@ def _record_evaluation(instance: dg.DagsterInstance, run_id: str, folder: Path) 
                 "throughput_rows_per_s": 1e5,
             },
             "fairness": {},
+            "score_histogram": score_histogram(np.random.default_rng(5).beta(2, 8, 5_000)),
         },
     }
     path = folder / "evaluation.json"
@@ -120,6 +123,8 @@ def test_canary_release_mode_registers_without_promoting_and_the_judge_promotes(
     version = str(registered["version"].value)
     assert registered["approval_status"].value == "approved"
     assert registered["aliases"].value == "challenger"
+    tags = registry.client.get_model_version(registry.name, version).tags
+    assert json.loads(tags[TAG_SCORE_HISTOGRAM])["edges"]
     assert registry.champion() == world.champion
     canary = result.asset_materializations_for_node("canary_deployment")[0].metadata
     assert canary["canary_version"].value == version
@@ -136,3 +141,71 @@ def test_canary_release_mode_registers_without_promoting_and_the_judge_promotes(
     assert registry.champion() == version
     actions = [r.action for r in registry.audit_records(limit=5)]
     assert actions[-4:] == ["approve", "canary_start", "canary_pass", "promote"]
+
+
+# -- the score guardrail: the canary's live scores against its own held-out scores -------------
+
+
+def test_score_guardrail_holds_a_retrained_canary_and_breaches_a_broken_feature() -> None:
+    from datetime import UTC, timedelta
+
+    from keel.serving.guardrails import evaluate_canary
+    from tests.release_support import FAST_POLICY, log_frame
+
+    rng = np.random.default_rng(11)
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    # A retrained model ranks the same accounts with another score scale than the champion.
+    champion = log_rows("champion", "1", 600, start=start, seed=1)
+    for row in champion:
+        row["score"] = float(rng.beta(5, 5))
+    held_out = rng.beta(2, 8, 5_000)
+    expected = score_histogram(held_out)
+
+    def judge(canary_scores):
+        canary = log_rows(CANARY, "2", len(canary_scores), start=start, seed=2)
+        for row, value in zip(canary, canary_scores, strict=True):
+            row["score"] = float(value)
+        frame = log_frame(champion + canary)
+        now = datetime.now(UTC)
+        verdict = evaluate_canary(
+            frame, "2", "1", start, FAST_POLICY, now, expected_scores=expected
+        )
+        return next(c for c in verdict.checks if c.name == "score_psi"), verdict
+
+    healthy, verdict = judge(rng.beta(2, 8, 500))
+    assert healthy.passed is True and healthy.canary < 0.1
+    assert healthy.champion > FAST_POLICY.max_psi  # far from the champion: evidence only
+    assert verdict.state == "promote"
+    # A broken feature (say, spend read as zero) moves the canary's live scores up.
+    broken, verdict = judge(np.clip(rng.beta(2, 8, 500) + 0.15, 0, 1))
+    assert broken.passed is False and broken.canary > FAST_POLICY.max_psi
+    assert [c.name for c in verdict.breaches] == ["score_psi"]
+    # Without an expected distribution the score distribution is reported, never judged.
+    frame = log_frame(champion + log_rows(CANARY, "2", 500, start=start, seed=2))
+    unjudged = evaluate_canary(frame, "2", "1", start, FAST_POLICY, datetime.now(UTC))
+    psi = next(c for c in unjudged.checks if c.name == "score_psi")
+    assert psi.passed is None and psi.champion > FAST_POLICY.max_psi
+
+
+def test_a_canary_whose_live_scores_leave_its_held_out_ones_is_rolled_back(
+    registry: ModelRegistry, world: World, tmp_path: Path
+) -> None:
+    from tests.release_support import FAST_POLICY
+
+    held_out = np.random.default_rng(3).beta(2, 8, 5_000)
+    registry.client.set_model_version_tag(
+        registry.name, world.challenger, TAG_SCORE_HISTOGRAM, json.dumps(score_histogram(held_out))
+    )
+    release.start_canary(registry, world.challenger, "ops", share=0.3, policy=FAST_POLICY)
+    start = datetime.fromisoformat(release.release_state(registry).canary_started_at)
+    shifted = log_rows(CANARY, world.challenger, 200, start=start, seed=2)
+    for row in shifted:
+        row["score"] = min(1.0, row["score"] + 0.3)
+    writer = PredictionLogWriter(tmp_path / "log")
+    writer.write(log_rows("champion", world.champion, 200, start=start, seed=1))
+    writer.write(shifted)
+    writer.close()
+    outcome = release.evaluate_release(registry, tmp_path / "log")
+    assert outcome.action == "rolled_back"
+    check = next(c for c in outcome.record.details["checks"] if c["name"] == "score_psi")
+    assert check["passed"] is False and "held-out" in check["detail"]

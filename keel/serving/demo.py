@@ -25,12 +25,10 @@ from typing import Any
 from keel.serving.guardrails import GuardrailPolicy
 
 # Short windows and low counts, so the demo decides in seconds; the policy is printed. The
-# canary is an older champion, trained on other days, so its scores may sit far from the
-# champion's: the demo judges its health (errors, latency), and PSI only on a gross shift.
+# score guardrail compares the canary's live scores with its own held-out ones (default bar).
 DEMO_POLICY = GuardrailPolicy(
     window_minutes=5,
     min_requests=80,
-    max_psi=5.0,
     promote_after_requests=150,
     promote_after_minutes=0,
 )

@@ -8,8 +8,11 @@ row per scored entity: ``ts``, ``arm``, ``model_version``, ``score``, ``latency_
   score instead), against an absolute bar and against the champion's own rate;
 - p99 latency: canary over champion, with a floor in milliseconds so that noise on a fast
   service never trips it;
-- score distribution: population stability index of the canary's scores against the
-  champion's (bins at the champion's deciles);
+- score distribution: population stability index of the canary's live scores against its own
+  expected distribution, the histogram of its scores on the held-out window at evaluation
+  (`score_histogram`, stored with the version), so it catches a canary that behaves
+  differently online than offline; two differently trained models score the same traffic
+  differently, so the PSI against the champion's scores is reported as evidence only;
 - AUC, once labels have arrived for enough of the scored entities.
 
 Rows answered from the prediction cache are left out: the model never ran for them. A canary
@@ -32,6 +35,8 @@ COLLECTING, HEALTHY, BREACHED, PROMOTE = "collecting", "healthy", "breached", "p
 # Values of the GUARDRAIL_STATE gauge: none (no canary) < collecting < healthy < breached.
 STATE_VALUES = {"none": 0.0, COLLECTING: 1.0, HEALTHY: 2.0, PROMOTE: 2.0, BREACHED: 3.0}
 _PSI_FLOOR = 1e-4
+# Version tag holding a version's `score_histogram` on its held-out window (JSON).
+TAG_SCORE_HISTOGRAM = "keel.score_histogram"
 
 
 class GuardrailError(ValueError):
@@ -49,7 +54,8 @@ class GuardrailPolicy:
         max_error_rate_excess: Largest canary error rate above the champion's.
         max_p99_ratio: Largest canary p99 latency as a multiple of the champion's.
         min_p99_excess_ms: A latency breach also needs the canary's p99 this much higher.
-        max_psi: Largest population stability index of canary scores against the champion's.
+        max_psi: Largest population stability index of the canary's live scores against its
+            expected (held-out) score distribution.
         min_labelled: Labelled rows each arm needs before AUC is compared.
         max_auc_drop: Largest AUC the canary may lose against the champion.
         promote_after_requests: Canary rows answered since the start before promotion.
@@ -140,22 +146,45 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def score_histogram(scores: np.ndarray, bins: int = 10) -> dict[str, list[float]]:
+    """A score distribution as PSI needs it: inner edges at its quantiles, share per bin."""
+    import numpy as np
+
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        raise GuardrailError("a score histogram needs scores")
+    edges = np.unique(np.quantile(scores, np.linspace(0, 1, bins + 1)[1:-1]))
+    counts = np.bincount(np.searchsorted(edges, scores, side="right"), minlength=edges.size + 1)
+    return {"edges": edges.tolist(), "shares": (counts / scores.size).tolist()}
+
+
+def psi_against_histogram(histogram: dict[str, list[float]], current: np.ndarray) -> float:
+    """PSI of ``current`` against a stored `score_histogram`."""
+    import numpy as np
+
+    edges = np.asarray(histogram["edges"], dtype=np.float64)
+    expected = np.asarray(histogram["shares"], dtype=np.float64)
+    current = np.asarray(current, dtype=np.float64)
+    if current.size == 0:
+        raise GuardrailError("PSI needs values on both sides")
+    if expected.size != edges.size + 1:
+        raise GuardrailError(
+            f"a score histogram has one share more than inner edges, got {expected.size} "
+            f"shares and {edges.size} edges"
+        )
+    counts = np.bincount(np.searchsorted(edges, current, side="right"), minlength=edges.size + 1)
+    expected = np.maximum(expected, _PSI_FLOOR)
+    actual = np.maximum(counts / current.size, _PSI_FLOOR)
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
 def population_stability_index(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
     """PSI of ``current`` against ``reference``, bins at the reference's quantiles."""
     import numpy as np
 
-    reference = np.asarray(reference, dtype=np.float64)
-    current = np.asarray(current, dtype=np.float64)
-    if reference.size == 0 or current.size == 0:
+    if np.asarray(reference).size == 0 or np.asarray(current).size == 0:
         raise GuardrailError("PSI needs values on both sides")
-    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
-    expected = np.bincount(
-        np.searchsorted(edges, reference, side="right"), minlength=edges.size + 1
-    )
-    actual = np.bincount(np.searchsorted(edges, current, side="right"), minlength=edges.size + 1)
-    expected = np.maximum(expected / reference.size, _PSI_FLOOR)
-    actual = np.maximum(actual / current.size, _PSI_FLOOR)
-    return float(np.sum((actual - expected) * np.log(actual / expected)))
+    return psi_against_histogram(score_histogram(reference, bins), current)
 
 
 def _error_check(canary: pd.DataFrame, champion: pd.DataFrame, policy: GuardrailPolicy) -> Check:
@@ -196,20 +225,41 @@ def _latency_check(canary: pd.DataFrame, champion: pd.DataFrame, policy: Guardra
     )
 
 
-def _psi_check(canary: pd.DataFrame, champion: pd.DataFrame, policy: GuardrailPolicy) -> Check:
+def _psi_check(
+    canary: pd.DataFrame,
+    champion: pd.DataFrame,
+    policy: GuardrailPolicy,
+    expected: dict[str, list[float]] | None,
+) -> Check:
+    """The canary's PSI against its expected scores (judged), and against the champion's.
+
+    The champion comparison is evidence only: a retrained model scores differently.
+    """
     # Rows where the canary failed carry the champion's fallback score: leave them out.
     canary_scores = canary.loc[canary["error"].isna(), "score"].dropna().to_numpy(dtype=float)
     champion_scores = champion["score"].dropna().to_numpy(dtype=float)
     if canary_scores.size < policy.min_requests or champion_scores.size < policy.min_requests:
         return Check("score_psi", None, None, None, policy.max_psi, "too few scores yet")
-    psi = population_stability_index(champion_scores, canary_scores)
+    versus_champion = population_stability_index(champion_scores, canary_scores)
+    evidence = f"against the champion's live scores {versus_champion:.3f} (evidence only)"
+    if expected is None:
+        return Check(
+            "score_psi",
+            None,
+            None,
+            versus_champion,
+            policy.max_psi,
+            f"no expected score distribution stored with the canary's version; PSI {evidence}",
+        )
+    psi = psi_against_histogram(expected, canary_scores)
     return Check(
         "score_psi",
         psi <= policy.max_psi,
         psi,
-        0.0,
+        versus_champion,
         policy.max_psi,
-        f"PSI of canary scores against the champion's is {psi:.3f} (bar {policy.max_psi:g})",
+        f"PSI of the canary's live scores against its held-out scores is {psi:.3f} "
+        f"(bar {policy.max_psi:g}); {evidence}",
     )
 
 
@@ -254,6 +304,7 @@ def evaluate_canary(
     policy: GuardrailPolicy,
     now: datetime | None = None,
     labels: pd.DataFrame | None = None,
+    expected_scores: dict[str, list[float]] | None = None,
 ) -> Verdict:
     """Judge the canary on the prediction log.
 
@@ -265,6 +316,8 @@ def evaluate_canary(
         policy: The bars and the promotion rule.
         now: The end of the window (default: the current time).
         labels: ``account_id`` and ``label`` (0/1) of entities whose outcome is known.
+        expected_scores: The canary's `score_histogram` on the held-out window; without it
+            the score distribution is reported, not judged.
     """
     import pandas as pd
 
@@ -287,7 +340,7 @@ def evaluate_canary(
         checks = (
             _error_check(canary, champion, policy),
             _latency_check(canary, champion, policy),
-            _psi_check(canary, champion, policy),
+            _psi_check(canary, champion, policy, expected_scores),
             _auc_check(canary, champion, labels, policy),
         )
     else:

@@ -336,7 +336,7 @@ def evaluate_release(
         labels: ``account_id`` and ``label`` of entities whose outcome is known.
         now: The end of the window (default: now).
     """
-    from keel.serving.guardrails import evaluate_canary
+    from keel.serving.guardrails import TAG_SCORE_HISTOGRAM, evaluate_canary
     from keel.serving.prediction_log import read_prediction_log
 
     state = release_state(registry)
@@ -349,8 +349,18 @@ def evaluate_release(
     started = datetime.fromisoformat(state.canary_started_at)
     policy = state.canary_policy or GuardrailPolicy()
     frame = read_prediction_log(log_dir, since=started)
+    histogram = registry.client.get_model_version(registry.name, state.canary).tags.get(
+        TAG_SCORE_HISTOGRAM
+    )
     verdict = evaluate_canary(
-        frame, state.canary, state.champion, started, policy, now=now, labels=labels
+        frame,
+        state.canary,
+        state.champion,
+        started,
+        policy,
+        now=now,
+        labels=labels,
+        expected_scores=json.loads(histogram) if histogram else None,
     )
     set_guardrail_gauge(verdict)
     if verdict.state == BREACHED:
