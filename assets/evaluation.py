@@ -130,6 +130,27 @@ def _held_out_windows(path: str, validation_days: int, test_days: int):
     return read_held_out_windows(path, validation_days, test_days)
 
 
+def add_shadow_gate(
+    instance: dg.DagsterInstance, client: Any, model_name: str, run_id: str, summary: dict
+) -> str:
+    """Add the shadow gate of the challenger's newest shadow report to ``summary``; says what.
+
+    A shadow is a registered version, so the challenger run's versions are looked up.
+    """
+    from assets.serving import latest_shadow_comparison
+    from keel.gates import with_shadow_gate
+
+    found_versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    versions = sorted((str(v.version) for v in found_versions), key=int, reverse=True)
+    found = latest_shadow_comparison(instance, versions) if versions else None
+    if found is None:
+        return "no shadow report of this challenger"
+    comparison, day, version = found
+    source = f"shadow report {day} of version {version}"
+    gate = with_shadow_gate(summary, comparison, source)
+    return gate["detail"] if gate else f"{source}: too few shadowed rows to judge"
+
+
 def _metadata(
     evaluation: "Evaluation", report_path: str, evaluation_path: str
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -255,6 +276,7 @@ def challenger_evaluation(
     evaluation.summary["challenger"]["score_histogram"] = score_histogram(
         evaluation.challenger_scores
     )
+    shadow = add_shadow_gate(context.instance, client, registry.name, run_id, evaluation.summary)
     report_target = artefacts.path("evaluation", context.run_id, "report.html")
     summary_target = artefacts.path("evaluation", context.run_id, "evaluation.json")
     summary = json.dumps(evaluation.summary, indent=2, default=str).encode()
@@ -262,6 +284,7 @@ def challenger_evaluation(
     metadata, images = _metadata(evaluation, str(report_target), str(summary_target))
     # registered_model reads the gates from the file only while it still has these bytes.
     metadata["evaluation_sha256"] = dg.MetadataValue.text(hashlib.sha256(summary).hexdigest())
+    metadata["shadow_gate"] = dg.MetadataValue.text(shadow)
     report_target.write_text(html_report(evaluation.summary, images))
     context.log.info(
         f"challenger {picked['uri']} ({picked['chosen_because']}) against "
@@ -287,6 +310,8 @@ def challenger_evaluation(
                 },
             )
             for gate in evaluation.summary["gates"]
+            # The shadow gate is in the summary (and so blocks registered_model), not a check.
+            if gate["name"] in GATE_NAMES
         ],
     )
 

@@ -57,17 +57,26 @@ class CanaryConfig(dg.Config):
     started_by: str = Field(default="keel-pipeline", description="Actor in the audit trail.")
 
 
+def latest_shadow_comparison(instance: dg.DagsterInstance, versions: list[str]):
+    """(comparison, day, version) of the newest shadow report that shadowed one of ``versions``."""
+    records = instance.fetch_materializations(SHADOW_KEY, limit=30).records
+    for record in records:
+        comparison = record.asset_materialization.metadata.get("comparison")
+        shadowed = comparison.value.get("shadow_versions", []) if comparison else []
+        for version in versions:
+            if version in shadowed:
+                return comparison.value, record.asset_materialization.partition, version
+    return None
+
+
 def _latest_shadow_verdict(context: dg.AssetExecutionContext, version: str):
     """The shadow gate of the newest shadow report that shadowed ``version``, if any."""
     from keel.gates import shadow_gate
 
-    records = context.instance.fetch_materializations(SHADOW_KEY, limit=30).records
-    for record in records:
-        metadata = record.asset_materialization.metadata
-        comparison = metadata.get("comparison")
-        if comparison and version in comparison.value.get("shadow_versions", []):
-            return shadow_gate(comparison.value), record.asset_materialization.partition
-    return (None, "no shadow report of this version"), None
+    found = latest_shadow_comparison(context.instance, [version])
+    if found is None:
+        return (None, "no shadow report of this version"), None
+    return shadow_gate(found[0]), found[1]
 
 
 @dg.asset(group_name=GROUP, kinds={"mlflow", "fastapi"}, deps=["registered_model"])

@@ -67,13 +67,14 @@ class GatePolicy:
 
 
 # The shadow model's live results (keel.serving.live.compare_shadow) are one more gate: a
-# challenger whose shadow disagrees with the served model does not start a canary.
+# challenger whose shadow disagrees with the served model is neither registered nor canaried.
 SHADOW_GATE = "shadow_agreement"
+SHADOW_MIN_AGREEMENT = 0.8
 
 
 def shadow_gate(
     comparison: dict,
-    min_agreement: float = 0.8,
+    min_agreement: float = SHADOW_MIN_AGREEMENT,
     min_rows: int = 200,
     max_auc_drop: float = 0.02,
 ) -> tuple[bool | None, str]:
@@ -88,3 +89,23 @@ def shadow_gate(
     if served_auc is not None and shadow_auc is not None and served_auc - shadow_auc > max_auc_drop:
         return False, f"shadow AUC {shadow_auc:.3f} against served {served_auc:.3f}"
     return True, f"agreement {agreement:.1%} on {rows} rows"
+
+
+def with_shadow_gate(summary: dict, comparison: dict, source: str) -> dict | None:
+    """Add the shadow gate of ``comparison`` to an evaluation summary's gates; returns the gate.
+
+    A shadow with too few rows to judge adds nothing (None): it neither passes nor blocks.
+    """
+    passed, why = shadow_gate(comparison)
+    if passed is None:
+        return None
+    gate = {
+        "name": SHADOW_GATE,
+        "passed": passed,
+        "value": comparison.get("agreement"),
+        "limit": SHADOW_MIN_AGREEMENT,
+        "detail": f"{source}: {why}",
+    }
+    summary["gates"] = [g for g in summary["gates"] if g["name"] != SHADOW_GATE] + [gate]
+    summary["all_gates_passed"] = all(g["passed"] for g in summary["gates"])
+    return gate

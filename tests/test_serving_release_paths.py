@@ -42,8 +42,8 @@ def _evaluated_run(world: World, config: RegistryConfig, tmp_path: Path, seed: i
     return log_lightgbm_run(home, config, seed=seed)
 
 
-def _record_evaluation(instance: dg.DagsterInstance, run_id: str, folder: Path) -> None:
-    """A challenger_evaluation materialisation whose summary passed every gate."""
+def _passing_summary(run_id: str) -> dict:
+    """An evaluation summary of ``run_id`` that passed every gate."""
     quality = dict.fromkeys(
         (
             "accuracy",
@@ -58,8 +58,9 @@ def _record_evaluation(instance: dg.DagsterInstance, run_id: str, folder: Path) 
         ),
         0.7,
     )
-    summary = {
+    return {
         "gates": [{"name": name, "passed": True} for name in GATES],
+        "all_gates_passed": True,
         "comparison": None,
         "challenger": {
             "uri": f"runs:/{run_id}/model",
@@ -75,7 +76,11 @@ def _record_evaluation(instance: dg.DagsterInstance, run_id: str, folder: Path) 
             "score_histogram": score_histogram(np.random.default_rng(5).beta(2, 8, 5_000)),
         },
     }
-    path = folder / "evaluation.json"
+
+
+def _record_evaluation(instance: dg.DagsterInstance, summary: dict, folder: Path) -> None:
+    """A challenger_evaluation materialisation of ``summary``, as the evaluation records it."""
+    path = folder / f"evaluation-{len(list(folder.glob('evaluation-*')))}.json"
     content = json.dumps(summary).encode()
     path.write_bytes(content)
     instance.report_runless_asset_event(
@@ -112,7 +117,7 @@ def test_canary_release_mode_registers_without_promoting_and_the_judge_promotes(
         }
     }
     with dg.DagsterInstance.ephemeral() as instance:
-        _record_evaluation(instance, run_id, tmp_path)
+        _record_evaluation(instance, _passing_summary(run_id), tmp_path)
         result = dg.materialize(
             [registered_model, canary_deployment],
             resources=resources,
@@ -209,3 +214,58 @@ def test_a_canary_whose_live_scores_leave_its_held_out_ones_is_rolled_back(
     assert outcome.action == "rolled_back"
     check = next(c for c in outcome.record.details["checks"] if c["name"] == "score_psi")
     assert check["passed"] is False and "held-out" in check["detail"]
+
+
+# -- the shadow report as one more evaluation gate --------------------------------------------
+
+
+def test_a_failing_shadow_report_is_an_evaluation_gate_that_blocks_registration(
+    registry: ModelRegistry, registry_copy: RegistryConfig, world: World, tmp_path: Path
+) -> None:
+    from assets.evaluation import add_shadow_gate
+    from assets.registry import registered_model
+    from assets.serving import SHADOW_KEY
+
+    run_id = registry.client.get_model_version(registry.name, world.challenger).run_id
+    resources = dagster_resources(registry_copy, tmp_path)
+
+    def shadowed(instance: dg.DagsterInstance, day: str, agreement: float) -> None:
+        comparison = {"rows": 400, "agreement": agreement, "shadow_versions": [world.challenger]}
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                SHADOW_KEY,
+                partition=day,
+                metadata={"comparison": dg.MetadataValue.json(comparison)},
+            )
+        )
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        summary = _passing_summary(run_id)
+        none = add_shadow_gate(instance, registry.client, registry.name, run_id, summary)
+        assert none == "no shadow report of this challenger"
+        assert [g["name"] for g in summary["gates"]] == list(GATES)
+
+        shadowed(instance, "2026-01-02", agreement=0.55)
+        detail = add_shadow_gate(instance, registry.client, registry.name, run_id, summary)
+        gate = summary["gates"][-1]
+        assert (gate["name"], gate["passed"], gate["value"]) == ("shadow_agreement", False, 0.55)
+        assert detail.startswith(f"shadow report 2026-01-02 of version {world.challenger}")
+        assert summary["all_gates_passed"] is False
+        _record_evaluation(instance, summary, tmp_path)
+        blocked = dg.materialize(
+            [registered_model], resources=resources, instance=instance, raise_on_error=False
+        )
+        assert not blocked.success
+        assert blocked.asset_materializations_for_node("registered_model") == []
+        failure = next(e for e in blocked.all_events if e.is_step_failure)
+        assert "shadow_agreement" in failure.event_specific_data.error.message
+
+        # A newer shadow report that agrees replaces the verdict: registration goes ahead.
+        shadowed(instance, "2026-01-03", agreement=0.95)
+        summary = _passing_summary(run_id)
+        add_shadow_gate(instance, registry.client, registry.name, run_id, summary)
+        assert summary["gates"][-1]["passed"] is True and summary["all_gates_passed"] is True
+        _record_evaluation(instance, summary, tmp_path)
+        passed = dg.materialize([registered_model], resources=resources, instance=instance)
+    registered = passed.asset_materializations_for_node("registered_model")[0].metadata
+    assert str(registered["version"].value) == world.challenger
