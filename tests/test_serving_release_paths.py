@@ -13,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 
+from keel.evaluation.metrics import QUALITY_METRICS
 from keel.registry import ModelRegistry, RegistryConfig
 from keel.serving import release
 from keel.serving.deployments import CANARY
@@ -44,20 +45,7 @@ def _evaluated_run(world: World, config: RegistryConfig, tmp_path: Path, seed: i
 
 def _passing_summary(run_id: str) -> dict:
     """An evaluation summary of ``run_id`` that passed every gate."""
-    quality = dict.fromkeys(
-        (
-            "accuracy",
-            "precision",
-            "recall",
-            "f1",
-            "roc_auc",
-            "pr_auc",
-            "log_loss",
-            "brier_score",
-            "expected_calibration_error",
-        ),
-        0.7,
-    )
+    quality = dict.fromkeys(QUALITY_METRICS, 0.7)
     return {
         "gates": [{"name": name, "passed": True} for name in GATES],
         "all_gates_passed": True,
