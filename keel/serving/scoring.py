@@ -91,28 +91,6 @@ class FastLightGBM:
         )
         self.booster = risk_model.booster
         self.logit_offset = float(risk_model.logit_offset)
-        self._predictors: dict[int, Any] = {}  # num_threads -> LightGBM's inner predictor
-
-    def _raw(self, matrix: np.ndarray, threads: int) -> np.ndarray:
-        """``booster.predict(matrix, raw_score=True, num_threads=threads)``, same numbers.
-
-        ``Booster.predict`` builds a new inner predictor (and deep-copies its parameters) on
-        every call, which costs more than scoring one row; the predictor only holds the
-        booster's handle and the parameters, so one per thread count is kept.
-        """
-        from lightgbm.basic import _InnerPredictor
-
-        predictor = self._predictors.get(threads)
-        if predictor is None:
-            predictor = self._predictors[threads] = _InnerPredictor.from_booster(
-                booster=self.booster, pred_parameter={"num_threads": threads}
-            )
-        return predictor.predict(
-            data=matrix,
-            start_iteration=0,
-            num_iteration=self.booster.best_iteration,
-            raw_score=True,
-        )
 
     def predict(self, columns: dict[str, list[Any]], rows: list[int]) -> np.ndarray:
         import numpy as np
@@ -133,7 +111,7 @@ class FastLightGBM:
         numeric = matrix[:, : len(numbers)]
         numeric[np.isinf(numeric)] = np.nan
         threads = 1 if len(rows) <= SMALL_BATCH_ROWS else 0
-        raw = self._raw(matrix, threads)
+        raw = self.booster.predict(matrix, raw_score=True, num_threads=threads)
         return 0.5 * (1.0 + np.tanh(0.5 * (np.asarray(raw, np.float64) - self.logit_offset)))
 
 
