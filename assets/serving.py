@@ -212,23 +212,18 @@ def shadow_report(
     """The shadow model against the served scores on the day's traffic: agreement, latency, AUC."""
     import json
 
-    import pandas as pd
-
+    from keel.files import atomic_write
     from keel.gates import shadow_gate
     from keel.serving.live import compare_shadow
 
     day = context.partition_key
-    path = artefacts.path("online_predictions", f"{day}.parquet")
-    if not path.exists():
-        raise dg.Failure(f"no online predictions for {day}: materialise online_predictions")
-    with path.open("rb") as handle:
-        frame = pd.read_parquet(handle)
+    frame = _day_predictions(artefacts, day)
     comparison = compare_shadow(
         frame, monitoring.decision_threshold, labels_for_day(feature_store, day)
     ).to_dict()
     passed, why = shadow_gate(comparison)
     target = artefacts.path("monitoring", "shadow", f"{day}.json")
-    target.write_text(json.dumps({**comparison, "gate": passed, "gate_detail": why}, indent=2))
+    atomic_write(target, json.dumps({**comparison, "gate": passed, "gate_detail": why}, indent=2))
 
     def number(name: str) -> dg.MetadataValue:
         value = comparison[name]
@@ -267,17 +262,11 @@ def online_drift_report(
     monitoring: MonitoringResource,
 ) -> dg.MaterializeResult:
     """Drift of the day's live features and champion scores against the champion's reference."""
-    import pandas as pd
-
     from assets.monitoring import reference_profile
     from keel.monitoring import data_drift, prediction_drift, write_drift_report
 
     day = context.partition_key
-    path = artefacts.path("online_predictions", f"{day}.parquet")
-    if not path.exists():
-        raise dg.Failure(f"no online predictions for {day}: materialise online_predictions")
-    with path.open("rb") as handle:
-        frame = pd.read_parquet(handle)
+    frame = _day_predictions(artefacts, day)
     frame = frame[frame["arm"] == "champion"]
     if frame.empty:
         raise dg.Failure(f"no champion traffic was logged on {day}")
@@ -308,3 +297,14 @@ def online_drift_report(
 
 
 SERVING_ASSETS = [canary_deployment, online_predictions, shadow_report, online_drift_report]
+
+
+def _day_predictions(artefacts: ArtefactStore, day: str):  # -> pandas.DataFrame
+    """The day's logged online predictions, as the ``online_predictions`` asset wrote them."""
+    import pandas as pd
+
+    path = artefacts.path("online_predictions", f"{day}.parquet")
+    if not path.exists():
+        raise dg.Failure(f"no online predictions for {day}: materialise online_predictions")
+    with path.open("rb") as handle:
+        return pd.read_parquet(handle)

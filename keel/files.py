@@ -43,13 +43,8 @@ def atomic_write(path: str | os.PathLike[str] | Any, data: bytes | str, mode: in
         return path
     target = Path(getattr(path, "path", path))
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    scratch = _write_scratch(target, payload, mode)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.replace(scratch, target)
     finally:
         scratch.unlink(missing_ok=True)
@@ -80,13 +75,8 @@ def create_exclusive(path: Path, data: bytes | str, mode: int = 0o600) -> bool:
     """
     payload = data.encode() if isinstance(data, str) else bytes(data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    scratch = _write_scratch(path, payload, mode)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
         try:
             os.link(scratch, path)
         except FileExistsError:
@@ -95,3 +85,18 @@ def create_exclusive(path: Path, data: bytes | str, mode: int = 0o600) -> bool:
         scratch.unlink(missing_ok=True)
     _fsync_folder(path.parent)
     return True
+
+
+def _write_scratch(target: Path, payload: bytes, mode: int) -> Path:
+    """``payload`` in a fsynced scratch file of this writer's own, beside ``target``."""
+    scratch = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
+    return scratch
