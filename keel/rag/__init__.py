@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation: documents, chunks, embeddings, index, answers, evaluation."""
