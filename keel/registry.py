@@ -26,8 +26,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from keel.access.guard import AccessSteps
 from keel.registry_audit import AUDIT_TABLE as AUDIT_TABLE  # the table's name, for readers
 from keel.registry_audit import (
     HEAD_TAG,
@@ -73,6 +74,9 @@ from keel.registry_types import (
 )
 from keel.schema import LINEAGE_TAGS
 
+if TYPE_CHECKING:
+    from keel.access import Identity
+
 # The registry's names live in keel.registry_types; callers import them from here.
 __all__ = [
     "ACTIONS",
@@ -101,7 +105,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-class ModelRegistry(ReleaseSteps):
+class ModelRegistry(ReleaseSteps, AccessSteps):
     """The registered model ``keel-default-risk``: versions, approvals, aliases and audit trail.
 
     Every method that changes the registry runs under one cross-process lock, so parallel
@@ -351,6 +355,7 @@ class ModelRegistry(ReleaseSteps):
         between leaves a change the next writer finishes (`_apply`); otherwise it is settled
         at once.
         """
+        details = {**self._identity_details(actor), **(details or {})}
         record = self._log.append(_now(), action, actor, from_version, to_version, reason, details)
         self._move_head(record)
         if not replay:
@@ -471,7 +476,7 @@ class ModelRegistry(ReleaseSteps):
         run_id: str,
         metrics: Mapping[str, float],
         gates: Mapping[str, bool],
-        actor: str,
+        actor: Identity | str,
         auto_approve: bool = False,
         model_uri: str | None = None,
         evaluation_report: str = "",
@@ -490,7 +495,8 @@ class ModelRegistry(ReleaseSteps):
             run_id: The MLflow training run (it carries the lineage tags).
             metrics: Headline evaluation numbers, stored as version tags.
             gates: Gate name -> passed; every gate must have passed.
-            actor: Who registers (a person or the pipeline).
+            actor: Who registers: an authenticated identity with the ``trainer`` role (or free
+                text, recorded as unverified, when the registry does not require identities).
             auto_approve: Whether the auto-approve policy is on.
             model_uri: The run's model URI when known (``models:/m-...`` or ``runs:/...``).
             evaluation_report: Where the evaluation's HTML report is kept.
@@ -498,6 +504,7 @@ class ModelRegistry(ReleaseSteps):
             promote: Whether an auto-approved version becomes the champion at once.
             extra_tags: More version tags (the held-out score histogram, for example).
         """
+        actor = self._authorize(actor, "register", None)
         if not gates:
             raise RegistryError("no gate results: a candidate is registered only after its gates")
         failed = sorted(name for name, passed in gates.items() if not passed)
@@ -572,8 +579,9 @@ class ModelRegistry(ReleaseSteps):
                     self._promote(number, AUTO_APPROVER, "auto-approve policy: every gate passed")
         return VersionInfo(**{**asdict(self.info(number)), "created": True})
 
-    def approve(self, version: str, actor: str, reason: str = "") -> VersionInfo:
+    def approve(self, version: str, actor: Identity | str, reason: str = "") -> VersionInfo:
         """Record an approval; the model's trainer may not approve it."""
+        actor = self._authorize(actor, "approve", version)
         with self._serialised():
             number = self.resolve(version)
             self._approve(number, actor, reason)
@@ -600,8 +608,9 @@ class ModelRegistry(ReleaseSteps):
             )
         self._record("approve", actor, None, number, reason)
 
-    def reject(self, version: str, actor: str, reason: str) -> VersionInfo:
+    def reject(self, version: str, actor: Identity | str, reason: str) -> VersionInfo:
         """Reject a version for good; the champion is rolled back, not rejected."""
+        actor = self._authorize(actor, "reject", version)
         require_actor(actor)
         if not reason.strip():
             raise ApprovalError("a rejection needs a reason")
@@ -616,8 +625,9 @@ class ModelRegistry(ReleaseSteps):
             self._record("reject", actor, None, number, reason)
         return self.info(number)
 
-    def promote(self, version: str, actor: str, reason: str = "") -> VersionInfo:
+    def promote(self, version: str, actor: Identity | str, reason: str = "") -> VersionInfo:
         """Make an approved version the champion; the old champion is kept for rollback."""
+        actor = self._authorize(actor, "promote", version)
         with self._serialised():
             number = self.resolve(version)
             self._promote(number, actor, reason)
@@ -637,8 +647,9 @@ class ModelRegistry(ReleaseSteps):
             raise ApprovalError(f"version {number} is already the champion")
         self._record("promote", actor, previous, number, reason)
 
-    def rollback(self, actor: str, reason: str) -> VersionInfo:
+    def rollback(self, actor: Identity | str, reason: str) -> VersionInfo:
         """Give the champion alias back to the version that held it before the current one."""
+        actor = self._authorize(actor, "rollback", None)
         require_actor(actor)
         if not reason.strip():
             raise ApprovalError("a rollback needs a reason")

@@ -25,9 +25,10 @@ class ReleaseSteps:
     # -- edge bundles: ONNX exports that passed their parity check (keel.edge) ---------------------
 
     def attach_bundle(
-        self, version: str, actor: str, tags: Mapping[str, str], details: Mapping[str, Any]
+        self, version: str, actor: Any, tags: Mapping[str, str], details: Mapping[str, Any]
     ) -> AuditRecord:
         """Record a verified edge bundle on a version: ``keel.bundle.*`` tags and an audit line."""
+        actor = self._authorize(actor, "attach_bundle", version)
         require_actor(actor)
         foreign = sorted(key for key in tags if not key.startswith("keel.bundle."))
         if foreign:
@@ -65,7 +66,7 @@ class ReleaseSteps:
     def deploy(
         self,
         action: str,
-        actor: str,
+        actor: Any,
         reason: str,
         *,
         from_version: str | None = None,
@@ -85,7 +86,8 @@ class ReleaseSteps:
 
         Args:
             action: One of `DEPLOY_ACTIONS`.
-            actor: Who acts (a person, an API key's owner, or a watcher).
+            actor: Who acts: an `keel.access.Identity` with the ``deploy`` permission, or free
+                text (an API key's owner, a watcher) unless the registry requires identities.
             reason: Why, for the audit trail.
             from_version: The version losing traffic, for the audit trail.
             to_version: The version gaining traffic, for the audit trail.
@@ -96,6 +98,7 @@ class ReleaseSteps:
             promote: A version to make the champion in the same step (a switch, a canary pass).
             details: Evidence kept with the audit record.
         """
+        actor = self._authorize(actor, "deploy", to_version)
         require_actor(actor)
         if action not in DEPLOY_ACTIONS:
             raise RegistryError(

@@ -54,6 +54,8 @@ class RegistryConfig:
         audit_key_file: A file holding it, created with mode 0600 on first use; empty means
             ``registry-audit.key`` next to a SQLite audit database. A Postgres audit log
             needs one of the two.
+        require_identity: Refuse actors that are free text: every change then needs an
+            authenticated `keel.access.Identity` carrying the change's role.
     """
 
     tracking_uri: str
@@ -64,6 +66,7 @@ class RegistryConfig:
     lock_timeout_s: float = 300.0
     audit_key: str = field(default="", repr=False)
     audit_key_file: str = ""
+    require_identity: bool = False
 
     @classmethod
     def local(cls, paths: KeelPaths | None = None) -> RegistryConfig:
