@@ -1,11 +1,12 @@
 """``keel registry``: approve, reject, promote and roll back model versions; audit and lineage.
 
-MLflow loads only when a command runs, so ``keel --help`` stays fast.
+Whoever runs a command acts as their authenticated identity (`keel.access.authenticate`):
+the API key in ``KEEL_API_KEY``, else, in the local profile, the OS user. MLflow loads only
+when a command runs, so ``keel --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import getpass
 import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -15,13 +16,10 @@ import click
 from keel.settings import active_profile
 
 if TYPE_CHECKING:
+    from keel.access import Identity
     from keel.registry import ModelRegistry, VersionInfo
 
 T = TypeVar("T")
-
-
-def _default_actor() -> str:
-    return getpass.getuser()
 
 
 @click.group("registry")
@@ -111,12 +109,13 @@ def _open(ctx: click.Context) -> ModelRegistry:
 
 def _run(ctx: click.Context, action: Callable[[ModelRegistry], T]) -> T:
     """Run ``action`` on the registry; workflow refusals become one-line CLI errors."""
+    from keel.access import AccessError
     from keel.registry import RegistryError
 
     try:
         with _open(ctx) as registry:
             return action(registry)
-    except RegistryError as error:
+    except (RegistryError, AccessError) as error:
         raise click.ClickException(str(error)) from error
 
 
@@ -128,51 +127,49 @@ def _echo_version(info: VersionInfo) -> None:
     )
 
 
-actor_option = click.option(
-    "--actor",
-    default=_default_actor,
-    show_default="the OS user",
-    help="Who is acting; recorded in the audit trail.",
-)
+def _identity() -> Identity:
+    """The caller: KEEL_API_KEY's owner, else the OS user (local profile only)."""
+    from keel.access import AuthenticationError, authenticate
+
+    try:
+        return authenticate()
+    except AuthenticationError as error:
+        raise click.ClickException(str(error)) from error
 
 
 @registry.command()
 @click.argument("version")
-@actor_option
 @click.option("--reason", default="", help="Why, for the audit trail.")
 @click.pass_context
-def approve(ctx: click.Context, version: str, actor: str, reason: str) -> None:
+def approve(ctx: click.Context, version: str, reason: str) -> None:
     """Approve VERSION (a number or alias); the person who trained it may not."""
-    _echo_version(_run(ctx, lambda r: r.approve(version, actor, reason)))
+    _echo_version(_run(ctx, lambda r: r.approve(version, _identity(), reason)))
 
 
 @registry.command()
 @click.argument("version")
-@actor_option
 @click.option("--reason", required=True, help="Why it is rejected.")
 @click.pass_context
-def reject(ctx: click.Context, version: str, actor: str, reason: str) -> None:
+def reject(ctx: click.Context, version: str, reason: str) -> None:
     """Reject VERSION for good (the champion is rolled back instead)."""
-    _echo_version(_run(ctx, lambda r: r.reject(version, actor, reason)))
+    _echo_version(_run(ctx, lambda r: r.reject(version, _identity(), reason)))
 
 
 @registry.command()
 @click.argument("version")
-@actor_option
 @click.option("--reason", default="", help="Why, for the audit trail.")
 @click.pass_context
-def promote(ctx: click.Context, version: str, actor: str, reason: str) -> None:
+def promote(ctx: click.Context, version: str, reason: str) -> None:
     """Make an approved VERSION the champion (the old champion stays for rollback)."""
-    _echo_version(_run(ctx, lambda r: r.promote(version, actor, reason)))
+    _echo_version(_run(ctx, lambda r: r.promote(version, _identity(), reason)))
 
 
 @registry.command()
-@actor_option
 @click.option("--reason", required=True, help="Why the champion is rolled back.")
 @click.pass_context
-def rollback(ctx: click.Context, actor: str, reason: str) -> None:
+def rollback(ctx: click.Context, reason: str) -> None:
     """Give the champion alias back to the previous champion."""
-    _echo_version(_run(ctx, lambda r: r.rollback(actor, reason)))
+    _echo_version(_run(ctx, lambda r: r.rollback(_identity(), reason)))
 
 
 @registry.command()
@@ -188,6 +185,7 @@ def audit(ctx: click.Context, as_json: bool, limit: int | None, verify: bool) ->
     """The append-only audit trail: who did what, when, from which version to which, why."""
 
     def read(registry):
+        _identity().require("read", "the audit trail")
         return registry.audit_records(limit), registry.verify_audit() if verify else None
 
     records, verdict = _run(ctx, read)
@@ -211,7 +209,7 @@ def audit(ctx: click.Context, as_json: bool, limit: int | None, verify: bool) ->
 @click.pass_context
 def lineage(ctx: click.Context, version_or_alias: str, as_json: bool) -> None:
     """What VERSION_OR_ALIAS was built from: training set, features, dbt models, code."""
-    result = _run(ctx, lambda r: r.lineage(version_or_alias))
+    result = _run(ctx, lambda r: _identity().require("read") or r.lineage(version_or_alias))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -319,21 +319,28 @@ def test_lineage_returns_real_paths_and_hashes(registry, config, keel_home):
         registry.lineage("challenger")
 
 
-def _invoke(*args: str):
-    return CliRunner().invoke(keel_cli.cli, ["registry", *args], catch_exceptions=False)
+def _invoke(*args: str, key: str = ""):
+    return CliRunner().invoke(
+        keel_cli.cli, ["registry", *args], catch_exceptions=False, env={"KEEL_API_KEY": key}
+    )
 
 
 def test_cli_approve_promote_rollback_audit_and_lineage(registry, config, keel_home):
+    from keel.access import KeyStore, default_store_path
+
     registry.register(training_run(config, keel_home, "a"), METRICS, GATES, "ci", auto_approve=True)
     registry.register(training_run(config, keel_home, "b"), METRICS, GATES, actor="ci")
+    keys = KeyStore(default_store_path())
+    alice, bob = keys.add("alice", ["approver"]), keys.add("bob", ["approver", "deployer"])
+    carol = keys.add("carol", ["deployer"])
 
-    refused = _invoke("approve", "2", "--actor", "alice")
+    refused = _invoke("approve", "2", key=alice)
     assert refused.exit_code == 1 and "may not approve it" in refused.output
-    approved = _invoke("approve", "challenger", "--actor", "bob", "--reason", "report reviewed")
+    approved = _invoke("approve", "challenger", "--reason", "report reviewed", key=bob)
     assert approved.exit_code == 0 and "version 2: approved" in approved.output
-    promoted = _invoke("promote", "2", "--actor", "bob", "--reason", "weekly release")
+    promoted = _invoke("promote", "2", "--reason", "weekly release", key=bob)
     assert promoted.exit_code == 0 and "champion" in promoted.output
-    rolled = _invoke("rollback", "--actor", "carol", "--reason", "latency regression")
+    rolled = _invoke("rollback", "--reason", "latency regression", key=carol)
     assert rolled.exit_code == 0 and "version 1:" in rolled.output
     assert registry.champion() == "1"
 
