@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from keel.access.cli import access
 from keel.registry_cli import registry
 from keel.serving.cli import serve
 from keel.serving.release_cli import release
@@ -120,6 +121,7 @@ def demo(accounts: int, history_days: int, days: int, drift_day: int, no_release
 cli.add_command(registry)
 cli.add_command(serve)
 cli.add_command(release)
+cli.add_command(access)
 
 
 def main() -> None:
