@@ -1,0 +1,33 @@
+"""The sensor that feeds the Evidently dashboards with each new drift and performance report."""
+
+import json
+
+import dagster as dg
+
+from orchestration.resources import ArtefactStore
+
+
+@dg.sensor(
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Adds each new drift and performance report to the Evidently dashboards.",
+)
+def monitoring_dashboards(context: dg.SensorEvaluationContext, artefacts: ArtefactStore):
+    """Feed the Evidently workspace (a project per dataset) from the reports' metadata."""
+    from keel.dashboards import feed_workspace, reports_from_instance, workspace_dir
+
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    batch = reports_from_instance(context.instance, cursor.get("storage_id"))
+    for problem in batch.problems:
+        context.log.warning(f"not on the dashboards: {problem}")
+    if batch.cursor == cursor.get("storage_id"):
+        return dg.SkipReason("no new monitoring reports since the last tick")
+    summary = feed_workspace(workspace_dir(artefacts.path()), batch.reports)
+    note = (
+        f"{summary.added} snapshots added, {summary.replaced} replaced, "
+        f"{summary.unchanged} unchanged in {', '.join(sorted(summary.projects)) or 'no project'}"
+    )
+    return dg.SensorResult(skip_reason=note, cursor=json.dumps({"storage_id": batch.cursor}))
+
+
+DASHBOARD_SENSORS = [monitoring_dashboards]

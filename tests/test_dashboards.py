@@ -1,0 +1,216 @@
+"""The Evidently workspace fed by the daily reports, read back through Evidently's own API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from keel import schema
+from keel.dashboards import (
+    DEFAULT_DATASET,
+    dashboard_model,
+    dataset_of,
+    performance_figures,
+    workspace_dir,
+)
+from keel.dashboards.workspace import FEATURE_PANEL, PANELS
+from keel.monitoring import build_reference_profile, data_drift, performance
+from orchestration.dashboards import monitoring_dashboards
+from orchestration.resources import ArtefactStore
+
+DAYS = [f"2026-03-0{n}" for n in range(1, 5)]
+
+
+def _frame(rng: np.random.Generator, rows: int, shift: float = 0.0) -> pd.DataFrame:
+    data = {name: rng.normal(10 + shift * 10, 2, rows) for name in schema.NUMERIC_FEATURES}
+    data["product"] = rng.choice(list(schema.PRODUCTS), rows)
+    data["main_channel_30d"] = rng.choice(list(schema.CHANNELS), rows)
+    return pd.DataFrame(data)
+
+
+@pytest.fixture(scope="module")
+def daily_results():
+    """Real drift and performance results (keel.monitoring) of four days drifting more each day."""
+    rng = np.random.default_rng(7)
+    profile = build_reference_profile(
+        _frame(rng, 2_000), champion_version="1", training_set_hash="abc"
+    )
+    drift, perf = {}, {}
+    for n, day in enumerate(DAYS):
+        drift[day] = data_drift(profile, _frame(rng, 1_000 + 100 * n, shift=0.4 * n))
+        labels = rng.integers(0, 2, 500)
+        # The scores separate the classes less every day: the AUC falls.
+        scores = np.clip(labels * (0.4 - 0.1 * n) + rng.uniform(0, 0.6, 500), 0, 1)
+        perf[day] = performance(scores, labels)
+    shares = [drift[day].share_of_drifted_features for day in DAYS]
+    assert shares[0] < shares[-1]
+    return drift, perf
+
+
+def _report_drift(instance, key, day, result, issues=()):
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key=key,
+            partition=day,
+            metadata={
+                "drift": dg.MetadataValue.json(result.to_dict()),
+                "prediction_drift": dg.MetadataValue.bool(False),
+                "quality_issues": dg.MetadataValue.json(list(issues)),
+            },
+        )
+    )
+
+
+def _report_performance(instance, key, day, result):
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key=key,
+            partition=day,
+            metadata={"performance": dg.MetadataValue.json(result.to_dict())},
+        )
+    )
+
+
+def _tick(instance, root: Path, cursor):
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"artefacts": ArtefactStore(root=str(root))}
+    )
+    return monitoring_dashboards(context)
+
+
+def _series(workspace_path: Path, project_id, column: str) -> list[float]:
+    """A panel's series as Evidently's UI service computes it from the workspace."""
+    from evidently.ui.service.base import SeriesFilter
+    from evidently.ui.service.storage.local.base import InMemoryDataStorage
+
+    storage = InMemoryDataStorage(str(workspace_path))
+    response = asyncio.run(
+        storage.get_data_series(
+            project_id,
+            [
+                SeriesFilter(
+                    tags=[],
+                    metadata={},
+                    metric="evidently:metric_v2:DailyFigure",
+                    metric_labels={"column": column},
+                )
+            ],
+            None,
+            None,
+        )
+    )
+    (series,) = response.series
+    return series.values
+
+
+def test_the_sensor_feeds_a_project_per_dataset_with_a_snapshot_per_report_and_day(
+    tmp_path, daily_results
+):
+    from evidently.ui.workspace import Workspace
+
+    drift, perf = daily_results
+    instance = dg.DagsterInstance.ephemeral()
+    for day in DAYS:
+        _report_drift(instance, "drift_report", day, drift[day], issues=["x: values out of range"])
+        _report_performance(instance, "performance_report", day, perf[day])
+    # A second dataset's assets carry its name as their key prefix; two days of drift only.
+    for day in DAYS[:2]:
+        _report_drift(instance, ["taiwan", "drift_report"], day, drift[day])
+
+    tick = _tick(instance, tmp_path, None)
+    assert isinstance(tick, dg.SensorResult), tick
+    assert "10 snapshots added" in tick.skip_reason.skip_message
+
+    path = workspace_dir(tmp_path)
+    workspace = Workspace(str(path))
+    projects = {project.name: project for project in workspace.list_projects()}
+    assert set(projects) == {DEFAULT_DATASET, "taiwan"}
+    default, taiwan = projects[DEFAULT_DATASET], projects["taiwan"]
+    assert len(workspace.list_runs(default.id)) == 2 * len(DAYS)
+    assert len(workspace.list_runs(taiwan.id)) == 2
+
+    snapshots = [workspace.get_run(default.id, run) for run in workspace.list_runs(default.id)]
+    stamped = sorted((s.metadata["report"], s.timestamp.date().isoformat()) for s in snapshots)
+    assert stamped == sorted([("drift", d) for d in DAYS] + [("performance", d) for d in DAYS])
+
+    # The panels' series, as the UI service reads them: the reports' full-data figures by day.
+    shares = _series(path, default.id, "share_of_drifted_features")
+    assert shares == pytest.approx([drift[d].share_of_drifted_features for d in DAYS])
+    aucs = _series(path, default.id, "auc")
+    assert aucs == pytest.approx([perf[d].auc for d in DAYS])
+    assert aucs[0] > aucs[-1]
+    assert _series(path, default.id, "quality_issues") == [1.0] * len(DAYS)
+    assert _series(path, taiwan.id, "share_of_drifted_features") == pytest.approx(shares[:2])
+
+    # Every panel of the dashboard draws figures the snapshots hold.
+    dashboard = workspace.get_dashboard(default.id)
+    assert {tab.title for tab in dashboard.tabs} == {"Drift", "Data quality", "Performance"}
+    titles = {panel.title for panel in dashboard.panels}
+    assert {panel.title for panel in PANELS} | {FEATURE_PANEL} == titles
+    held = {
+        result.metric_value_location.metric.params["column"]
+        for s in snapshots
+        for result in s.metric_results.values()
+    }
+    for panel in dashboard.panels:
+        assert panel.values, panel.title
+        for value in panel.values:
+            assert value.metric_labels["column"] in held, (panel.title, value)
+    feature_panel = next(p for p in dashboard.panels if p.title == FEATURE_PANEL)
+    assert {v.legend for v in feature_panel.values} == {f.column for f in drift[DAYS[0]].features}
+
+
+def test_a_day_reported_again_replaces_its_snapshot_and_nothing_new_is_a_skip(
+    tmp_path, daily_results
+):
+    from evidently.ui.workspace import Workspace
+
+    drift, perf = daily_results
+    instance = dg.DagsterInstance.ephemeral()
+    for day in DAYS[:2]:
+        _report_drift(instance, "drift_report", day, drift[day])
+    first = _tick(instance, tmp_path, None)
+    assert isinstance(_tick(instance, tmp_path, first.cursor), dg.SkipReason)
+
+    # The first day is reported again with the last day's (drifted) result; a malformed event
+    # is named, not fed, and does not hold up the others.
+    _report_drift(instance, "drift_report", DAYS[0], drift[DAYS[-1]])
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset_key="drift_report", partition=DAYS[2], metadata={})
+    )
+    _report_performance(instance, "performance_report", DAYS[1], perf[DAYS[1]])
+    second = _tick(instance, tmp_path, first.cursor)
+    assert "1 snapshots added, 1 replaced" in second.skip_reason.skip_message
+    assert json.loads(second.cursor)["storage_id"] > json.loads(first.cursor)["storage_id"]
+
+    path = workspace_dir(tmp_path)
+    (project,) = Workspace(str(path)).list_projects()
+    assert len(Workspace(str(path)).list_runs(project.id)) == 3
+    assert _series(path, project.id, "share_of_drifted_features") == pytest.approx(
+        [drift[DAYS[-1]].share_of_drifted_features, drift[DAYS[1]].share_of_drifted_features]
+    )
+
+    # Feeding from the start again (a lost cursor) adds nothing.
+    again = _tick(instance, tmp_path, None)
+    assert "0 snapshots added, 0 replaced, 4 unchanged" in again.skip_reason.skip_message
+
+
+def test_dataset_names_come_from_the_asset_keys_or_the_metadata():
+    assert dataset_of(["drift_report"], {}) == DEFAULT_DATASET
+    assert dataset_of(["drift_report"], {"dataset": "cards"}) == "cards"
+    assert dataset_of(["taiwan", "drift_report"], {"dataset": "ignored"}) == "taiwan"
+    assert performance_figures({"labels_arrived": 0}) is None
+
+
+def test_a_dashboard_written_again_keeps_its_ids():
+    first = dashboard_model("cards", ["income"])
+    second = dashboard_model("cards", ["income", "age"])
+    assert [t.id for t in first.tabs] == [t.id for t in second.tabs]
+    assert {p.id for p in first.panels} <= {p.id for p in second.panels}
+    assert not {p.id for p in first.panels} & {p.id for p in dashboard_model("x", []).panels}
