@@ -98,5 +98,6 @@ def test_jobs_schedules_and_sensors_are_wired():
         "performance_sensor",
         "run_failure_alert",
         "canary_sensor",
+        "monitoring_dashboards",
     }
     assert defs.resolve_job_def("retrain").tags["gpu"] == "true"
