@@ -17,6 +17,7 @@ from pydantic import Field
 from assets.partitions import DAILY_PARTITIONS
 from assets.transformation import daily_dbt_models, dbt_models
 from keel import schema
+from keel.datasets.spec import DatasetSpec, discover
 from orchestration.resources import ArtefactStore, FeatureStoreResource
 
 GROUP = "features"
@@ -25,8 +26,6 @@ FEAST_POOL = "feast"
 # The marts as dagster-dbt names them (its translator decides the keys, not this module).
 FEATURES_MART = get_asset_key_for_model([daily_dbt_models], "fct_account_features_daily")
 LABELS_MART = get_asset_key_for_model([daily_dbt_models], "fct_default_labels")
-TAIWAN_FEATURES_MART = get_asset_key_for_model([dbt_models], "fct_taiwan_features_monthly")
-TAIWAN_LABELS_MART = get_asset_key_for_model([dbt_models], "fct_taiwan_labels")
 
 
 class TrainingSetConfig(dg.Config):
@@ -89,6 +88,7 @@ def _training_set(
     feature_service: str,
     entity_key: str,
     lookback_days: int,
+    label: str = schema.LABEL,
 ) -> dg.MaterializeResult:
     from keel.features import build_training_set, read_label_window
 
@@ -96,11 +96,15 @@ def _training_set(
     labels = read_label_window(f"{feature_store.marts.rstrip('/')}/{labels_mart}", lookback_days)
     target = artefacts.path("training_sets", feature_service)
     if target.protocol in ("", "file", "local"):
-        result = build_training_set(store, labels, Path(target.path), feature_service, entity_key)
+        result = build_training_set(
+            store, labels, Path(target.path), feature_service, entity_key, label
+        )
         location = str(result.path)
     else:
         with tempfile.TemporaryDirectory() as scratch:
-            result = build_training_set(store, labels, Path(scratch), feature_service, entity_key)
+            result = build_training_set(
+                store, labels, Path(scratch), feature_service, entity_key, label
+            )
             for name in (result.path.name, "latest.json"):
                 target.joinpath(name).write_bytes((Path(scratch) / name).read_bytes())
         location = str(target.joinpath(result.path.name))
@@ -136,20 +140,37 @@ def training_set(
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    kinds={"feast", "parquet"},
-    deps=[feast_registry, TAIWAN_FEATURES_MART, TAIWAN_LABELS_MART],
-)
-def taiwan_training_set(
-    config: TrainingSetConfig, feature_store: FeatureStoreResource, artefacts: ArtefactStore
-) -> dg.MaterializeResult:
-    """The Taiwan labels joined point-in-time to taiwan_default_v1, named by its content hash."""
-    return _training_set(
-        feature_store,
-        artefacts,
-        schema.TAIWAN_LABELS_MART,
-        schema.TAIWAN_FEATURE_SERVICE,
-        schema.TAIWAN_ENTITY_KEY,
-        config.lookback_days,
+def dataset_training_set(spec: DatasetSpec) -> dg.AssetsDefinition:
+    """A dataset's labels joined point-in-time to its feature service, as an asset."""
+
+    @dg.asset(
+        key=dg.AssetKey([spec.name, "training_set"]),
+        group_name=spec.name,
+        kinds={"feast", "parquet"},
+        deps=[
+            feast_registry,
+            get_asset_key_for_model([dbt_models], spec.features_model),
+            get_asset_key_for_model([dbt_models], spec.labels_model),
+        ],
+        description=(
+            f"The {spec.name} labels joined point-in-time to {spec.feature_service}, "
+            "named by content hash."
+        ),
     )
+    def _training_set_asset(
+        config: TrainingSetConfig, feature_store: FeatureStoreResource, artefacts: ArtefactStore
+    ) -> dg.MaterializeResult:
+        return _training_set(
+            feature_store,
+            artefacts,
+            spec.labels_mart,
+            spec.feature_service,
+            spec.entity_key,
+            config.lookback_days,
+            spec.label.column,
+        )
+
+    return _training_set_asset
+
+
+DATASET_TRAINING_SETS = [dataset_training_set(spec) for spec in discover()]

@@ -1,4 +1,4 @@
-"""Raw data in: generator extracts, landed files and the Taiwan CSV, checked by Great Expectations.
+"""Raw data in: generator extracts, landed files and dataset files, checked by Great Expectations.
 
 Each raw asset loads its partitions as delivered (keel.ingestion); its blocking check runs the
 Great Expectations suite on every partition just loaded, quarantines the bad rows and records
@@ -12,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.partitions import DAILY_PARTITIONS
+from keel.datasets.spec import DatasetSpec, discover
 from orchestration.resources import SourcesResource, WarehouseResource
 
 GROUP = "ingestion"
@@ -121,25 +122,29 @@ def raw_landed_activity(
     return _loaded(rows, sources.landing_dir)
 
 
-@dg.asset(
-    group_name=GROUP,
-    kinds={"python", "duckdb"},
-    pool="warehouse",
-    code_version="1",
-)
-def raw_taiwan_credit_clients(sources: SourcesResource, warehouse: WarehouseResource):
-    """The real Taiwan credit-card clients (UCI, 2005), one row per client, as delivered."""
-    from keel.ingestion import load_taiwan_clients
+def dataset_raw_asset(spec: DatasetSpec) -> dg.AssetsDefinition:
+    """The raw table of a dataset with a source file of its own, loaded whole as one snapshot."""
 
-    csv_path = Path(sources.taiwan_csv)
-    if not csv_path.exists():
-        raise dg.Failure(
-            f"Taiwan data not found at {csv_path}; set KEEL_TAIWAN_CSV to the path of "
-            "credit-card-clients.csv (../shared/data/taiwan-credit-default/)."
-        )
-    with warehouse.connect() as connection:
-        rows = load_taiwan_clients(connection, csv_path)
-    return _loaded({SNAPSHOT: rows}, str(csv_path))
+    @dg.asset(
+        key=dg.AssetKey([spec.name, "raw"]),
+        group_name=spec.name,
+        kinds={"python", "duckdb"},
+        pool="warehouse",
+        code_version="1",
+        description=f"{spec.description} As delivered, checksum verified.",
+    )
+    def _raw(warehouse: WarehouseResource):
+        from keel.datasets.spec import SpecError
+        from keel.ingestion import load_dataset_file
+
+        try:
+            with warehouse.connect() as connection:
+                rows = load_dataset_file(connection, spec)
+        except SpecError as error:
+            raise dg.Failure(str(error)) from error
+        return _loaded({SNAPSHOT: rows}, str(spec.source_file()))
+
+    return _raw
 
 
 def _checked_partitions(context: dg.AssetCheckExecutionContext) -> list[str]:
@@ -187,10 +192,10 @@ def validation_check(asset: dg.AssetsDefinition, table_name: str) -> dg.AssetChe
         sources: SourcesResource,
         warehouse: WarehouseResource,
     ) -> dg.AssetCheckResult:
-        from keel.ingestion import RAW_TABLES
+        from keel.ingestion import raw_table
         from keel.validation import validate_partitions
 
-        table = next(t for t in RAW_TABLES if t.name == table_name)
+        table = raw_table(table_name)
         with warehouse.connect() as connection:
             verdicts = validate_partitions(
                 connection, table, _checked_partitions(context), sources.max_bad_share
@@ -230,12 +235,16 @@ INGESTION_ASSETS = [
     raw_account_activity,
     raw_default_labels,
     raw_landed_activity,
-    raw_taiwan_credit_clients,
 ]
 INGESTION_CHECKS = [
     validation_check(raw_account_holders, "account_holders"),
     validation_check(raw_account_activity, "account_activity"),
     validation_check(raw_default_labels, "default_labels"),
     validation_check(raw_landed_activity, "landed_activity"),
-    validation_check(raw_taiwan_credit_clients, "taiwan_credit_clients"),
+]
+FILE_DATASETS = [spec for spec in discover() if spec.source.kind == "file"]
+DATASET_RAW_ASSETS = {spec.name: dataset_raw_asset(spec) for spec in FILE_DATASETS}
+INGESTION_ASSETS += list(DATASET_RAW_ASSETS.values())
+INGESTION_CHECKS += [
+    validation_check(DATASET_RAW_ASSETS[spec.name], spec.raw_table) for spec in FILE_DATASETS
 ]

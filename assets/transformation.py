@@ -15,6 +15,7 @@ import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, dbt_assets
 
 from assets.partitions import DAILY_PARTITIONS
+from keel.datasets.spec import discover
 from orchestration.dbt import dbt_project
 from orchestration.resources import KeelDbtCliResource, WarehouseResource
 
@@ -23,11 +24,15 @@ DAILY_SELECTION = "tag:daily"
 LANDING_SOURCE = "source.keel.landing.landed_activity"
 
 
+# A dataset's own dbt models sit in the dataset's group, next to its raw table and model.
+DATASET_GROUPS = {model: spec.name for spec in discover() for model in spec.dbt_models}
+
+
 class KeelDbtTranslator(DagsterDbtTranslator):
-    """All dbt models in one group; landed files feed every day (a file may hold any day)."""
+    """dbt models by dataset group; landed files feed every day (a file may hold any day)."""
 
     def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
-        return GROUP
+        return DATASET_GROUPS.get(dbt_resource_props.get("name"), GROUP)
 
     def get_partition_mapping(
         self, dbt_resource_props: Mapping[str, Any], dbt_parent_resource_props: Mapping[str, Any]
@@ -96,15 +101,17 @@ def daily_dbt_models(
 def dbt_models(
     context: dg.AssetExecutionContext, dbt: KeelDbtCliResource, warehouse: WarehouseResource
 ):
-    """Unpartitioned dbt models (accounts dimension, Taiwan marts), landed as Parquet."""
-    from keel.marts import STATIC_EXPORTS, export_table
+    """Unpartitioned dbt models (accounts dimension, each dataset's marts), landed as Parquet."""
+    from keel.marts import STATIC_EXPORTS, dataset_exports, export_table
+
+    exports = [*STATIC_EXPORTS, *(e for spec in discover() for e in dataset_exports(spec))]
 
     invocation = dbt.cli_on(warehouse, ["build"], context=context)
     yield from invocation.stream()
 
     selected = {key.to_user_string() for key in context.selected_asset_keys}
     with warehouse.connect() as connection:
-        for export in STATIC_EXPORTS:
+        for export in exports:
             if export.model in selected:
                 rows = export_table(connection, export, Path(warehouse.marts_dir))
                 context.log.info(f"{export.model}: {rows} rows as Parquet")

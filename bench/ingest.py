@@ -43,7 +43,6 @@ def _sources(home: Path):
     return SourcesResource(
         generated_dir=str(home / "generated"),
         landing_dir=str(home / "landing"),
-        taiwan_csv="",
         accounts=ACCOUNTS,
         late_share=0.0,
     )

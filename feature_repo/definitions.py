@@ -21,6 +21,7 @@ from feast.on_demand_feature_view import on_demand_feature_view
 from feast.types import Float64, Int64, String
 
 from keel import schema
+from keel.datasets.spec import DatasetSpec, discover
 from keel.features import RATIO_INPUTS
 from keel.settings import KeelPaths, SettingsError, active_profile
 
@@ -127,36 +128,37 @@ default_risk_v1 = FeatureService(
 )
 
 
-client = Entity(
-    name=schema.TAIWAN_ENTITY,
-    join_keys=[schema.TAIWAN_ENTITY_KEY],
-    value_type=ValueType.INT64,
-    description="A credit-card client of the Taiwan default data set.",
-)
+def dataset_objects(spec: DatasetSpec) -> dict[str, object]:
+    """A dataset's entity, mart source, feature view and versioned feature service, by name."""
+    integer_key = spec.columns[spec.entity_key] == "integer"
+    entity = Entity(
+        name=spec.entity,
+        join_keys=[spec.entity_key],
+        value_type=ValueType.INT64 if integer_key else ValueType.STRING,
+        description=f"The {spec.entity} of dataset {spec.name}.",
+    )
+    source = _mart_source(
+        f"{spec.name}_source", MARTS / spec.features_mart, spec.features_model, spec.description
+    )
+    view = DeclaredFeatureView(
+        name=f"{spec.name}_fv",
+        entities=[entity],
+        ttl=timedelta(days=spec.feature_ttl_days),
+        schema=[Field(name=spec.entity_key, dtype=Int64 if integer_key else String)]
+        + [Field(name=name, dtype=Float64) for name in spec.numeric_features]
+        + [Field(name=name, dtype=String) for name in spec.categorical_features],
+        source=source,
+        online=True,
+        description=f"The features of dataset {spec.name}, one row per {spec.entity} per event.",
+    )
+    service = FeatureService(
+        name=spec.feature_service,
+        features=[view],
+        description=f"Every feature the {spec.name} model reads.",
+    )
+    return {f"{spec.name}_entity": entity, view.name: view, service.name: service}
 
-taiwan_monthly_source = _mart_source(
-    "taiwan_monthly_source",
-    MARTS / schema.TAIWAN_FEATURES_MART,
-    "fct_taiwan_features_monthly",
-    "Taiwan credit-card clients, one row per client per month end (April to September 2005).",
-)
 
-# One snapshot per month end, each current until the next: a month has at most 31 days, so a
-# label stamped at the next month end (2005-10-31 after 2005-09-30) still sees the last one;
-# 35 days leave room for a late monthly load.
-taiwan_monthly_fv = DeclaredFeatureView(
-    name="taiwan_monthly_fv",
-    entities=[client],
-    ttl=timedelta(days=35),
-    schema=[Field(name=schema.TAIWAN_ENTITY_KEY, dtype=Int64)]
-    + [Field(name=name, dtype=Float64) for name in schema.TAIWAN_FEATURES],
-    source=taiwan_monthly_source,
-    online=True,
-    description="Monthly bill, payment and repayment-status features of a Taiwan client.",
-)
-
-taiwan_default_v1 = FeatureService(
-    name=schema.TAIWAN_FEATURE_SERVICE,
-    features=[taiwan_monthly_fv],
-    description="Every feature the Taiwan default model reads, version 1.",
-)
+# Feast collects the module's globals: one set of objects per dataset folder.
+for _spec in discover():
+    globals().update(dataset_objects(_spec))

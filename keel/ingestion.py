@@ -9,11 +9,13 @@ results, so that nothing downstream reads a partition that has not been validate
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 
+from keel.datasets.spec import DatasetSpec, discover
 from keel.sql import quote_identifier, quote_literal
 
 RAW_SCHEMA = "raw"
@@ -67,30 +69,34 @@ ACCOUNT_HOLDERS = RawTable(
     ("account_id", "opened_date", "age", "sex", "region", "product", "credit_limit"),
     ("account_id",),
 )
-TAIWAN_CLIENTS = RawTable(
-    "taiwan_credit_clients",
-    (
-        "client_id",
-        "limit_bal",
-        "sex",
-        "education",
-        "marriage",
-        "age",
-        *(f"pay_{i}" for i in (0, 2, 3, 4, 5, 6)),
-        *(f"bill_amt{i}" for i in range(1, 7)),
-        *(f"pay_amt{i}" for i in range(1, 7)),
-        "default_payment",
-    ),
-    ("client_id",),
-)
-RAW_TABLES = (ACCOUNT_ACTIVITY, LANDED_ACTIVITY, DEFAULT_LABELS, ACCOUNT_HOLDERS, TAIWAN_CLIENTS)
+RAW_TABLES = (ACCOUNT_ACTIVITY, LANDED_ACTIVITY, DEFAULT_LABELS, ACCOUNT_HOLDERS)
+
+
+def dataset_table(spec: DatasetSpec) -> RawTable:
+    """The raw table of a dataset with a source file: its declared columns, keyed by entity."""
+    return RawTable(spec.raw_table, tuple(spec.columns), (spec.entity_key,))
+
+
+@functools.cache
+def raw_tables() -> tuple[RawTable, ...]:
+    """Every raw table: the built-in ones and one per dataset folder with a file source."""
+    files = [dataset_table(spec) for spec in discover() if spec.source.kind == "file"]
+    return (*RAW_TABLES, *files)
+
+
+def raw_table(name: str) -> RawTable:
+    """The raw table called ``name``."""
+    for table in raw_tables():
+        if table.name == name:
+            return table
+    raise IngestionError(f"no raw table {name!r}; known: {', '.join(t.name for t in raw_tables())}")
 
 
 def ensure_schemas(connection: duckdb.DuckDBPyConnection) -> None:
     """Create the raw, quarantine and validation tables if they are missing."""
     for schema in (RAW_SCHEMA, QUARANTINE_SCHEMA, VALIDATION_SCHEMA):
         connection.execute(f"create schema if not exists {schema}")
-    for table in RAW_TABLES:
+    for table in raw_tables():
         payload = ", ".join(f"{quote_identifier(c)} varchar" for c in table.columns)
         connection.execute(
             f"""create table if not exists {table.qualified} (
@@ -183,7 +189,7 @@ def load_partition(
         table: the raw table to load.
         partition: the partition key (a day, a file name, or ``snapshot``).
         source: a CSV, Parquet or JSON-lines file.
-        rename: source column names mapped to the table's names (e.g. for the Taiwan CSV).
+        rename: source column names mapped to the table's names (a file's own spelling).
         derived: table columns computed from the row number ``__row`` (SQL expressions).
     """
     ensure_schemas(connection)
@@ -336,28 +342,15 @@ def partition_row_count(
     )
 
 
-# The Taiwan CSV's header as the UCI file spells it, mapped to our snake-case raw columns.
-TAIWAN_RENAME = {
-    "LIMIT_BAL": "limit_bal",
-    "SEX": "sex",
-    "EDUCATION": "education",
-    "MARRIAGE": "marriage",
-    "AGE": "age",
-    **{f"PAY_{i}": f"pay_{i}" for i in (0, 2, 3, 4, 5, 6)},
-    **{f"BILL_AMT{i}": f"bill_amt{i}" for i in range(1, 7)},
-    **{f"PAY_AMT{i}": f"pay_amt{i}" for i in range(1, 7)},
-    "default payment": "default_payment",
-    "default payment next month": "default_payment",
-}
-
-
-def load_taiwan_clients(connection: duckdb.DuckDBPyConnection, csv_path: Path) -> int:
-    """Load the Taiwan credit-card CSV; the 1-based row number is the client id (as at UCI)."""
+def load_dataset_file(connection: duckdb.DuckDBPyConnection, spec: DatasetSpec) -> int:
+    """Load a dataset's source file (checksum verified) as the snapshot of its raw table."""
+    source = spec.source
     return load_partition(
         connection,
-        TAIWAN_CLIENTS,
+        dataset_table(spec),
         SNAPSHOT,
-        csv_path,
-        rename=TAIWAN_RENAME,
-        derived={"client_id": "__row + 1"},
+        spec.source_file(),
+        rename=source.rename,
+        # Files without an id column number their rows from 1 (__row counts from 0).
+        derived={source.row_number_as: "__row + 1"} if source.row_number_as else None,
     )

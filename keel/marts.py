@@ -10,6 +10,7 @@ from pathlib import Path
 import duckdb
 
 from keel import schema
+from keel.datasets.spec import DatasetSpec
 from keel.files import replace_durably
 from keel.sql import quote_identifier, quote_literal
 
@@ -47,28 +48,18 @@ ACCOUNTS_EXPORT = MartExport(
     schema.ACCOUNTS_MART,
     ("account_id", "opened_date", "age", "age_band", "sex", "region", "product", "credit_limit"),
 )
-TAIWAN_FEATURES_EXPORT = MartExport(
-    "fct_taiwan_features_monthly",
-    schema.TAIWAN_FEATURES_MART,
-    (
-        schema.TAIWAN_ENTITY_KEY,
-        schema.EVENT_TIMESTAMP,
-        schema.CREATED_TIMESTAMP,
-        *schema.TAIWAN_FEATURES,
-    ),
-)
-TAIWAN_LABELS_EXPORT = MartExport(
-    "fct_taiwan_labels",
-    schema.TAIWAN_LABELS_MART,
-    (
-        schema.TAIWAN_ENTITY_KEY,
-        schema.EVENT_TIMESTAMP,
-        schema.LABEL,
-        *schema.TAIWAN_PROTECTED_ATTRIBUTES,
-    ),
-)
 DAILY_EXPORTS = (FEATURES_EXPORT, LABELS_EXPORT)
-STATIC_EXPORTS = (ACCOUNTS_EXPORT, TAIWAN_FEATURES_EXPORT, TAIWAN_LABELS_EXPORT)
+STATIC_EXPORTS = (ACCOUNTS_EXPORT,)
+
+
+def dataset_exports(spec: DatasetSpec) -> tuple[MartExport, MartExport]:
+    """A dataset's features and labels marts, each landed whole as one Parquet file."""
+    features = MartExport(
+        spec.features_model,
+        spec.features_mart,
+        (spec.entity_key, spec.event_time, schema.CREATED_TIMESTAMP, *spec.features),
+    )
+    return features, MartExport(spec.labels_model, spec.labels_mart, spec.label_columns)
 
 
 def _columns(export: MartExport) -> str:

@@ -79,23 +79,3 @@ LINEAGE_TAGS = (
 FEATURES_MART = "account_features_daily"  # one row per account per day
 LABELS_MART = "default_labels"  # one row per account per observation day; file = arrival day
 ACCOUNTS_MART = "accounts.parquet"  # one row per account: static and protected attributes
-
-# The real Taiwan credit-default data (../shared/data/taiwan-credit-default), unpivoted to one
-# row per client per month end (Apr..Sep 2005); the label is stamped 2005-10-31.
-TAIWAN_ENTITY = "client"
-TAIWAN_ENTITY_KEY = "client_id"
-TAIWAN_FEATURES_MART = "taiwan_features_monthly.parquet"
-TAIWAN_LABELS_MART = "taiwan_labels.parquet"
-TAIWAN_FEATURES = (
-    "limit_bal",
-    "repayment_status",
-    "bill_amount",
-    "paid_amount",
-    "utilisation",
-    "max_delay_3m",
-    "avg_bill_3m",
-    "avg_paid_3m",
-    "months_delayed_6m",
-)
-TAIWAN_FEATURE_SERVICE = "taiwan_default_v1"
-TAIWAN_PROTECTED_ATTRIBUTES = ("sex", "age_band")

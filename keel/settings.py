@@ -17,10 +17,6 @@ DBT_PROJECT_DIR = PROJECT_ROOT / "dbt_project"
 FEATURE_REPO_DIR = PROJECT_ROOT / "feature_repo"
 DAGSTER_CONFIG_DIR = PROJECT_ROOT / "orchestration" / "instance"
 
-DEFAULT_TAIWAN_CSV = (
-    PROJECT_ROOT.parent / "shared" / "data" / "taiwan-credit-default" / "credit-card-clients.csv"
-)
-
 PROFILES = ("local", "production")
 PROFILE_ENV = "KEEL_PROFILE"
 HOME_ENV = "KEEL_HOME"
@@ -44,12 +40,6 @@ def keel_home() -> Path:
     """The data folder: ``KEEL_HOME`` if set, else ``.keel`` in the project."""
     raw = os.environ.get(HOME_ENV, "").strip()
     return Path(raw).expanduser().resolve() if raw else PROJECT_ROOT / ".keel"
-
-
-def taiwan_csv() -> Path:
-    """The Taiwan credit-default CSV: ``KEEL_TAIWAN_CSV`` if set, else ``../shared/data``."""
-    raw = os.environ.get("KEEL_TAIWAN_CSV", "").strip()
-    return Path(raw).expanduser().resolve() if raw else DEFAULT_TAIWAN_CSV
 
 
 @dataclass(frozen=True)

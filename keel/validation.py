@@ -24,14 +24,15 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from keel.datasets.spec import DatasetSpec, discover
 from keel.ingestion import (
     ACCOUNT_ACTIVITY,
     ACCOUNT_HOLDERS,
     DEFAULT_LABELS,
     LANDED_ACTIVITY,
-    TAIWAN_CLIENTS,
     VERDICTS_TABLE,
     RawTable,
+    dataset_table,
     ensure_schemas,
 )
 from keel.schema import CHANNELS, PRODUCTS, REGIONS, SEXES
@@ -180,30 +181,49 @@ SUITES: dict[str, Suite] = {
             "credit_limit": "double",
         },
     ),
-    TAIWAN_CLIENTS.name: Suite(
-        TAIWAN_CLIENTS,
-        (
-            Rule("unexpected_column", "null", "_extra"),
-            *_not_null("client_id", reason="missing_key"),
-            *_not_null(*TAIWAN_CLIENTS.columns[1:]),
-            Rule("duplicate", "unique", ("client_id",)),
-            Rule("out_of_range", "between", "limit_bal", {"min_value": 1}),
-            Rule("out_of_range", "between", "age", {"min_value": 18, "max_value": 110}),
-            Rule("out_of_range", "in_set", "sex", {"value_set": ["1", "2"]}),
-            Rule("out_of_range", "in_set", "default_payment", {"value_set": ["0", "1"]}),
-            *(
-                Rule("out_of_range", "between", f"pay_{i}", {"min_value": -2, "max_value": 9})
-                for i in (0, 2, 3, 4, 5, 6)
-            ),
-        ),
-        types={
-            **{c: "integer" for c in ("client_id", "education", "marriage", "age")},
-            **{f"pay_{i}": "integer" for i in (0, 2, 3, 4, 5, 6)},
-            **{c: "double" for c in TAIWAN_CLIENTS.columns if c.startswith(("bill_", "pay_amt"))},
-            "limit_bal": "double",
-        },
-    ),
 }
+
+# A spec's column types as the warehouse parses the raw text.
+_SPEC_TYPES = {"integer": "bigint", "number": "double", "date": "date", "timestamp": "timestamptz"}
+
+
+def dataset_suite(spec: DatasetSpec) -> Suite:
+    """The suite of a dataset's raw table, from the rules and column types of its spec."""
+    rules = [Rule("unexpected_column", "null", "_extra")]
+    for rule in spec.rules:
+        if rule.check in ("not_null", "in_set"):
+            kind, options = rule.check, {"value_set": list(rule.values)} if rule.values else {}
+        elif rule.check == "unique":
+            kind, options = "unique", {}
+        else:
+            kind = "between"
+            options = {
+                k: v for k, v in (("min_value", rule.min), ("max_value", rule.max)) if v is not None
+            }
+        column = (
+            rule.column
+            if rule.check != "unique" or isinstance(rule.column, tuple)
+            else (rule.column,)
+        )
+        rules.append(Rule(rule.reason, kind, column, options))
+    types = {c: _SPEC_TYPES[t] for c, t in spec.columns.items() if t in _SPEC_TYPES}
+    # Set membership compares the raw text, so whole-number codes stay as written (1, not 1.0).
+    in_sets = {r.column for r in spec.rules if r.check == "in_set"}
+    return Suite(
+        dataset_table(spec),
+        tuple(rules),
+        types={c: t for c, t in types.items() if c not in in_sets},
+    )
+
+
+def suite_for(table: RawTable) -> Suite:
+    """The suite of a raw table: a built-in one, or its dataset's."""
+    if table.name in SUITES:
+        return SUITES[table.name]
+    for spec in discover():
+        if spec.raw_table == table.name:
+            return dataset_suite(spec)
+    raise ValidationError(f"no expectation suite for raw table {table.name!r}")
 
 
 class ValidationError(RuntimeError):
@@ -385,7 +405,7 @@ def validate_partitions(
 ) -> list[Verdict]:
     """Validate raw partitions; each batch writes its quarantine rows and verdicts atomically."""
     ensure_schemas(connection)
-    suite = SUITES[table.name]
+    suite = suite_for(table)
     sizes = dict(
         connection.execute(
             f"""select _partition, count(*) from {table.qualified}

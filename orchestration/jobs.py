@@ -5,6 +5,7 @@ from dagster_dbt import build_dbt_asset_selection
 
 from assets.partitions import DAILY_PARTITIONS
 from assets.transformation import daily_dbt_models, dbt_models, dbt_unit_tests
+from keel.datasets.spec import DatasetSpec, discover
 
 # dbt's unit tests check SQL logic, not data: they run with `dbt build` itself and on demand as
 # the dbt_unit_tests checks, not in every scheduled run.
@@ -34,15 +35,22 @@ reference_data = dg.define_asset_job(
     description="Account holders, the unpartitioned dbt models and the applied Feast registry.",
 )
 
-# The real Taiwan data: load, validate, dbt, training set.
-taiwan = dg.define_asset_job(
-    "taiwan",
-    selection=dg.AssetSelection.assets("raw_taiwan_credit_clients", "taiwan_training_set")
-    # The Taiwan marts and the dbt models upstream of them, as dbt selects them.
-    | build_dbt_asset_selection([dbt_models], "+fct_taiwan_features_monthly +fct_taiwan_labels")
-    - WITHOUT_UNIT_TESTS,
-    description="Load and validate the Taiwan data, build its marts and its training set.",
-)
+
+def dataset_job(spec: DatasetSpec):
+    """A dataset's own job: its raw table, its dbt models and marts, its training set."""
+    return dg.define_asset_job(
+        spec.name,
+        selection=dg.AssetSelection.groups(spec.name)
+        # The dataset's marts and the dbt models upstream of them, as dbt selects them.
+        | build_dbt_asset_selection(
+            [dbt_models], " ".join(f"+{m}" for m in (spec.features_model, spec.labels_model))
+        )
+        - WITHOUT_UNIT_TESTS,
+        description=f"Load and validate {spec.name}, build its marts and its training set.",
+    )
+
+
+DATASET_JOBS = [dataset_job(spec) for spec in discover()]
 
 # A fresh training set, both model families, the gates against the champion, the registry.
 retrain = dg.define_asset_job(
@@ -71,4 +79,4 @@ release = dg.define_asset_job(
     description="Start a canary of the registered challenger (judged by canary_sensor).",
 )
 
-JOBS = [daily_pipeline, reference_data, taiwan, retrain, live_traffic, release]
+JOBS = [daily_pipeline, reference_data, *DATASET_JOBS, retrain, live_traffic, release]

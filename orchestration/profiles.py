@@ -6,7 +6,7 @@ from typing import Any
 
 import dagster as dg
 
-from keel.settings import FEATURE_REPO_DIR, KeelPaths, active_profile, taiwan_csv
+from keel.settings import FEATURE_REPO_DIR, KeelPaths, active_profile
 from orchestration.dbt import DBT_EXECUTABLE, dbt_project
 from orchestration.resources import (
     ArtefactStore,
@@ -31,11 +31,10 @@ def local_resources(paths: KeelPaths) -> dict[str, Any]:
     return {
         # DuckDB file holding raw, quarantine and dbt tables; marts also land as Parquet.
         "warehouse": WarehouseResource(database=str(paths.warehouse), marts_dir=str(paths.marts)),
-        # The generator's extracts, the landing folder, the Taiwan CSV, the bad-row limit.
+        # The generator's extracts, the landing folder, the bad-row limit.
         "sources": SourcesResource(
             generated_dir=str(paths.generated),
             landing_dir=str(paths.landing),
-            taiwan_csv=str(taiwan_csv()),
         ),
         # dbt CLI on dbt_project/; each call passes the warehouse's path as a dbt variable.
         "dbt": dbt_resource(),
@@ -80,7 +79,6 @@ def production_resources() -> dict[str, Any]:
         "sources": SourcesResource(
             generated_dir=dg.EnvVar("KEEL_GENERATED_DIR"),
             landing_dir=dg.EnvVar("KEEL_LANDING_DIR"),
-            taiwan_csv=dg.EnvVar("KEEL_TAIWAN_CSV"),
         ),
         "dbt": dbt_resource(),
         # Object store URL such as s3://bucket/keel.

@@ -77,7 +77,6 @@ class SourcesResource(dg.ConfigurableResource):
 
     generated_dir: str
     landing_dir: str
-    taiwan_csv: str
     seed: int | None = None
     accounts: int | None = None
     start: str | None = None

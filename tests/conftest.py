@@ -32,13 +32,11 @@ def venv_bin() -> Path:
 @pytest.fixture
 def small_sources(keel_home: KeelPaths):
     """A small generated world (300 accounts) with late rows, in the test's data folder."""
-    from keel.settings import taiwan_csv
     from orchestration.resources import SourcesResource
 
     return SourcesResource(
         generated_dir=str(keel_home.generated),
         landing_dir=str(keel_home.landing),
-        taiwan_csv=str(taiwan_csv()),
         accounts=300,
         late_share=0.02,
     )

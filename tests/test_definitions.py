@@ -3,6 +3,7 @@ import sys
 
 import dagster as dg
 
+from keel.datasets.spec import discover
 from tests.conftest import REPO_ROOT
 
 HEAVY_MODULES = (
@@ -48,7 +49,10 @@ def test_every_pipeline_stage_is_an_asset_group():
 
     graph = defs.resolve_asset_graph()
     groups = {graph.get(key).group_name for key in graph.get_all_asset_keys()}
-    assert groups == {
+    # Besides the stages, each dataset folder is a group of its own.
+    datasets = {spec.name for spec in discover()}
+    assert datasets <= groups
+    assert groups - datasets == {
         "ingestion",
         "transformation",
         "features",
@@ -68,7 +72,7 @@ def test_jobs_schedules_and_sensors_are_wired():
         "daily_pipeline",
         "reference_data",
         "retrain",
-        "taiwan",
+        *(spec.name for spec in discover()),
         "registry_action",
         "live_traffic",
         "release",
@@ -79,7 +83,7 @@ def test_jobs_schedules_and_sensors_are_wired():
         "daily_pipeline": {"raw_account_activity", "batch_predictions", "drift_report"},
         "reference_data": {"raw_account_holders", "feast_registry"},
         "retrain": {"training_set", "lightgbm_model", "torch_model", "registered_model"},
-        "taiwan": {"raw_taiwan_credit_clients", "taiwan_training_set"},
+        **{spec.name: {f"{spec.name}/raw", f"{spec.name}/training_set"} for spec in discover()},
     }
     for job, assets in expected.items():
         keys = defs.resolve_job_def(job).asset_layer.selected_asset_keys

@@ -18,8 +18,8 @@ import pytest
 
 from bench.pit_join import FIRST_DAY, write_synthetic_marts
 from keel import features, schema
+from keel.datasets.spec import DATASETS_DIR, load_spec
 from keel.settings import FEATURE_REPO_DIR
-from tests.conftest import SHARED_DATA
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 SKIP_REDIS = (
@@ -30,7 +30,7 @@ SKIP_POSTGRES = (
     "PostgreSQL is not reachable on 127.0.0.1:5432 (database test, user postgres or root); "
     "start it to run this test (Debian: apt-get install postgresql && service postgresql start)."
 )
-TAIWAN_CSV = SHARED_DATA / "taiwan-credit-default" / "credit-card-clients.csv"
+TAIWAN = load_spec(DATASETS_DIR / "taiwan_credit")
 SERVICE = schema.FEATURE_SERVICE
 DAILY_TTL = timedelta(days=2)
 
@@ -171,9 +171,12 @@ def test_feast_cli_plans_and_applies_the_repo_from_its_folder(keel_home, marts, 
 def test_apply_registers_every_object_and_a_second_apply_changes_nothing(keel_home):
     store = open_test_store()
     first = features.apply_repo(store)
-    assert first.applied["feature_services"] == [schema.FEATURE_SERVICE, "taiwan_default_v1"]
-    assert first.applied["on_demand_feature_views"] == ["account_ratios_odfv"]
-    assert first.applied["entities"] == [schema.ENTITY, schema.TAIWAN_ENTITY]
+    # Each dataset folder adds its own objects: the lists grow, these stay.
+    assert {schema.FEATURE_SERVICE, TAIWAN.feature_service} <= set(
+        first.applied["feature_services"]
+    )
+    assert "account_ratios_odfv" in first.applied["on_demand_feature_views"]
+    assert {schema.ENTITY, TAIWAN.entity} <= set(first.applied["entities"])
     assert "Created feature view account_daily_fv" in first.diff
     service = store.get_feature_service(schema.FEATURE_SERVICE)
     served = [f.name for p in service.feature_view_projections for f in p.features]
@@ -208,8 +211,8 @@ def test_production_profile_reads_redis_sql_registry_and_bigquery(keel_home, mon
     assert config.offline_store.project_id == "keel-prod"
     monkeypatch.setenv("KEEL_PROFILE", "production")
     contents = features.repo_contents("keel")
-    tables = sorted(s.table for s in contents.data_sources)
-    assert tables == ["marts.fct_account_features_daily", "marts.fct_taiwan_features_monthly"]
+    tables = {s.table for s in contents.data_sources if hasattr(s, "table")}
+    assert {"marts.fct_account_features_daily", f"marts.{TAIWAN.features_model}"} <= tables
 
 
 def test_sql_registry_on_postgres_with_redis_serves_the_same_features(keel_home, marts, cleanup):
@@ -302,7 +305,7 @@ def test_training_set_is_point_in_time_correct_on_generated_data(keel_home, mart
 
 def write_taiwan_marts(marts: Path, clients: int) -> pd.DataFrame:
     """The real Taiwan data, unpivoted to the mart contract: one row per client per month end."""
-    raw = pd.read_csv(TAIWAN_CSV, nrows=clients)
+    raw = pd.read_csv(TAIWAN.source_file(), nrows=clients)
     months = pd.to_datetime(["2005-04-30", "2005-05-31", "2005-06-30", "2005-07-31",
                              "2005-08-31", "2005-09-30"], utc=True)  # fmt: skip
     status = raw[["PAY_6", "PAY_5", "PAY_4", "PAY_3", "PAY_2", "PAY_0"]].to_numpy(float)
@@ -314,7 +317,7 @@ def write_taiwan_marts(marts: Path, clients: int) -> pd.DataFrame:
         frames.append(
             pd.DataFrame(
                 {
-                    schema.TAIWAN_ENTITY_KEY: np.arange(1, clients + 1, dtype=np.int64),
+                    TAIWAN.entity_key: np.arange(1, clients + 1, dtype=np.int64),
                     schema.EVENT_TIMESTAMP: end,
                     schema.CREATED_TIMESTAMP: end + pd.Timedelta(days=1),
                     "limit_bal": raw["LIMIT_BAL"].astype(float),
@@ -330,10 +333,11 @@ def write_taiwan_marts(marts: Path, clients: int) -> pd.DataFrame:
             )
         )
     monthly = pd.concat(frames, ignore_index=True)
-    monthly.to_parquet(marts / schema.TAIWAN_FEATURES_MART, index=False)
+    (marts / TAIWAN.name).mkdir(parents=True, exist_ok=True)
+    monthly.to_parquet(marts / TAIWAN.features_mart, index=False)
     labels = pd.DataFrame(
         {
-            schema.TAIWAN_ENTITY_KEY: np.arange(1, clients + 1, dtype=np.int64),
+            TAIWAN.entity_key: np.arange(1, clients + 1, dtype=np.int64),
             schema.EVENT_TIMESTAMP: pd.Timestamp("2005-10-31", tz="UTC"),
             schema.LABEL: raw["default payment"].astype("int64"),
             "sex": raw["SEX"].map({1: "M", 2: "F"}),
@@ -342,15 +346,14 @@ def write_taiwan_marts(marts: Path, clients: int) -> pd.DataFrame:
             ).astype(str),
         }
     )
-    labels.to_parquet(marts / schema.TAIWAN_LABELS_MART, index=False)
+    labels.to_parquet(marts / TAIWAN.labels_mart, index=False)
     return monthly
 
 
-@pytest.mark.skipif(not TAIWAN_CSV.is_file(), reason=f"Taiwan data absent at {TAIWAN_CSV}")
 def test_training_set_is_point_in_time_correct_on_taiwan_data(keel_home):
     monthly = write_taiwan_marts(keel_home.marts, clients=3_000)
     store = applied_store()
-    labels = pq.read_table(keel_home.marts / schema.TAIWAN_LABELS_MART).to_pandas()
+    labels = pq.read_table(keel_home.marts / TAIWAN.labels_mart).to_pandas()
     # Half the rows asked as of mid-July: they must see June's snapshot, never July's or later.
     mid_july = labels.sample(frac=0.5, random_state=1).index
     labels.loc[mid_july, schema.EVENT_TIMESTAMP] = pd.Timestamp("2005-07-15", tz="UTC")
@@ -358,18 +361,18 @@ def test_training_set_is_point_in_time_correct_on_taiwan_data(keel_home):
         store,
         pa.Table.from_pandas(labels, preserve_index=False),
         keel_home.artefacts,
-        schema.TAIWAN_FEATURE_SERVICE,
-        schema.TAIWAN_ENTITY_KEY,
+        TAIWAN.feature_service,
+        TAIWAN.entity_key,
     )
     table = pq.read_table(result.path).to_pandas()
-    assert result.rows == len(labels) and result.features == list(schema.TAIWAN_FEATURES)
+    assert result.rows == len(labels) and result.features == list(TAIWAN.features)
     expected = expected_point_in_time(
-        table, monthly, schema.TAIWAN_ENTITY_KEY, list(schema.TAIWAN_FEATURES), timedelta(days=35)
+        table, monthly, TAIWAN.entity_key, list(TAIWAN.features), timedelta(days=35)
     )
-    assert_same_values(table, expected, schema.TAIWAN_FEATURES)
+    assert_same_values(table, expected, TAIWAN.features)
     july = table[table[schema.EVENT_TIMESTAMP] == pd.Timestamp("2005-07-15", tz="UTC")]
     june = monthly[monthly[schema.EVENT_TIMESTAMP] == pd.Timestamp("2005-06-30", tz="UTC")]
-    merged = july.merge(june, on=schema.TAIWAN_ENTITY_KEY, suffixes=("", "_june"))
+    merged = july.merge(june, on=TAIWAN.entity_key, suffixes=("", "_june"))
     assert len(merged) == len(july) > 1_000
     assert (merged["bill_amount"] == merged["bill_amount_june"]).all()
 
@@ -769,7 +772,7 @@ def test_assets_apply_materialize_a_partition_and_write_the_training_set(keel_ho
     result = dg.materialize([feast_registry, training_set], resources=resources)
     assert result.success
     registry = result.asset_materializations_for_node("feast_registry")[0].metadata
-    assert registry["feature_services"].value == [schema.FEATURE_SERVICE, "taiwan_default_v1"]
+    assert {SERVICE, TAIWAN.feature_service} <= set(registry["feature_services"].value)
     built = result.asset_materializations_for_node("training_set")[0].metadata
     version = built["dataset_version"].value
     assert Path(built["path"].value).name == f"{version}.parquet"

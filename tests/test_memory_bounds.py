@@ -91,7 +91,6 @@ def test_the_landing_cursor_holds_only_the_files_in_the_folder(tmp_path: Path):
     sources = SourcesResource(
         generated_dir=str(tmp_path / "generated"),
         landing_dir=str(landing),
-        taiwan_csv=str(tmp_path / "taiwan.csv"),
     )
     instance = dg.DagsterInstance.ephemeral()
 

@@ -15,14 +15,15 @@ from assets.ingestion import (
     raw_account_activity,
     raw_account_holders,
     raw_default_labels,
-    raw_taiwan_credit_clients,
 )
 from assets.transformation import TRANSFORMATION_ASSETS, TRANSFORMATION_CHECKS, dbt_models
 from keel import schema
-from keel.settings import DBT_PROJECT_DIR, KeelPaths, taiwan_csv
+from keel.datasets.spec import DATASETS_DIR, load_spec
+from keel.settings import DBT_PROJECT_DIR, KeelPaths
 from orchestration.resources import DriftScenarioConfig, SourcesResource
 
 START = date(2026, 1, 1)
+TAIWAN = load_spec(DATASETS_DIR / "taiwan_credit")
 
 
 def _definitions(resources) -> dg.Definitions:
@@ -32,7 +33,7 @@ def _definitions(resources) -> dg.Definitions:
         jobs=[
             dg.define_asset_job(
                 "static",
-                # Every unpartitioned model; the Taiwan ones build empty until Taiwan is loaded.
+                # Every unpartitioned model; a dataset's build empty until its file is loaded.
                 selection=dg.AssetSelection.assets(raw_account_holders, dbt_models),
             ),
             dg.define_asset_job(
@@ -51,16 +52,8 @@ def _definitions(resources) -> dg.Definitions:
             dg.define_asset_job(
                 "features_only", selection=dg.AssetSelection.assets("fct_account_features_daily")
             ),
-            dg.define_asset_job(
-                "taiwan",
-                selection=dg.AssetSelection.assets(raw_taiwan_credit_clients)
-                | dg.AssetSelection.assets(
-                    "stg_taiwan__credit_clients",
-                    "int_taiwan_statements_unpivoted",
-                    "fct_taiwan_features_monthly",
-                    "fct_taiwan_labels",
-                ),
-            ),
+            # The dataset's group: its raw table and its own dbt models.
+            dg.define_asset_job("taiwan", selection=dg.AssetSelection.groups(TAIWAN.name)),
         ],
         resources=resources,
     )
@@ -101,7 +94,6 @@ def built_world(tmp_path_factory):
         sources = SourcesResource(
             generated_dir=str(home.generated),
             landing_dir=str(home.landing),
-            taiwan_csv=str(taiwan_csv()),
             accounts=300,
             late_share=0.02,
         )
@@ -212,22 +204,22 @@ def test_dbt_unit_tests_report_as_asset_checks(built_world):
     }
 
 
-@pytest.mark.skipif(
-    not taiwan_csv().exists(),
-    reason=f"Taiwan data not found at {taiwan_csv()} (set KEEL_TAIWAN_CSV to its path)",
-)
 def test_taiwan_data_loads_and_its_features_use_no_month_after_the_label(data_resources, keel_home):
     result = _run(_definitions(data_resources), "taiwan")
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["great_expectations"]
-    features = pq.read_table(keel_home.marts / schema.TAIWAN_FEATURES_MART).to_pandas()
-    labels = pq.read_table(keel_home.marts / schema.TAIWAN_LABELS_MART).to_pandas()
+    features = pq.read_table(keel_home.marts / TAIWAN.features_mart).to_pandas()
+    labels = pq.read_table(keel_home.marts / TAIWAN.labels_mart).to_pandas()
     assert len(labels) == 30_000 and len(features) == 180_000
-    assert labels[schema.LABEL].mean() == pytest.approx(0.2212, abs=1e-4)
+    assert labels[TAIWAN.label.column].mean() == pytest.approx(0.2212, abs=1e-4)
+    # Every protected attribute reaches the labels, as named groups the fairness report prints.
+    assert set(TAIWAN.protected_attributes) <= set(labels.columns)
+    assert set(labels["marriage"]) <= {"married", "single", "other", "unknown"}
+    assert labels["education"].value_counts().idxmax() == "university"
     merged = features.merge(
-        labels[[schema.TAIWAN_ENTITY_KEY, schema.EVENT_TIMESTAMP]],
-        on=schema.TAIWAN_ENTITY_KEY,
+        labels[[TAIWAN.entity_key, schema.EVENT_TIMESTAMP]],
+        on=TAIWAN.entity_key,
         suffixes=("", "_label"),
     )
     assert (merged[schema.EVENT_TIMESTAMP] < merged[f"{schema.EVENT_TIMESTAMP}_label"]).all()

@@ -1,0 +1,455 @@
+"""A dataset as configuration: ``datasets/<name>/dataset.yaml`` read into a typed, checked spec.
+
+The spec holds what differs from one dataset to the next: where the rows come from, the raw
+columns and their types, the entity and event time, the label and when it becomes known, the
+protected attributes, the features (with vocabularies and monotone directions), the columns
+that must never become features, the validation rules with their reason codes, the bounds of
+the dataset-level checks, the gate bounds that differ from the defaults, and the names the
+model goes by. Every mistake is reported with the file and the key it sits under.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from keel.gates import EvaluationError, GatePolicy
+from keel.settings import PROJECT_ROOT
+
+DATASETS_DIR = PROJECT_ROOT / "datasets"
+SPEC_FILE = "dataset.yaml"
+NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+# Raw columns are text; these are the types they are parsed to (and validated as).
+COLUMN_TYPES = {
+    "integer": "bigint",
+    "number": "double",
+    "text": "varchar",
+    "date": "date",
+    "timestamp": "timestamptz",
+    "boolean": "boolean",
+}
+SOURCE_KINDS = ("file", "landing", "generator")
+PARTITIONINGS = ("daily", "none")
+LABEL_TIMINGS = ("stream", "retrospective")
+RULE_CHECKS = ("not_null", "between", "in_set", "unique")
+PERIODS = ("day", "month", "snapshot")
+
+
+class SpecError(ValueError):
+    """A dataset specification Keel cannot build a dataset from."""
+
+
+def _fail(where: str, message: str) -> SpecError:
+    return SpecError(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the rows come from: a file in the folder, a landing pattern, or the generator."""
+
+    kind: str
+    path: str | None = None
+    sha256: str | None = None
+    rename: dict[str, str] = field(default_factory=dict)
+    # Files without an id column: the 1-based row number becomes this column.
+    row_number_as: str | None = None
+
+
+@dataclass(frozen=True)
+class Label:
+    """The label column and when its value becomes known.
+
+    ``stream``: labels arrive later, each stamped when it became known (``known_at``).
+    ``retrospective``: the outcome is observed over ``outcome_window_days`` after the
+    observation date (``observed_at``); rows whose window has not closed carry no label yet.
+    """
+
+    column: str
+    timing: str
+    observed_at: str
+    known_at: str | None = None
+    outcome_window_days: int | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row-level rule: rows that break it are quarantined under ``reason``."""
+
+    column: str | tuple[str, ...]
+    check: str
+    reason: str
+    min: float | None = None
+    max: float | None = None
+    values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DatasetChecks:
+    """Bounds on the dataset as a whole, per period: a silent change of the source fails."""
+
+    period: str = "snapshot"
+    period_column: str | None = None
+    label_rate: tuple[float, float] | None = None
+    feature_means: dict[str, tuple[float, float]] = field(default_factory=dict)
+    min_rows: int = 1
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything Keel needs to know about one dataset (see the module docstring)."""
+
+    name: str
+    folder: Path
+    description: str
+    source: Source
+    raw_table: str
+    columns: dict[str, str]
+    entity: str
+    entity_key: str
+    event_time: str
+    partitions: str
+    label: Label
+    protected_attributes: tuple[str, ...]
+    numeric_features: tuple[str, ...]
+    categorical_features: dict[str, tuple[str, ...]]
+    monotone: dict[str, int]
+    # How long a feature row stays current in Feast (a monthly snapshot: about a month).
+    feature_ttl_days: int
+    leakage: tuple[str, ...]
+    rules: tuple[Rule, ...]
+    dataset_checks: DatasetChecks
+    gates: dict[str, Any]
+    feature_service: str
+    experiment: str
+    registered_model: str
+    dbt_models: tuple[str, ...]
+    features_model: str
+    labels_model: str
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return self.numeric_features + tuple(self.categorical_features)
+
+    @property
+    def features_mart(self) -> str:
+        """The features model as Parquet, relative to the marts folder."""
+        return f"{self.name}/features.parquet"
+
+    @property
+    def labels_mart(self) -> str:
+        return f"{self.name}/labels.parquet"
+
+    @property
+    def label_columns(self) -> tuple[str, ...]:
+        """The labels mart: key, event time, label, its timing columns, protected attributes."""
+        timing = (self.label.observed_at, self.label.known_at)
+        extra = tuple(c for c in timing if c and c != self.event_time)
+        return (
+            self.entity_key,
+            self.event_time,
+            self.label.column,
+            *extra,
+            *self.protected_attributes,
+        )
+
+    def source_file(self) -> Path:
+        """The source file, checked against its recorded sha256 when the spec gives one."""
+        if self.source.kind != "file" or not self.source.path:
+            raise SpecError(f"dataset {self.name!r} has no source file (kind {self.source.kind})")
+        path = (self.folder / self.source.path).resolve()
+        if not path.is_file():
+            raise SpecError(f"dataset {self.name!r}: source file {path} is missing")
+        if self.source.sha256:
+            actual = file_sha256(path)
+            if actual != self.source.sha256:
+                raise SpecError(
+                    f"dataset {self.name!r}: {path.name} has sha256 {actual}, the spec records "
+                    f"{self.source.sha256}; the file changed or is damaged"
+                )
+        return path
+
+    def gate_policy(self) -> GatePolicy:
+        """The default gate bars with this dataset's overrides."""
+        return GatePolicy(**self.gates)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Reader:
+    """Typed access to one mapping of the YAML file, naming the key path in every error."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise _fail(where, f"expected a mapping, got {type(data).__name__}")
+        self.data, self.where = data, where
+        self.used: set[str] = set()
+
+    def _at(self, key: str) -> str:
+        return f"{self.where}.{key}"
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        self.used.add(key)
+        if key not in self.data or self.data[key] is None:
+            if default is ...:
+                raise _fail(self._at(key), "is required")
+            return default
+        value = self.data[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _tuple(kind)):
+            names = " or ".join(k.__name__ for k in _tuple(kind))
+            raise _fail(self._at(key), f"expected {names}, got {value!r}")
+        return value
+
+    def choice(self, key: str, options: tuple[str, ...], default: Any = ...) -> str:
+        value = self.get(key, str, default)
+        if value not in options:
+            raise _fail(self._at(key), f"{value!r} is not one of {', '.join(options)}")
+        return value
+
+    def name(self, key: str, default: Any = ...) -> str:
+        value = self.get(key, str, default)
+        if value is not None and not NAME.match(value):
+            raise _fail(self._at(key), f"{value!r} must be lower_snake_case")
+        return value
+
+    def names(self, key: str, default: Any = ...) -> tuple[str, ...]:
+        values = self.get(key, list, default)
+        for value in values:
+            if not isinstance(value, str) or not NAME.match(value):
+                raise _fail(self._at(key), f"{value!r} must be a lower_snake_case name")
+        return tuple(values)
+
+    def sub(self, key: str, default: Any = ...) -> _Reader:
+        return _Reader(self.get(key, dict, {} if default is ... else default), self._at(key))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise _fail(self.where, f"unknown keys {', '.join(unknown)}")
+
+
+def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _bounds(value: Any, where: str) -> tuple[float, float]:
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        or value[0] > value[1]
+    ):
+        raise _fail(where, f"expected [low, high] with low <= high, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def _source(reader: _Reader) -> Source:
+    kind = reader.choice("kind", SOURCE_KINDS)
+    path = reader.get("path", str, None)
+    if kind in ("file", "landing") and not path:
+        raise _fail(reader._at("path"), f"is required for a {kind} source")
+    sha = reader.get("sha256", str, None)
+    if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise _fail(reader._at("sha256"), "must be 64 lower-case hex digits")
+    rename = reader.get("rename", dict, {})
+    source = Source(kind, path, sha, dict(rename), reader.get("row_number_as", str, None))
+    reader.done()
+    return source
+
+
+def _label(reader: _Reader) -> Label:
+    timing = reader.choice("timing", LABEL_TIMINGS)
+    label = Label(
+        column=reader.name("column"),
+        timing=timing,
+        observed_at=reader.name("observed_at"),
+        known_at=reader.name("known_at", None),
+        outcome_window_days=reader.get("outcome_window_days", int, None),
+    )
+    if timing == "stream" and not label.known_at:
+        raise _fail(reader._at("known_at"), "is required for stream labels")
+    if timing == "retrospective" and not (label.outcome_window_days or 0) > 0:
+        raise _fail(
+            reader._at("outcome_window_days"),
+            "a positive number of days is required for retrospective labels",
+        )
+    reader.done()
+    return label
+
+
+def _rules(items: Any, where: str, columns: dict[str, str]) -> tuple[Rule, ...]:
+    if not isinstance(items, list):
+        raise _fail(where, "expected a list of rules")
+    rules = []
+    for i, item in enumerate(items):
+        reader = _Reader(item, f"{where}[{i}]")
+        raw_column = reader.get("column", (str, list))
+        targets = [raw_column] if isinstance(raw_column, str) else raw_column
+        for target in targets:
+            if target not in columns:
+                raise _fail(reader._at("column"), f"{target!r} is not a declared column")
+        check = reader.choice("check", RULE_CHECKS)
+        values = tuple(str(v) for v in reader.get("values", list, []))
+        rule = Rule(
+            column=raw_column if isinstance(raw_column, str) else tuple(raw_column),
+            check=check,
+            reason=reader.name("reason"),
+            min=reader.get("min", (int, float), None),
+            max=reader.get("max", (int, float), None),
+            values=values,
+        )
+        if check == "in_set" and not values:
+            raise _fail(reader._at("values"), "an in_set rule needs its values")
+        if check == "between" and rule.min is None and rule.max is None:
+            raise _fail(where + f"[{i}]", "a between rule needs min or max")
+        reader.done()
+        rules.append(rule)
+    return tuple(rules)
+
+
+def _dataset_checks(reader: _Reader) -> DatasetChecks:
+    rate = reader.get("label_rate", list, None)
+    means = reader.get("feature_means", dict, {})
+    checks = DatasetChecks(
+        period=reader.choice("period", PERIODS, "snapshot"),
+        period_column=reader.name("period_column", None),
+        label_rate=_bounds(rate, reader._at("label_rate")) if rate is not None else None,
+        feature_means={k: _bounds(v, reader._at(f"feature_means.{k}")) for k, v in means.items()},
+        min_rows=reader.get("min_rows", int, 1),
+    )
+    if checks.period != "snapshot" and not checks.period_column:
+        raise _fail(reader._at("period_column"), f"is required for period {checks.period!r}")
+    reader.done()
+    return checks
+
+
+def parse_spec(data: Any, folder: Path, where: str) -> DatasetSpec:
+    """Build a spec from the parsed YAML ``data`` of ``folder``; ``where`` names it in errors."""
+    top = _Reader(data, where)
+    name = top.name("name")
+    if name != folder.name:
+        raise _fail(f"{where}.name", f"{name!r} must match the folder name {folder.name!r}")
+    columns_raw = top.get("columns", dict)
+    columns: dict[str, str] = {}
+    for column, kind in columns_raw.items():
+        if not isinstance(column, str) or not NAME.match(column):
+            raise _fail(f"{where}.columns", f"{column!r} must be a lower_snake_case name")
+        if kind not in COLUMN_TYPES:
+            options = ", ".join(COLUMN_TYPES)
+            raise _fail(f"{where}.columns.{column}", f"{kind!r} is not one of {options}")
+        columns[column] = kind
+    entity = top.sub("entity")
+    features = top.sub("features")
+    model = top.sub("model")
+    marts = top.sub("marts")
+    label = _label(top.sub("label"))
+    categorical = features.get("categorical", dict, {})
+    for feature, vocabulary in categorical.items():
+        if not isinstance(vocabulary, list) or not vocabulary:
+            raise _fail(f"{where}.features.categorical.{feature}", "needs its list of categories")
+    monotone = features.get("monotone", dict, {})
+    for feature, direction in monotone.items():
+        if direction not in (-1, 1):
+            raise _fail(
+                f"{where}.features.monotone.{feature}", f"must be 1 or -1, got {direction!r}"
+            )
+    gates = top.get("gates", dict, {})
+    known_gates = {f.name for f in fields(GatePolicy)}
+    for gate in gates:
+        if gate not in known_gates:
+            bounds = ", ".join(sorted(known_gates))
+            raise _fail(f"{where}.gates.{gate}", f"is not a gate bound ({bounds})")
+    spec = DatasetSpec(
+        name=name,
+        folder=folder,
+        description=top.get("description", str),
+        source=_source(top.sub("source")),
+        raw_table=top.name("raw_table", name),
+        columns=columns,
+        entity=entity.name("name"),
+        entity_key=entity.name("key"),
+        event_time=top.name("event_time", "event_timestamp"),
+        partitions=top.choice("partitions", PARTITIONINGS, "none"),
+        label=label,
+        protected_attributes=top.names("protected_attributes", []),
+        numeric_features=features.names("numeric", []),
+        categorical_features={k: tuple(str(v) for v in vs) for k, vs in categorical.items()},
+        monotone=dict(monotone),
+        feature_ttl_days=features.get("ttl_days", int, 1),
+        leakage=top.names("leakage", []),
+        rules=_rules(top.get("rules", list, []), f"{where}.rules", columns),
+        dataset_checks=_dataset_checks(top.sub("dataset_checks")),
+        gates=dict(gates),
+        feature_service=model.name("feature_service", f"{name}_v1"),
+        experiment=model.name("experiment", name),
+        registered_model=model.name("registered_model", name),
+        dbt_models=marts.names("dbt_models", []),
+        features_model=marts.name("features"),
+        labels_model=marts.name("labels"),
+    )
+    for section in (entity, features, model, marts, top):
+        section.done()
+    _cross_check(spec, where)
+    try:
+        spec.gate_policy()
+    except EvaluationError as error:
+        raise _fail(f"{where}.gates", str(error)) from error
+    return spec
+
+
+def _cross_check(spec: DatasetSpec, where: str) -> None:
+    """Names that must agree with each other across sections."""
+    if not spec.features:
+        raise _fail(f"{where}.features", "declares no feature")
+    clash = set(spec.features) & (set(spec.leakage) | {spec.label.column})
+    if clash:
+        raise _fail(f"{where}.features", f"{', '.join(sorted(clash))} is the label or leakage")
+    protected = set(spec.features) & set(spec.protected_attributes)
+    if protected:
+        raise _fail(
+            f"{where}.features", f"{', '.join(sorted(protected))} is protected, never a feature"
+        )
+    unknown = set(spec.monotone) - set(spec.numeric_features)
+    if unknown:
+        raise _fail(
+            f"{where}.features.monotone", f"{', '.join(sorted(unknown))} is not a numeric feature"
+        )
+    if spec.source.row_number_as and spec.source.row_number_as not in spec.columns:
+        raise _fail(f"{where}.source.row_number_as", "must name a declared column")
+    for model in (spec.features_model, spec.labels_model):
+        if spec.dbt_models and model not in spec.dbt_models:
+            raise _fail(f"{where}.marts", f"{model!r} is not one of marts.dbt_models")
+    if spec.entity_key not in spec.columns:
+        raise _fail(f"{where}.entity.key", f"{spec.entity_key!r} is not a declared column")
+
+
+def load_spec(folder: str | Path) -> DatasetSpec:
+    """Read and check ``<folder>/dataset.yaml``."""
+    folder = Path(folder).resolve()
+    path = folder / SPEC_FILE
+    if not path.is_file():
+        raise SpecError(f"{path}: no dataset specification here")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from error
+    return parse_spec(data, folder, str(path))
+
+
+def discover(root: str | Path = DATASETS_DIR) -> list[DatasetSpec]:
+    """Every dataset under ``root`` (one folder each), sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return [load_spec(p.parent) for p in sorted(root.glob(f"*/{SPEC_FILE}"))]
