@@ -16,13 +16,18 @@ def monitoring_dashboards(context: dg.SensorEvaluationContext, artefacts: Artefa
     """Feed the Evidently workspace (a project per dataset) from the reports' metadata."""
     from keel.dashboards import feed_workspace, reports_from_instance, workspace_dir
 
+    root = artefacts.path()
+    if root.protocol not in ("", "file", "local"):
+        return dg.SkipReason(
+            f"the Evidently workspace is a local folder; the artefact store is {root}"
+        )
     cursor = json.loads(context.cursor) if context.cursor else {}
     batch = reports_from_instance(context.instance, cursor.get("storage_id"))
     for problem in batch.problems:
         context.log.warning(f"not on the dashboards: {problem}")
     if batch.cursor == cursor.get("storage_id"):
         return dg.SkipReason("no new monitoring reports since the last tick")
-    summary = feed_workspace(workspace_dir(artefacts.path()), batch.reports)
+    summary = feed_workspace(workspace_dir(root.path), batch.reports)
     note = (
         f"{summary.added} snapshots added, {summary.replaced} replaced, "
         f"{summary.unchanged} unchanged in {', '.join(sorted(summary.projects)) or 'no project'}"
