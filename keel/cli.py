@@ -11,6 +11,9 @@ from pathlib import Path
 import click
 
 from keel.access.cli import access
+from keel.cost.cli import cost
+from keel.dashboards.cli import dashboards
+from keel.dashboards.service import DEFAULT_PORT as DASHBOARDS_PORT
 from keel.registry_cli import registry
 from keel.serving.cli import serve
 from keel.serving.release_cli import release
@@ -58,12 +61,27 @@ def prepare() -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True)
-def dev(host: str, port: int) -> None:
-    """Serve the Dagster UI and run the daemon (schedules, sensors, run queue)."""
-    prepare_dagster_home(KeelPaths.current(), active_profile())
+@click.option(
+    "--dashboards-port",
+    default=DASHBOARDS_PORT,
+    show_default=True,
+    help="Port of the Evidently UI (monitoring dashboards); 0 leaves it off.",
+)
+def dev(host: str, port: int, dashboards_port: int) -> None:
+    """Serve the Dagster UI, run the daemon, and serve the Evidently UI beside them."""
+    paths = KeelPaths.current()
+    prepare_dagster_home(paths, active_profile())
     dagster = Path(sys.executable).with_name("dagster")
     command = [str(dagster), "dev", "-w", "workspace.yaml", "-h", host, "-p", str(port)]
-    raise SystemExit(subprocess.call(command, cwd=PROJECT_ROOT))
+    if not dashboards_port:
+        raise SystemExit(subprocess.call(command, cwd=PROJECT_ROOT))
+    from keel.dashboards.service import run_beside, workspace_dir
+
+    workspace = workspace_dir(paths.artefacts)
+    code = run_beside(
+        command, PROJECT_ROOT, workspace, host=host, port=dashboards_port, echo=click.echo
+    )
+    raise SystemExit(code)
 
 
 @cli.command()
@@ -119,9 +137,11 @@ def demo(accounts: int, history_days: int, days: int, drift_day: int, no_release
 
 
 cli.add_command(registry)
+cli.add_command(dashboards)
 cli.add_command(serve)
 cli.add_command(release)
 cli.add_command(access)
+cli.add_command(cost)
 
 
 def main() -> None:
