@@ -1,0 +1,154 @@
+"""Cost measurement for every Dagster step, with no asset module involved.
+
+`StepCostHandler` is a logging handler that the Dagster instance attaches to every run's log
+(``python_logs.dagster_handler_config`` in the instance's ``dagster.yaml``): it sees each
+step's STEP_START, materialisations and STEP_SUCCESS or STEP_FAILURE in the process that runs
+the step, measures the step between them (`keel.cost.measure`), prices it with the active
+profile's table and appends a row to the cost file. `cost_observations` then reports each
+costed materialisation as an asset observation carrying the figures, so they show in the
+asset's metadata (and its plots) in the Dagster UI.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import dagster as dg
+
+from keel.cost import measure
+from keel.cost.prices import cost, price_table, resume_savings
+from keel.cost.store import CostStore
+
+# The instance setting that attaches the handler (tests pass it to dg.instance_for_test).
+HANDLER_CONFIG = {
+    "python_logs": {
+        "dagster_handler_config": {
+            "handlers": {
+                "keel_cost": {"class": "keel.cost.dagster.StepCostHandler", "level": "DEBUG"}
+            }
+        }
+    }
+}
+
+
+class _Step:
+    def __init__(self) -> None:
+        self.begin = measure.start()
+        self.started_at = datetime.now(UTC)
+        self.assets: list[str] = []
+        self.partition: str | None = None
+        self.training: dict[str, Any] = {}
+
+
+_TRAINING_KEYS = ("run_id", "resumed_from_epoch", "epochs_run", "mean_epoch_seconds")
+_ENDS = {"STEP_SUCCESS": "success", "STEP_FAILURE": "failure"}
+# Steps under way in this process; module-wide, as Dagster may build a handler per log manager.
+_STEPS: dict[tuple[str, str], _Step] = {}
+
+
+class StepCostHandler(logging.Handler):
+    """Measures each step between its start and end events and records its cost."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        meta = getattr(record, "dagster_meta", None)
+        event = meta.get("dagster_event") if meta else None
+        if event is None or not meta.get("step_key"):
+            return
+        try:
+            self._on_event(meta, event)
+        except Exception:  # a cost that cannot be recorded must never fail the step
+            self.handleError(record)
+
+    def _on_event(self, meta: dict[str, Any], event: Any) -> None:
+        key = (meta["run_id"], meta["step_key"])
+        kind = event.event_type_value
+        if kind == "STEP_START":
+            _STEPS[key] = _Step()
+        elif kind == "ASSET_MATERIALIZATION" and key in _STEPS:
+            step = _STEPS[key]
+            materialization = event.event_specific_data.materialization
+            step.assets.append(materialization.asset_key.to_user_string())
+            step.partition = materialization.partition or step.partition
+            for name, value in materialization.metadata.items():
+                if name in _TRAINING_KEYS:
+                    step.training[name] = getattr(value, "value", value)
+        elif kind in _ENDS and key in _STEPS:
+            step = _STEPS.pop(key)
+            self._record(meta, step, _ENDS[kind])
+
+    def _record(self, meta: dict[str, Any], step: _Step, status: str) -> None:
+        from keel.settings import active_profile
+
+        usage = measure.stop(step.begin)
+        profile = active_profile()
+        prices = price_table(profile)
+        money = cost(usage, prices)
+        training = step.training
+        saved = resume_savings(
+            money["total"],
+            usage.wall_s,
+            int(training.get("resumed_from_epoch") or 0),
+            int(training.get("epochs_run") or 0),
+            float(training.get("mean_epoch_seconds") or 0.0),
+        )
+        tags = meta.get("job_tags") or {}
+        CostStore().record(
+            {
+                "run_id": meta["run_id"],
+                "root_run_id": tags.get("dagster/root_run_id") or meta["run_id"],
+                "job_name": meta.get("job_name") or "",
+                "step_key": meta["step_key"],
+                "status": status,
+                "partition": step.partition or tags.get("dagster/partition"),
+                "assets": step.assets,
+                "started_at": step.started_at.isoformat(),
+                "ended_at": (step.started_at + timedelta(seconds=usage.wall_s)).isoformat(),
+                **{k: v for k, v in usage.to_json().items() if k != "wall_s"},
+                "wall_s": usage.wall_s,
+                "profile": profile,
+                "prices": prices.to_json(),
+                **{f"cost_{part}": money[part] for part in ("cpu", "memory", "gpu", "written")},
+                "cost": money["total"],
+                "currency": prices.currency,
+                "mlflow_run_id": training.get("run_id"),
+                "saved": saved,
+            }
+        )
+
+
+def observation(row: dict[str, Any], asset: str) -> dg.AssetObservation:
+    """The asset observation of one costed step (its share when the step made several)."""
+    share = 1.0 / max(1, len(row["assets"]))
+    return dg.AssetObservation(
+        asset_key=dg.AssetKey.from_user_string(asset),
+        partition=row["partition"],
+        metadata={
+            "cost": dg.MetadataValue.float(row["cost"] * share),
+            "cost_currency": dg.MetadataValue.text(row["currency"]),
+            "cost_saved_by_resume": dg.MetadataValue.float(row["saved"] * share),
+            "cpu_seconds": dg.MetadataValue.float(row["cpu_s"] * share),
+            "gpu_seconds": dg.MetadataValue.float(row["gpu_s"] * share),
+            "peak_memory_mb": dg.MetadataValue.float(row["peak_memory_bytes"] / 2**20),
+            "bytes_written": dg.MetadataValue.int(int(row["bytes_written"] * share)),
+            "wall_seconds": dg.MetadataValue.float(row["wall_s"]),
+            "cost_run_id": dg.MetadataValue.text(row["run_id"]),
+            "cost_shared_by_assets": dg.MetadataValue.int(len(row["assets"])),
+        },
+    )
+
+
+@dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
+def cost_observations(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    """Report each costed materialisation as an observation with its cost in the metadata."""
+    after = int(context.cursor or 0)
+    rows = CostStore().rows(after_id=after)[:500]
+    events = [
+        observation(row, asset)
+        for row in rows
+        if row["status"] == "success"
+        for asset in row["assets"]
+    ]
+    cursor = str(rows[-1]["id"]) if rows else context.cursor
+    return dg.SensorResult(asset_events=events, cursor=cursor)
