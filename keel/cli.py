@@ -12,7 +12,6 @@ import click
 
 from keel.access.cli import access
 from keel.cost.cli import cost
-from keel.cost.cli import cost
 from keel.dashboards.cli import dashboards
 from keel.dashboards.service import DEFAULT_PORT as DASHBOARDS_PORT
 from keel.registry_cli import registry
@@ -142,7 +141,6 @@ cli.add_command(dashboards)
 cli.add_command(serve)
 cli.add_command(release)
 cli.add_command(access)
-cli.add_command(cost)
 cli.add_command(cost)
 
 
