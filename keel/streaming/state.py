@@ -1,0 +1,119 @@
+"""The consumer's durable state: an event log in SQLite, keyed by event id.
+
+Delivery is at least once, so the same event can arrive again (after a crash before its ack).
+The log recognises it by its id and keeps one copy; the features are then recomputed from the
+log for the accounts a batch touched, never incremented, so a redelivered event changes
+nothing. One transaction per batch: a process killed mid-batch leaves the log as it was before
+the batch, and the batch comes back because it was never acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+from keel.streaming.features import DAY_US, HOUR_US
+
+# Events this far behind the newest one logged are too late to change any window, and the log
+# forgets events this old: they are set aside (rejected) rather than counted as new.
+HORIZON_US = 2 * DAY_US
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    event_id TEXT PRIMARY KEY, account_id INTEGER NOT NULL, event_us INTEGER NOT NULL,
+    cents INTEGER NOT NULL, stream_seq INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS events_by_account ON events (account_id, event_us);
+CREATE TABLE IF NOT EXISTS rejected (
+    stream_seq INTEGER PRIMARY KEY, body BLOB NOT NULL, reason TEXT NOT NULL,
+    rejected_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS progress (
+    name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+# The features of the touched accounts as of each one's newest logged event, from the log.
+_WINDOWS = f"""
+WITH touched(account_id) AS (SELECT DISTINCT value FROM json_each(?)),
+newest AS (
+    SELECT e.account_id, max(e.event_us) AS t FROM events e JOIN touched USING (account_id)
+    GROUP BY e.account_id)
+SELECT n.account_id, n.t,
+    sum(CASE WHEN e.event_us > n.t - {HOUR_US} THEN e.cents ELSE 0 END),
+    sum(e.event_us > n.t - {HOUR_US}),
+    sum(CASE WHEN e.event_us >= n.t - n.t % {DAY_US} THEN e.cents ELSE 0 END),
+    sum(e.event_us >= n.t - n.t % {DAY_US})
+FROM newest n JOIN events e ON e.account_id = n.account_id
+    AND e.event_us > min(n.t - {HOUR_US}, n.t - n.t % {DAY_US} - 1) AND e.event_us <= n.t
+GROUP BY n.account_id ORDER BY n.account_id
+"""
+
+
+class EventLog:
+    """The event log of one durable consumer (one SQLite file)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.connection = sqlite3.connect(self.path, isolation_level=None)
+        self.connection.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed batch survives a power cut, not only a killed process.
+        self.connection.execute("PRAGMA synchronous=FULL")
+        self.connection.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def begin(self) -> None:
+        self.connection.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.connection.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.connection.in_transaction:
+            self.connection.execute("ROLLBACK")
+
+    def newest_us(self) -> int | None:
+        (value,) = self.connection.execute("SELECT max(event_us) FROM events").fetchone()
+        return value
+
+    def add(self, events: list[tuple[str, int, int, int, int]]) -> int:
+        """Log ``(event_id, account_id, event_us, cents, stream_seq)`` rows; count the new ones."""
+        before = self.connection.total_changes
+        self.connection.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?)", events)
+        return self.connection.total_changes - before
+
+    def reject(self, stream_seq: int, body: bytes, reason: str) -> None:
+        """Keep an unreadable or too-late message with the reason, so nothing is lost silently."""
+        self.connection.execute(
+            "INSERT OR IGNORE INTO rejected VALUES (?, ?, ?, ?)",
+            (stream_seq, body, reason, time.time()),
+        )
+
+    def windows(self, accounts: list[int]) -> list[tuple[int, int, int, int, int, int]]:
+        """``(account_id, newest_us, hour_cents, hour_count, day_cents, day_count)`` per account."""
+        return self.connection.execute(_WINDOWS, (json.dumps(accounts),)).fetchall()
+
+    def forget_before(self, event_us: int) -> int:
+        """Drop events older than ``event_us`` (no window reaches them any more)."""
+        deleted = self.connection.execute("DELETE FROM events WHERE event_us < ?", (event_us,))
+        return deleted.rowcount
+
+    def counts(self) -> dict[str, int]:
+        (events,) = self.connection.execute("SELECT count(*) FROM events").fetchone()
+        (rejected,) = self.connection.execute("SELECT count(*) FROM rejected").fetchone()
+        return {"events": events, "rejected": rejected}
+
+    def set_progress(self, values: dict) -> None:
+        self.connection.executemany(
+            "INSERT INTO progress VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            [(name, json.dumps(value)) for name, value in values.items()],
+        )
+
+    def progress(self) -> dict:
+        return {
+            name: json.loads(value)
+            for name, value in self.connection.execute("SELECT name, value FROM progress")
+        }
