@@ -148,9 +148,9 @@ def open_store(
 
 
 def repo_contents(project: str, repo_path: str | Path = FEATURE_REPO_DIR) -> RepoContents:
-    """Every Feast object in the repo's ``definitions.py``, collected as ``feast apply`` does.
+    """Every Feast object in the repo's Python files, collected as ``feast apply`` does.
 
-    The file runs afresh on every call, so its sources point at the current ``KEEL_HOME``.
+    The files run afresh on every call, so their sources point at the current ``KEEL_HOME``.
     """
     import importlib.util
 
@@ -160,12 +160,15 @@ def repo_contents(project: str, repo_path: str | Path = FEATURE_REPO_DIR) -> Rep
     from feast.project import Project
     from feast.repo_contents import RepoContents
 
-    path = Path(repo_path) / "definitions.py"
-    spec = importlib.util.spec_from_file_location("feature_repo.definitions", path)
-    if spec is None or spec.loader is None:
-        raise FeatureStoreError(f"Cannot load the Feast definitions {path}.")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    modules = []
+    # Every Python file of the repo, as `feast apply` reads them.
+    for path in sorted(Path(repo_path).glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"feature_repo.{path.stem}", path)
+        if spec is None or spec.loader is None:
+            raise FeatureStoreError(f"Cannot load the Feast definitions {path}.")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        modules.append(module)
     contents = RepoContents(
         projects=[Project(name=project)],
         data_sources=[],
@@ -179,11 +182,12 @@ def repo_contents(project: str, repo_path: str | Path = FEATURE_REPO_DIR) -> Rep
     )
 
     def add(bucket: list, value: object) -> None:
-        if not any(value is seen for seen in bucket):
+        # Files may each declare the same entity; equal copies register once.
+        equal = isinstance(value, Entity)
+        if not any(value is seen or (equal and value == seen) for seen in bucket):
             bucket.append(value)
 
-    for name in dir(module):
-        value = getattr(module, name)
+    for value in (getattr(module, name) for module in modules for name in dir(module)):
         if isinstance(value, DataSource):
             add(contents.data_sources, value)
         elif isinstance(value, FeatureView):
