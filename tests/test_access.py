@@ -1,0 +1,215 @@
+"""Access control: identities, hashed keys, roles on the registry, serving and the CLI."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from click.testing import CliRunner
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+
+from keel.access import (
+    AccessDenied,
+    ApiKeyError,
+    AuthenticationError,
+    KeyStore,
+    authenticate,
+    default_store_path,
+    os_user,
+)
+from keel.access.guard import RegistryAccessDenied
+from keel.registry import ApprovalError, ModelRegistry
+from tests.test_registry import (  # noqa: F401 (fixtures)
+    GATES,
+    METRICS,
+    config,
+    empty_mlflow_db,
+    isolated_mlflow_uris,
+    registry,
+    training_run,
+)
+
+
+@pytest.fixture
+def store(keel_home) -> KeyStore:
+    return KeyStore(default_store_path(), cache_seconds=0.0)
+
+
+def test_keys_are_stored_hashed_checked_and_revoked(store):
+    key = store.add("tara", ["trainer"])
+    assert key.encode() not in store.path.read_bytes()
+    identity = store.check(key)
+    assert (identity.name, identity.roles) == ("tara", frozenset({"trainer"}))
+    assert identity.method == f"api_key:{key.split('_')[1]}"
+    assert store.check(key + "x") is None and store.check("not-a-key") is None
+    store.revoke(key.split("_")[1], by="root")
+    assert store.check(key) is None
+    with pytest.raises(ApiKeyError, match="roles must be among"):
+        store.add("x", ["root"])
+    with pytest.raises(ApiKeyError, match="needs an owner"):
+        store.add("  ", ["viewer"])
+    assert [(r["action"], r["actor"]) for r in store.access_log()] == [
+        ("add_key", "unknown"),
+        ("revoke_key", "root"),
+    ]
+
+
+def test_authentication_is_a_key_or_the_real_os_user(store, monkeypatch):
+    me = os_user()
+    monkeypatch.setenv("USER", "somebody-else")
+    monkeypatch.setenv("LOGNAME", "somebody-else")
+    monkeypatch.delenv("KEEL_API_KEY", raising=False)
+    # Before any grant the local profile is one person's machine: the OS user is admin.
+    assert authenticate(store) == store.os_user_identity(me)
+    assert authenticate(store).name == me and authenticate(store).roles == {"admin"}
+    store.grant("someone-else", ["viewer"], by=me)
+    assert authenticate(store).roles == frozenset()  # no grant of its own any more
+    store.grant(me, ["approver"], by=me)
+    assert authenticate(store).roles == {"approver"} and authenticate(store).method == "os_user"
+
+    key = store.add("ci", ["trainer"])
+    monkeypatch.setenv("KEEL_API_KEY", key)
+    assert authenticate(store).name == "ci"
+    monkeypatch.setenv("KEEL_API_KEY", key[:-2])
+    with pytest.raises(AuthenticationError, match="not a valid key"):
+        authenticate(store)
+    monkeypatch.delenv("KEEL_API_KEY")
+    monkeypatch.setenv("KEEL_PROFILE", "production")
+    with pytest.raises(AuthenticationError, match="only with an API key"):
+        authenticate(store)
+
+
+def test_each_role_is_allowed_and_refused_on_the_registry_with_audit_records(
+    registry,  # noqa: F811
+    config,  # noqa: F811
+    keel_home,
+    store,
+):
+    ident = {
+        name: store.check(store.add(name, roles))
+        for name, roles in {
+            "vic": ["viewer"],
+            "tara": ["trainer"],
+            "alice": ["approver"],
+            "dan": ["deployer"],
+            "root": ["admin"],
+        }.items()
+    }
+    first = training_run(config, keel_home, "a", trained_by="tara")
+    second = training_run(config, keel_home, "b", trained_by="tara")
+
+    def refused(call, permission):
+        before = len(registry.audit_records())
+        with pytest.raises(RegistryAccessDenied, match=f"may not {permission}"):
+            call()
+        record = registry.audit_records()[-1]
+        assert len(registry.audit_records()) == before + 1 and record.action == "denied"
+        assert record.details["permission"] == permission
+        return record
+
+    for name in ("vic", "alice", "dan"):
+        denied = refused(
+            lambda n=name: registry.register(first, METRICS, GATES, ident[n]), "register"
+        )
+        assert denied.actor == name and denied.details["identity"]["method"].startswith("api_key")
+    assert registry.register(first, METRICS, GATES, ident["tara"]).version == "1"
+    registered = registry.audit_records()[-1]
+    assert (registered.action, registered.actor) == ("register", "tara")
+    assert registered.details["identity"] == ident["tara"].describe()
+
+    for name in ("vic", "tara", "dan"):
+        refused(lambda n=name: registry.approve("1", ident[n], "ok"), "approve")
+    refused(lambda: registry.reject("1", ident["tara"], "no"), "reject")
+    refused(lambda: registry.promote("1", ident["alice"]), "promote")
+    assert registry.approve("1", ident["alice"], "report read").approval_status == "approved"
+    assert registry.promote("1", ident["dan"], "release").aliases == ("champion",)
+
+    registry.register(second, METRICS, GATES, ident["root"])
+    # Four-eyes compares identities: the trainer's name cannot approve, whatever its roles.
+    trainer_as_admin = store.check(store.add("tara", ["admin"]))
+    with pytest.raises(ApprovalError, match="tara trained version 2"):
+        registry.approve("2", trainer_as_admin)
+    registry.approve("2", ident["root"], "admin review")
+    registry.promote("2", ident["dan"])
+    refused(lambda: registry.rollback(ident["alice"], "bad"), "rollback")
+    refused(
+        lambda: registry.deploy("shadow_set", ident["tara"], "try", aliases={"shadow": "1"}),
+        "deploy",
+    )
+    shadow = registry.deploy("shadow_set", ident["dan"], "try", aliases={"shadow": "1"})
+    assert shadow.actor == "dan" and shadow.details["identity"]["roles"] == ["deployer"]
+    assert registry.rollback(ident["dan"], "latency").version == "1"
+
+    actions = [(r.action, r.actor) for r in registry.audit_records()]
+    assert actions.count(("denied", "tara")) == 3 and ("rollback", "dan") in actions
+    assert registry.verify_audit().intact
+
+
+def test_a_registry_that_requires_identities_refuses_free_text(
+    config,  # noqa: F811
+    keel_home,
+    store,
+):
+    from dataclasses import replace
+
+    run = training_run(config, keel_home, "a", trained_by="tara")
+    with ModelRegistry(replace(config, require_identity=True)) as strict:
+        with pytest.raises(AccessDenied, match="not an authenticated identity"):
+            strict.register(run, METRICS, GATES, "tara")
+        assert [(r.action, r.actor) for r in strict.audit_records()] == [("denied", "tara")]
+        tara = store.check(store.add("tara", ["trainer"]))
+        assert strict.register(run, METRICS, GATES, tara).created
+
+
+def test_serving_refuses_a_key_without_the_role_and_logs_it(store):
+    from keel.serving.auth import require_role
+
+    app = FastAPI()
+    app.state.keys = store
+
+    deployer_only = Depends(require_role("deploy"))
+
+    @app.get("/admin")
+    def admin(principal=deployer_only):
+        return {"actor": principal.owner}
+
+    viewer, deployer = store.add("vic", ["viewer"]), store.add("dan", ["deployer"])
+    with TestClient(app) as client:
+        assert client.get("/admin").status_code == 401
+        assert client.get("/admin", headers={"X-API-Key": viewer}).status_code == 403
+        answer = client.get("/admin", headers={"X-API-Key": deployer})
+        assert answer.status_code == 200 and answer.json() == {"actor": "dan"}
+    last = store.access_log()[-1]
+    assert (last["actor"], last["action"], last["target"], last["allowed"]) == (
+        "vic",
+        "deploy",
+        "/admin",
+        0,
+    )
+
+
+def test_cli_manages_keys_only_for_admins(store, monkeypatch):
+    from keel import cli as keel_cli
+
+    runner = CliRunner()
+    monkeypatch.delenv("KEEL_API_KEY", raising=False)
+    whoami = runner.invoke(keel_cli.cli, ["access", "whoami"])
+    assert whoami.exit_code == 0 and f"{os_user()} (os_user): admin" in whoami.output
+    added = runner.invoke(
+        keel_cli.cli, ["access", "keys", "add", "--owner", "vic", "--role", "viewer"]
+    )
+    assert added.exit_code == 0, added.output
+    viewer_key = added.output.strip()
+    as_viewer = {"KEEL_API_KEY": viewer_key}
+    refused = runner.invoke(
+        keel_cli.cli, ["access", "keys", "add", "--owner", "x", "--role", "admin"], env=as_viewer
+    )
+    assert refused.exit_code == 1 and "may not admin" in refused.output
+    granted = runner.invoke(keel_cli.cli, ["access", "grant", "someone", "--role", "trainer"])
+    assert granted.exit_code == 0
+    # The granting OS user kept admin when the bootstrap ended.
+    assert authenticate(store).roles == {"admin"}
+    log = runner.invoke(keel_cli.cli, ["access", "log"])
+    assert "REFUSED vic" in log.output and "grant someone" in log.output
+    assert os.environ.get("KEEL_API_KEY") is None
