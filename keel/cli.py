@@ -18,6 +18,7 @@ from keel.registry_cli import registry
 from keel.serving.cli import serve
 from keel.serving.release_cli import release
 from keel.settings import DAGSTER_CONFIG_DIR, PROJECT_ROOT, KeelPaths, active_profile
+from keel.streaming.cli import stream
 
 
 def prepare_dagster_home(paths: KeelPaths, profile: str) -> Path:
@@ -142,6 +143,7 @@ cli.add_command(serve)
 cli.add_command(release)
 cli.add_command(access)
 cli.add_command(cost)
+cli.add_command(stream)
 
 
 def main() -> None:
