@@ -14,6 +14,7 @@ from assets import (
     training,
     transformation,
 )
+from keel.cost.dagster import cost_observations
 from orchestration.dashboards import DASHBOARD_SENSORS
 from orchestration.jobs import JOBS
 from orchestration.profiles import resources_for
@@ -40,6 +41,6 @@ defs = dg.Definitions(
     asset_checks=dg.load_asset_checks_from_modules(STAGES),
     jobs=[*JOBS, *registry.REGISTRY_JOBS],
     schedules=SCHEDULES,
-    sensors=[*SENSORS, *RELEASE_SENSORS, *DASHBOARD_SENSORS],
+    sensors=[*SENSORS, *RELEASE_SENSORS, *DASHBOARD_SENSORS, cost_observations],
     resources=resources_for(),
 )
