@@ -206,3 +206,19 @@ def test_a_model_version_costs_the_runs_of_its_lineage_and_keel_cost_shows_it(ke
     assert text.exit_code == 0 and first.run_id[:36] in text.output and "per run" in text.output
     wrong = CliRunner().invoke(keel_cli.cli, ["cost", "--since", "lately"])
     assert wrong.exit_code == 2 and "30d" in wrong.output
+
+
+@pytest.mark.parametrize("profile", ["local", "production"])
+def test_every_profile_instance_attaches_the_step_cost_handler(profile):
+    import yaml
+
+    from keel.settings import DAGSTER_CONFIG_DIR
+
+    config = yaml.safe_load((DAGSTER_CONFIG_DIR / f"{profile}.yaml").read_text())
+    assert config["python_logs"] == HANDLER_CONFIG["python_logs"]
+
+
+def test_the_definitions_run_the_cost_observation_sensor():
+    from orchestration.definitions import defs
+
+    assert defs.resolve_sensor_def("cost_observations") is cost_observations
