@@ -103,5 +103,6 @@ def test_jobs_schedules_and_sensors_are_wired():
         "run_failure_alert",
         "canary_sensor",
         "monitoring_dashboards",
+        "cost_observations",
     }
     assert defs.resolve_job_def("retrain").tags["gpu"] == "true"
