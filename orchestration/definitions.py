@@ -9,6 +9,7 @@ from assets import (
     inference,
     ingestion,
     monitoring,
+    rag,
     registry,
     serving,
     training,
@@ -34,13 +35,14 @@ STAGES = [
     inference,
     monitoring,
     serving,
+    rag,
 ]
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(STAGES),
     asset_checks=dg.load_asset_checks_from_modules(STAGES),
-    jobs=[*JOBS, *registry.REGISTRY_JOBS],
-    schedules=SCHEDULES,
+    jobs=[*JOBS, *registry.REGISTRY_JOBS, *rag.RAG_JOBS],
+    schedules=[*SCHEDULES, *rag.RAG_SCHEDULES],
     sensors=[*SENSORS, *RELEASE_SENSORS, *DASHBOARD_SENSORS, cost_observations],
     resources=resources_for(),
 )
