@@ -43,6 +43,6 @@ defs = dg.Definitions(
     asset_checks=dg.load_asset_checks_from_modules(STAGES),
     jobs=[*JOBS, *registry.REGISTRY_JOBS, *rag.RAG_JOBS],
     schedules=[*SCHEDULES, *rag.RAG_SCHEDULES],
-    sensors=[*SENSORS, *RELEASE_SENSORS, *DASHBOARD_SENSORS, cost_observations],
+    sensors=[*SENSORS, *RELEASE_SENSORS, *DASHBOARD_SENSORS, cost_observations, *rag.RAG_SENSORS],
     resources=resources_for(),
 )
