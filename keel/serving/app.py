@@ -45,6 +45,7 @@ from pydantic import (
 from starlette.background import BackgroundTask
 from starlette.routing import Route
 
+from keel.rag.routes import router as ask_router
 from keel.schema import CATEGORICAL_FEATURES
 from keel.serving import metrics
 from keel.serving.auth import HEADER, KeyStore, Principal, authorize, require_role
@@ -480,6 +481,7 @@ def create_app(
             raise
     else:
         app.include_router(admin_router)
+    app.include_router(ask_router)
     return app
 
 
