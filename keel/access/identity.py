@@ -28,6 +28,8 @@ _READERS = frozenset({"viewer", "trainer", "approver", "deployer", "predict", "d
 # Permission -> the roles that carry it; ``admin`` carries every permission.
 PERMISSIONS: dict[str, frozenset[str]] = {
     "read": _READERS,
+    # Launch a Dagster job that changes data (ingestion, dbt, features, scoring, monitoring).
+    "run": frozenset({"trainer", "deployer"}),
     "predict": frozenset({"viewer", "trainer", "approver", "deployer", "predict"}),
     "train": frozenset({"trainer"}),
     "register": frozenset({"trainer"}),
