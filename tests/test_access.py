@@ -213,3 +213,28 @@ def test_cli_manages_keys_only_for_admins(store, monkeypatch):
     log = runner.invoke(keel_cli.cli, ["access", "log"])
     assert "REFUSED vic" in log.output and "grant someone" in log.output
     assert os.environ.get("KEEL_API_KEY") is None
+
+
+def test_dagster_runs_need_the_role_of_their_job_and_carry_the_launcher(store):
+    from keel.access.jobs import LAUNCHED_BY_TAG, authorize_run, required_permission
+
+    promote = {"ops": {"apply_registry_action": {"config": {"action": "promote"}}}}
+    assert required_permission("registry_action", promote) == "promote"
+    assert required_permission("retrain", None) == "train"
+    assert required_permission("release", {}) == "deploy"
+    assert required_permission("daily_pipeline", None) == "run"
+    viewer = store.check(store.add("vic", ["viewer"]))
+    trainer = store.check(store.add("tara", ["trainer"]))
+    deployer = store.check(store.add("dan", ["deployer"]))
+    for job, run_config, allowed in (
+        ("daily_pipeline", None, {"tara", "dan"}),
+        ("retrain", None, {"tara"}),
+        ("registry_action", promote, {"dan"}),
+    ):
+        for identity in (viewer, trainer, deployer):
+            if identity.name in allowed:
+                tags = authorize_run(job, run_config, identity)
+                assert tags[LAUNCHED_BY_TAG] == identity.name
+            else:
+                with pytest.raises(AccessDenied, match=f"job {job}"):
+                    authorize_run(job, run_config, identity)
