@@ -11,7 +11,7 @@ instance frees its concurrency slots, run retries relaunch it, and the failure s
 from __future__ import annotations
 
 from dagster import DagsterEventType, DagsterRun, DefaultRunLauncher
-from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
+from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, WorkerStatus
 
 # A process started after the event that named its pid is another process with a reused pid.
 PID_CLOCK_SLACK_S = 1.0
@@ -49,7 +49,20 @@ def stop_process(pid: int, started_by: float) -> bool:
 
 
 class LocalRunLauncher(DefaultRunLauncher):
-    """Launches runs as ``DefaultRunLauncher`` does; run monitoring can check their workers."""
+    """Launches runs as ``DefaultRunLauncher`` does; run monitoring can check their workers.
+
+    A run is launched only when this process's identity (``keel.access``) holds the role its
+    job needs; the run is tagged with that identity.
+    """
+
+    def launch_run(self, context: LaunchRunContext) -> None:
+        from keel.access import authenticate
+        from keel.access.jobs import authorize_run
+
+        run = context.dagster_run
+        tags = authorize_run(run.job_name, run.run_config, authenticate())
+        self._instance.add_run_tags(run.run_id, tags)
+        super().launch_run(context)
 
     @property
     def supports_check_run_worker_health(self) -> bool:
