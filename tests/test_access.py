@@ -238,3 +238,27 @@ def test_dagster_runs_need_the_role_of_their_job_and_carry_the_launcher(store):
             else:
                 with pytest.raises(AccessDenied, match=f"job {job}"):
                     authorize_run(job, run_config, identity)
+
+
+def test_registry_cli_acts_as_the_caller_and_refuses_one_without_a_role(
+    config,  # noqa: F811
+    store,
+    monkeypatch,
+):
+    from keel import cli as keel_cli
+
+    runner = CliRunner()
+    monkeypatch.delenv("KEEL_API_KEY", raising=False)
+    assert runner.invoke(keel_cli.cli, ["registry", "audit"]).exit_code == 0
+    store.grant("someone-else", ["viewer"], by="root")  # ends the bootstrap: this user has none
+    refused = runner.invoke(keel_cli.cli, ["registry", "audit"])
+    assert refused.exit_code == 1 and f"{os_user()} (roles: none) may not read" in refused.output
+    viewer = store.add("vic", ["viewer"])
+    allowed = runner.invoke(keel_cli.cli, ["registry", "audit"], env={"KEEL_API_KEY": viewer})
+    assert allowed.exit_code == 0, allowed.output
+    approve = runner.invoke(
+        keel_cli.cli, ["registry", "approve", "1"], env={"KEEL_API_KEY": viewer}
+    )
+    assert approve.exit_code == 1 and "vic (roles: viewer) may not approve" in approve.output
+    wrong = runner.invoke(keel_cli.cli, ["registry", "audit"], env={"KEEL_API_KEY": "keel_x_y"})
+    assert wrong.exit_code == 1 and "not a valid key" in wrong.output
