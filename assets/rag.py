@@ -43,6 +43,7 @@ class IndexConfig(dg.Config):
     embedding_model: str = ""
     embedding_url: str = ""
     index_kind: str = "hnsw"
+    feast: bool = Field(default=True, description="Also load the chunks into Feast's store.")
 
 
 class EvaluationConfig(IndexConfig):
@@ -159,10 +160,16 @@ def vector_index(config: IndexConfig, artefacts: ArtefactStore) -> dg.Materializ
         made_of,
         index_settings,
     )
+    feast_rows = 0
+    if config.feast:
+        from keel.rag.feature_store import write_chunks
+
+        feast_rows = write_chunks(store / "feast", store / "index" / version)["rows"]
     atomic_json(store / CANDIDATE, {"version": version})
     return dg.MaterializeResult(
         metadata={
             "version": dg.MetadataValue.text(version),
+            "feast_rows": dg.MetadataValue.int(feast_rows),
             "chunks": dg.MetadataValue.int(manifest["chunks"]),
             "corpus_hash": dg.MetadataValue.text(made_of["corpus_hash"][:16]),
             "embedding_model_hash": dg.MetadataValue.text(made_of["embedding_model_hash"][:16]),

@@ -161,3 +161,18 @@ def test_gate_fails_an_index_built_with_a_broken_chunker(built, documents, embed
     passed, reason = recall_gate(bad_recall, good_recall)
     assert not passed, reason
     assert recall_gate(good_recall, good_recall)[0]
+
+
+def test_chunks_live_in_feast_and_feast_vector_search_is_unavailable_here(built, embedder):
+    from keel.rag.feature_store import lookup, vector_search_error, write_chunks
+
+    store, index = built
+    written = write_chunks(store / "feast", index.folder)
+    assert written["rows"] == len(index.chunks)
+    wanted = [index.chunks[0].chunk_id, index.chunks[-1].chunk_id]
+    found = lookup(store / "feast", wanted)
+    assert found["text"] == [index.chunks[0].text, index.chunks[-1].text]
+    assert set(found["index_version"]) == {index.version}
+    # Feast 0.67 loads sqlite-vec only under Python 3.10: retrieval goes through faiss instead.
+    error = vector_search_error(store / "feast", embedder.embed(["pipe capacity"])[0])
+    assert error is not None and "vec0" in error
