@@ -12,6 +12,7 @@ from assets import (
     rag,
     registry,
     serving,
+    streaming,
     training,
     transformation,
 )
@@ -36,6 +37,7 @@ STAGES = [
     monitoring,
     serving,
     rag,
+    streaming,
 ]
 
 defs = dg.Definitions(
@@ -43,6 +45,13 @@ defs = dg.Definitions(
     asset_checks=dg.load_asset_checks_from_modules(STAGES),
     jobs=[*JOBS, *registry.REGISTRY_JOBS, *rag.RAG_JOBS],
     schedules=[*SCHEDULES, *rag.RAG_SCHEDULES],
-    sensors=[*SENSORS, *RELEASE_SENSORS, *DASHBOARD_SENSORS, cost_observations, *rag.RAG_SENSORS],
-    resources=resources_for(),
+    sensors=[
+        *SENSORS,
+        *RELEASE_SENSORS,
+        *DASHBOARD_SENSORS,
+        cost_observations,
+        *rag.RAG_SENSORS,
+        *streaming.STREAM_SENSORS,
+    ],
+    resources={**resources_for(), **streaming.RESOURCES},
 )
