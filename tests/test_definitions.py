@@ -62,6 +62,7 @@ def test_every_pipeline_stage_is_an_asset_group():
         "inference",
         "monitoring",
         "serving",
+        "streaming",
     }
 
 
@@ -104,5 +105,6 @@ def test_jobs_schedules_and_sensors_are_wired():
         "canary_sensor",
         "monitoring_dashboards",
         "cost_observations",
+        "stream_lag_sensor",
     }
     assert defs.resolve_job_def("retrain").tags["gpu"] == "true"
