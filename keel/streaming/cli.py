@@ -141,3 +141,7 @@ def status(url: str, stream_name: str, subject: str, durable: str) -> None:
     settings = stream_settings(url, stream_name, subject, durable)
     lag = asyncio.run(consumer_lag(url, stream_name, durable))
     click.echo(json.dumps({**lag, **log_progress(settings.state_path)}, indent=2))
+
+
+if __name__ == "__main__":
+    stream()

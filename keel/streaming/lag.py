@@ -50,3 +50,24 @@ def log_progress(state_path: str | Path) -> dict:
         **counts,
         "last_batch_age_s": None if last is None else max(0.0, time.time() - last),
     }
+
+
+def lag_breaches(
+    lag: dict, progress: dict, max_unacknowledged: int, max_stalled_s: float
+) -> list[str]:
+    """Why the consumer is behind, in words; empty when it keeps up.
+
+    Behind means more unacknowledged messages than ``max_unacknowledged``, or messages
+    waiting while the last batch is older than ``max_stalled_s`` (a stopped consumer).
+    """
+    if not lag.get("found"):
+        return ["the durable consumer does not exist: keel stream consume has never run"]
+    breaches = []
+    waiting = lag["unacknowledged"]
+    if waiting > max_unacknowledged:
+        breaches.append(f"{waiting} messages unacknowledged (limit {max_unacknowledged})")
+    age = progress.get("last_batch_age_s")
+    if waiting and (age is None or age > max_stalled_s):
+        since = "ever" if age is None else f"for {age:.0f} s"
+        breaches.append(f"{waiting} messages waiting and no batch processed {since}")
+    return breaches

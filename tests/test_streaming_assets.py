@@ -1,0 +1,115 @@
+"""The consumer-lag asset and the lag sensor, against a real JetStream stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import dagster as dg
+import pytest
+
+from assets.streaming import StreamResource, stream_consumer_lag, stream_lag_sensor
+from keel.streaming.lag import lag_breaches
+from orchestration.resources import MonitoringResource
+
+NATS_URL = "nats://127.0.0.1:4222"
+
+
+def test_lag_breaches_name_a_backlog_and_a_stalled_consumer():
+    keeping_up = {"found": True, "unacknowledged": 10}
+    assert lag_breaches(keeping_up, {"last_batch_age_s": 1.0}, 100, 60) == []
+    assert lag_breaches(keeping_up, {"last_batch_age_s": 90.0}, 100, 60) == [
+        "10 messages waiting and no batch processed for 90 s"
+    ]
+    backlog = {"found": True, "unacknowledged": 500}
+    assert lag_breaches(backlog, {"last_batch_age_s": 1.0}, 100, 60) == [
+        "500 messages unacknowledged (limit 100)"
+    ]
+    idle = {"found": True, "unacknowledged": 0}
+    assert lag_breaches(idle, {"last_batch_age_s": 9_999.0}, 100, 60) == []
+    assert "never run" in lag_breaches({"found": False}, {}, 100, 60)[0]
+
+
+@pytest.fixture
+def waiting_stream(tmp_path):
+    """A stream with 12 messages that its durable consumer has not acknowledged."""
+    import nats
+
+    from keel.streaming.consumer import StreamSettings, durable_subscription
+
+    suffix = uuid.uuid4().hex[:10]
+    settings = StreamSettings(
+        state_path=tmp_path / f"{suffix}.sqlite",
+        offline_dir=tmp_path / "offline",
+        stream=f"KEEL_LAG_{suffix}",
+        subject=f"keel.lag.{suffix}",
+        durable=suffix,
+    )
+
+    async def create():
+        nc = await nats.connect(NATS_URL)
+        js = nc.jetstream()
+        await durable_subscription(js, settings)
+        for i in range(12):
+            await js.publish(settings.subject, json.dumps({"i": i}).encode())
+        await nc.close()
+
+    async def delete():
+        nc = await nats.connect(NATS_URL)
+        await nc.jetstream().delete_stream(settings.stream)
+        await nc.close()
+
+    asyncio.run(create())
+    yield StreamResource(
+        url=NATS_URL,
+        stream=settings.stream,
+        durable=settings.durable,
+        state_dir=str(tmp_path),
+        max_unacknowledged=5,
+    )
+    asyncio.run(delete())
+
+
+def test_the_asset_reports_the_backlog_and_the_sensor_alerts_once_per_episode(waiting_stream):
+    result = stream_consumer_lag(stream=waiting_stream)
+    assert result.metadata["unacknowledged"].value == 12
+    assert result.metadata["stream_last_seq"].value == 12
+    assert result.metadata["events_logged"].value == 0
+
+    instance = dg.DagsterInstance.ephemeral()
+    resources = {"stream": waiting_stream, "monitoring": MonitoringResource()}
+    context = dg.build_sensor_context(instance=instance, resources=resources)
+    first = stream_lag_sensor(context)
+    assert len(first.run_requests) == 1
+    assert json.loads(first.cursor) == {"behind": True}
+    again = dg.build_sensor_context(instance=instance, resources=resources, cursor=first.cursor)
+    second = stream_lag_sensor(again)
+    assert not second.run_requests
+    assert "12 messages unacknowledged" in second.skip_reason.skip_message
+
+    assert "no batch processed ever" in second.skip_reason.skip_message
+
+    # Caught up: everything acknowledged ends the episode, so the next lag alerts again.
+    async def acknowledge_all():
+        import nats
+
+        nc = await nats.connect(NATS_URL)
+        js = nc.jetstream()
+        sub = await js.pull_subscribe_bind(waiting_stream.durable, stream=waiting_stream.stream)
+        msgs = await sub.fetch(12, timeout=5)
+        await msgs[-1].ack_sync()
+        await nc.close()
+
+    asyncio.run(acknowledge_all())
+    calm = dg.build_sensor_context(instance=instance, resources=resources, cursor=first.cursor)
+    third = stream_lag_sensor(calm)
+    assert not third.run_requests and json.loads(third.cursor) == {"behind": False}
+
+
+def test_the_asset_fails_clearly_when_no_consumer_exists(tmp_path):
+    missing = StreamResource(
+        url=NATS_URL, stream=f"KEEL_NONE_{uuid.uuid4().hex[:8]}", state_dir=str(tmp_path)
+    )
+    with pytest.raises(dg.Failure, match="keel stream consume"):
+        stream_consumer_lag(stream=missing)
