@@ -53,6 +53,20 @@ def _run(instance, size: int, *assets) -> dg.ExecuteInProcessResult:
     )
 
 
+def _sensor_context(instance, keel_home):
+    from keel.registry_types import RegistryConfig
+    from orchestration.resources import MlflowResource
+
+    config = RegistryConfig.local(keel_home)
+    mlflow = MlflowResource(
+        tracking_uri=config.tracking_uri,
+        registry_uri=config.registry_uri,
+        artifact_location=str(keel_home.mlflow / "artifacts"),
+        lock_file=config.lock_file,
+    )
+    return dg.build_sensor_context(instance=instance, resources={"mlflow": mlflow})
+
+
 def test_two_runs_of_different_sizes_cost_in_proportion_to_their_measured_resources(keel_home):
     with dg.instance_for_test(overrides=HANDLER_CONFIG) as instance:
         small, large = _run(instance, 1), _run(instance, 4)
@@ -82,7 +96,7 @@ def test_two_runs_of_different_sizes_cost_in_proportion_to_their_measured_resour
         assert by_run[large.run_id].cost == pytest.approx(second["cost"])
 
         # The observation sensor puts the cost in the asset's metadata.
-        result = cost_observations(dg.build_sensor_context(instance=instance))
+        result = cost_observations(_sensor_context(instance, keel_home))
         observed = [e.metadata["cost"].value for e in result.asset_events]
         assert observed == pytest.approx([first["cost"], second["cost"]])
 
@@ -181,8 +195,14 @@ def test_a_model_version_costs_the_runs_of_its_lineage_and_keel_cost_shows_it(ke
         # A retry of the first run (same root) resumed at epoch 6 and logged version 1's run.
         retry = train(instance, runs[0], 6, {"dagster/root_run_id": first.run_id})
         other = train(instance, runs[1], 0)
+        # The sensor puts each version's lineage cost on the version itself.
+        cost_observations(_sensor_context(instance, keel_home))
     store = CostStore()
     rows = {row["run_id"]: row for row in store.rows()}
+    tags = client.get_model_version(config.model_name, "1").tags
+    v1_cost = rows[first.run_id]["cost"] + rows[retry.run_id]["cost"]
+    assert float(tags["keel.cost"]) == pytest.approx(v1_cost, rel=1e-5)
+    assert tags["keel.cost_currency"] == "USD"
     assert rows[retry.run_id]["saved"] == pytest.approx(rows[retry.run_id]["cost"] * 6 / 4)
     assert rows[other.run_id]["saved"] == 0.0
     models = store.by_model({"v1": [runs[0]], "v2": [runs[1]], "v3": ["never-trained"]})

@@ -6,7 +6,8 @@ step's STEP_START, materialisations and STEP_SUCCESS or STEP_FAILURE in the proc
 the step, measures the step between them (`keel.cost.measure`), prices it with the active
 profile's table and appends a row to the cost file. `cost_observations` then reports each
 costed materialisation as an asset observation carrying the figures, so they show in the
-asset's metadata (and its plots) in the Dagster UI.
+asset's metadata (and its plots) in the Dagster UI, and tags each registered model version
+with the cost of the runs that trained it (``keel.cost``).
 """
 
 from __future__ import annotations
@@ -139,16 +140,59 @@ def observation(row: dict[str, Any], asset: str) -> dg.AssetObservation:
     )
 
 
+VERSION_TAGS = ("keel.cost", "keel.cost_currency", "keel.cost_cpu_seconds", "keel.cost_gpu_seconds")
+
+
+def tag_model_versions(
+    store: CostStore, roots: set[str], tracking_uri: str, registry_uri: str, lock_file: str = ""
+) -> dict[str, float]:
+    """Put the lineage cost on the registered versions trained by runs under ``roots``.
+
+    Returns "<model> v<version>" -> cost for every version tagged.
+    """
+    rows = store.rows()
+    run_ids = {r["mlflow_run_id"] for r in rows if r["root_run_id"] in roots and r["mlflow_run_id"]}
+    if not run_ids:
+        return {}
+    from contextlib import nullcontext
+
+    from filelock import FileLock
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+    tagged = {}
+    # The registry's own lock: its writers and these tags never meet on a SQLite store.
+    with FileLock(lock_file) if lock_file else nullcontext():
+        for run_id in sorted(run_ids):
+            total = store.by_model({run_id: [run_id]})[run_id]
+            currency = next(r["currency"] for r in rows if r["mlflow_run_id"] == run_id)
+            values = (f"{total.cost:.6g}", currency, f"{total.cpu_s:.1f}", f"{total.gpu_s:.1f}")
+            for version in client.search_model_versions(f"run_id = '{run_id}'"):
+                for key, value in zip(VERSION_TAGS, values, strict=True):
+                    client.set_model_version_tag(version.name, version.version, key, value)
+                tagged[f"{version.name} v{version.version}"] = total.cost
+    return tagged
+
+
 @dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
-def cost_observations(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    """Report each costed materialisation as an observation with its cost in the metadata."""
+def cost_observations(
+    context: dg.SensorEvaluationContext, mlflow: dg.ResourceParam[Any]
+) -> dg.SensorResult:
+    """Costs into asset metadata (observations) and onto the model versions runs trained."""
     after = int(context.cursor or 0)
-    rows = CostStore().rows(after_id=after)[:500]
+    store = CostStore()
+    rows = store.rows(after_id=after)[:500]
     events = [
         observation(row, asset)
         for row in rows
         if row["status"] == "success"
         for asset in row["assets"]
     ]
+    roots = {row["root_run_id"] for row in rows}
+    tagged = tag_model_versions(
+        store, roots, mlflow.tracking_uri, mlflow.registry_uri, mlflow.lock_file
+    )
+    if tagged:
+        context.log.info(f"model version costs: {tagged}")
     cursor = str(rows[-1]["id"]) if rows else context.cursor
     return dg.SensorResult(asset_events=events, cursor=cursor)
