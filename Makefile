@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 INSTALL_HASH = $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: install demo test test-all dev serve lint bench bench-% lock clean
+.PHONY: install demo test test-all test-browser browser dev serve lint bench bench-% lock clean
 
 install:
 	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$(INSTALL_HASH)" ]; then \
@@ -36,6 +36,15 @@ test: install
 test-all: install
 	$(BIN)/pytest
 
+# Debian's chromium for the browser tests: Playwright drives it, nothing is downloaded.
+browser:
+	scripts/install-browser.sh
+
+# The browser tests alone: `keel dev` in a fresh data folder, driven by chromium.
+test-browser: install browser
+	$(BIN)/pytest tests/test_browser.py
+
+# Dagster UI on :3000 and, beside it, the Evidently UI (monitoring dashboards) on :8001.
 dev: install
 	$(BIN)/keel dev
 
