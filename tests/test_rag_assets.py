@@ -168,3 +168,55 @@ def test_secrets_are_stripped_and_ordinary_text_kept():
         0,
     )
     assert REFUSAL
+
+
+def test_daily_report_counts_refusals_and_hits_and_sees_query_drift():
+    from keel.rag.monitoring import daily_report
+
+    rng = np.random.default_rng(0)
+    corpus = rng.normal(1.0, 1.0, size=(300, 8)).astype(np.float32)
+    records = [
+        {
+            "refused": i % 4 == 0,
+            "cache": "exact" if i % 2 else "miss",
+            "tokens": 10,
+            "latency_ms": 1.0,
+        }
+        for i in range(40)
+    ]
+    same = daily_report(records, rng.normal(1.0, 1.0, size=(40, 8)).astype(np.float32), corpus)
+    assert same["unanswered_share"] == 0.25 and same["cache_hit_rate"] == 0.5
+    assert same["tokens_saved"] == 200
+    away = np.tile([3.0, -3.0], 4)
+    shifted = daily_report(records, rng.normal(away, 1.0, size=(40, 8)).astype(np.float32), corpus)
+    assert not same["embedding_drift"]["distance"]["drifted"]
+    assert shifted["embedding_drift"]["distance"]["drifted"]
+    assert shifted["embedding_drift"]["model"]["drifted"]
+    few = daily_report(records[:5], np.zeros((5, 8), dtype=np.float32), corpus)
+    assert few["embedding_drift"] is None
+
+
+def test_index_versions_are_registered_once_with_their_lineage(tmp_path):
+    from mlflow import MlflowClient
+
+    from keel.rag.registry import REGISTERED_NAME, register_index
+    from orchestration.resources import MlflowResource
+
+    mlflow = MlflowResource(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        artifact_location=str(tmp_path / "artifacts"),
+    )
+    experiment = mlflow.configure("keel-rag")
+    manifest = {
+        "version": "abc123",
+        "lineage": {"corpus_hash": "c" * 64, "chunker_settings": {"max_chars": 900}},
+    }
+    first = register_index(mlflow.tracking_uri, experiment, manifest, {"recall_at_5": 0.9})
+    again = register_index(mlflow.tracking_uri, experiment, manifest, {"recall_at_5": 0.9})
+    assert first == again
+    version = MlflowClient(tracking_uri=mlflow.tracking_uri).get_model_version_by_alias(
+        REGISTERED_NAME, "published"
+    )
+    assert version.tags["lineage.corpus_hash"] == "c" * 64
+    assert version.tags["lineage.chunker_settings.max_chars"] == "900"
