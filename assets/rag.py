@@ -16,12 +16,13 @@ from pydantic import Field
 
 from keel.rag.corpus import DEFAULT_SOURCE_DIR, SECTIONS
 from keel.rag.evaluation import DEFAULT_MAX_RECALL_DROP, DEFAULT_MIN_RECALL_AT_5
+from keel.schema import FIRST_DAY
 from orchestration.resources import ArtefactStore, MlflowResource
 
 GROUP = "rag"
 SECTION_PARTITIONS = dg.StaticPartitionsDefinition(list(SECTIONS))
 # Today's partition exists too: the report runs shortly before the day ends.
-RAG_DAILY = dg.DailyPartitionsDefinition(start_date="2026-01-01", end_offset=1)
+RAG_DAILY = dg.DailyPartitionsDefinition(start_date=FIRST_DAY, end_offset=1)
 CANDIDATE = "candidate.json"
 
 

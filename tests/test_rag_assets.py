@@ -163,6 +163,8 @@ def test_secrets_are_stripped_and_ordinary_text_kept():
     assert removed == 3
     assert "AKIA" not in clean and "hunter22" not in clean and "sk-abc" not in clean
     assert "the read end is opened with O_RDONLY." in clean
+    key = "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----"
+    assert strip_secrets(f"before {key} after") == ("before [removed] after", 1)
     assert strip_secrets("A pipe has a read end and a write end.") == (
         "A pipe has a read end and a write end.",
         0,

@@ -21,7 +21,7 @@ REFUSAL = "I could not find this in the indexed documents."
 _SECRETS = [
     re.compile(p)
     for p in (
-        r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
+        r"-{5}BEGIN [A-Z ]*PRIVATE KEY-{5}[\s\S]*?-{5}END [A-Z ]*PRIVATE KEY-{5}",
         r"\bAKIA[0-9A-Z]{16}\b",
         r"\b(?:ghp|gho|ghs|ghu|github_pat)_[A-Za-z0-9_]{20,}\b",
         r"\bsk-[A-Za-z0-9_-]{20,}\b",
