@@ -29,7 +29,8 @@ from keel.serving.deployments import (
     entity_bucket,
 )
 from keel.serving.guardrails import evaluate_canary
-from keel.serving.prediction_log import PredictionLogWriter
+from keel.serving.log_tail import GUARDRAIL_COLUMNS, PredictionLogTail
+from keel.serving.prediction_log import SHADOW, PredictionLogWriter, read_prediction_log
 from tests import release_support
 from tests.release_support import FAST_POLICY, dagster_resources, log_frame, log_rows
 from tests.serving_support import (  # noqa: F401 (serving_world is a fixture)
@@ -369,11 +370,14 @@ def test_a_canary_that_holds_is_promoted_under_the_approval_policy(
     writer.write(log_rows(CANARY, challenger, 150, start=start, seed=2))
     writer.close()
     # Not yet enough canary requests for promotion: it keeps running.
-    assert release.evaluate_release(registry, tmp_path / "log").action == "healthy"
+    tail = PredictionLogTail()  # as the watcher judges: the second call reads only new lines
+    assert release.evaluate_release(registry, tmp_path / "log", tail=tail).action == "healthy"
+    assert tail.lines_parsed == 350
     writer = PredictionLogWriter(tmp_path / "log")
     writer.write(log_rows(CANARY, challenger, 200, start=start, seed=3))
     writer.close()
-    outcome = release.evaluate_release(registry, tmp_path / "log")
+    outcome = release.evaluate_release(registry, tmp_path / "log", tail=tail)
+    assert tail.lines_parsed == 550
     assert outcome.action == "promoted"
     assert registry.champion() == challenger
     assert release.release_state(registry).canary is None
@@ -383,6 +387,47 @@ def test_a_canary_that_holds_is_promoted_under_the_approval_policy(
         ("promote", champion, challenger),
     ]
     assert records[0].details["canary_rows_since_start"] == 350
+
+
+def test_the_log_tail_reads_each_line_once_and_equals_a_full_read(tmp_path: Path) -> None:
+    start = datetime.now(UTC) - timedelta(seconds=30)
+    folder = tmp_path / "log"
+    first, second = PredictionLogWriter(folder), PredictionLogWriter(folder, rotate_bytes=1)
+    rows = log_rows(CHAMPION, "1", 300, start=start, seed=1)
+    rows += log_rows(CANARY, "2", 100, start=start, error_share=0.1, seed=2)
+    for row in rows:
+        row["features"] = {"balance": 1.5, "segment": 'a,"features":{}'}
+    shadow = [{"record": SHADOW, "request_id": r["request_id"], "row": 0} for r in rows]
+    before = log_rows(CHAMPION, "1", 50, start=start - timedelta(minutes=5), seed=3)
+    first.write(before + rows[:250] + shadow[:100])
+    tail = PredictionLogTail()
+    assert len(tail.read(folder, start)) == 250
+    assert tail.lines_parsed == 300  # the 50 earlier rows are parsed, then left out by time
+    second.write(rows[250:300])  # a second worker's file, rotated after every write
+    second.write(rows[300:])
+    with (folder / first.path.name).open("ab") as handle:
+        handle.write(b'{"record":"prediction","ts":"2026')  # a line still being written
+    read = tail.read(folder, start)
+    assert tail.lines_parsed == 450  # only the 150 new lines were parsed
+    full = read_prediction_log(folder, since=start)
+    key = ["ts", "account_id"]
+    pd.testing.assert_frame_equal(
+        read.sort_values(key).reset_index(drop=True),
+        full[list(GUARDRAIL_COLUMNS)].sort_values(key).reset_index(drop=True),
+        check_dtype=False,
+    )
+    now = datetime.now(UTC)
+    verdict = evaluate_canary(read, "2", "1", start, FAST_POLICY, now)
+    assert verdict.canary_rows == 100 and verdict.checks[0].passed is False
+    assert verdict == evaluate_canary(full, "2", "1", start, FAST_POLICY, now)
+    # A later start reads again from scratch; rows that leave the window are counted.
+    later = start + timedelta(milliseconds=1)  # leaves out the first row of each arm
+    assert len(tail.read(folder, later)) == 398 and tail.lines_parsed == 450
+    kept = tail.read(folder, later, keep_from=datetime.now(UTC))
+    assert kept.empty
+    assert (tail.dropped_rows(CHAMPION, "1"), tail.dropped_rows(CANARY, "2")) == (299, 99)
+    first.close()
+    second.close()
 
 
 # -- Dagster: the canary asset and sensor, the daily live-traffic assets -----------------------

@@ -305,6 +305,7 @@ def evaluate_canary(
     now: datetime | None = None,
     labels: pd.DataFrame | None = None,
     expected_scores: dict[str, list[float]] | None = None,
+    canary_rows_before: int = 0,
 ) -> Verdict:
     """Judge the canary on the prediction log.
 
@@ -318,6 +319,8 @@ def evaluate_canary(
         labels: ``account_id`` and ``label`` (0/1) of entities whose outcome is known.
         expected_scores: The canary's `score_histogram` on the held-out window; without it
             the score distribution is reported, not judged.
+        canary_rows_before: Canary rows since the start that ``log`` no longer holds (a
+            reader that keeps only the window counts them); they count towards promotion.
     """
     import pandas as pd
 
@@ -353,7 +356,7 @@ def evaluate_canary(
                 ("auc", policy.max_auc_drop),
             )
         )
-    rows_since_start = int(is_canary.sum())
+    rows_since_start = int(is_canary.sum()) + canary_rows_before
     minutes = (now - started_at).total_seconds() / 60.0
     if any(check.passed is False for check in checks):
         state = BREACHED

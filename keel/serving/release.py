@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from keel.registry import AuditRecord, ModelRegistry, RegistryConfig
+    from keel.serving.log_tail import PredictionLogTail
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +326,7 @@ def evaluate_release(
     webhook_url: str = "",
     labels: pd.DataFrame | None = None,
     now: datetime | None = None,
+    tail: PredictionLogTail | None = None,
 ) -> ReleaseOutcome:
     """Judge the running canary on the prediction log; roll it back or promote it.
 
@@ -335,9 +337,11 @@ def evaluate_release(
         webhook_url: Where a rollback alert goes (the monitoring webhook).
         labels: ``account_id`` and ``label`` of entities whose outcome is known.
         now: The end of the window (default: now).
+        tail: A log reader kept between calls, so that each call parses only the lines
+            logged since the last (default: the whole log since the start, read afresh).
     """
     from keel.serving.guardrails import TAG_SCORE_HISTOGRAM, evaluate_canary
-    from keel.serving.prediction_log import read_prediction_log
+    from keel.serving.log_tail import PredictionLogTail
 
     state = release_state(registry)
     if state.canary is None or state.champion is None:
@@ -348,7 +352,9 @@ def evaluate_release(
         return ReleaseOutcome("unmanaged", None)
     started = datetime.fromisoformat(state.canary_started_at)
     policy = state.canary_policy or GuardrailPolicy()
-    frame = read_prediction_log(log_dir, since=started)
+    now = now or datetime.now(UTC)
+    tail = tail or PredictionLogTail()
+    frame = tail.read(log_dir, started, keep_from=now - timedelta(minutes=policy.window_minutes))
     histogram = registry.client.get_model_version(registry.name, state.canary).tags.get(
         TAG_SCORE_HISTOGRAM
     )
@@ -361,6 +367,7 @@ def evaluate_release(
         now=now,
         labels=labels,
         expected_scores=json.loads(histogram) if histogram else None,
+        canary_rows_before=tail.dropped_rows(CANARY, state.canary),
     )
     set_guardrail_gauge(verdict)
     if verdict.state == BREACHED:
@@ -405,6 +412,12 @@ def evaluate_release(
     return ReleaseOutcome(verdict.state, verdict)
 
 
+def _new_tail() -> PredictionLogTail:
+    from keel.serving.log_tail import PredictionLogTail
+
+    return PredictionLogTail()
+
+
 class ReleaseWatcher:
     """Judges the canary every few seconds in a daemon thread (the ``keel serve`` supervisor)."""
 
@@ -421,6 +434,7 @@ class ReleaseWatcher:
         self.webhook_url = webhook_url
         self.last_outcome: ReleaseOutcome | None = None
         self.last_error = ""
+        self.tail = _new_tail()  # each check parses only the lines logged since the last
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -429,7 +443,9 @@ class ReleaseWatcher:
 
         registry = ModelRegistry(self.registry_config)
         try:
-            outcome = evaluate_release(registry, self.log_dir, webhook_url=self.webhook_url)
+            outcome = evaluate_release(
+                registry, self.log_dir, webhook_url=self.webhook_url, tail=self.tail
+            )
         finally:
             registry.close()
         if outcome.action in ("rolled_back", "promoted"):
