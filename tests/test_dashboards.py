@@ -7,11 +7,8 @@ import json
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
-import pandas as pd
 import pytest
 
-from keel import schema
 from keel.dashboards import (
     DEFAULT_DATASET,
     dashboard_model,
@@ -20,61 +17,19 @@ from keel.dashboards import (
     workspace_dir,
 )
 from keel.dashboards.workspace import FEATURE_PANEL, PANELS
-from keel.monitoring import build_reference_profile, data_drift, performance
 from orchestration.dashboards import monitoring_dashboards
 from orchestration.resources import ArtefactStore
-
-DAYS = [f"2026-03-0{n}" for n in range(1, 5)]
-
-
-def _frame(rng: np.random.Generator, rows: int, shift: float = 0.0) -> pd.DataFrame:
-    data = {name: rng.normal(10 + shift * 10, 2, rows) for name in schema.NUMERIC_FEATURES}
-    data["product"] = rng.choice(list(schema.PRODUCTS), rows)
-    data["main_channel_30d"] = rng.choice(list(schema.CHANNELS), rows)
-    return pd.DataFrame(data)
+from tests.dashboards_support import DAYS, report_drift, report_performance
+from tests.dashboards_support import daily_results as support_results
 
 
 @pytest.fixture(scope="module")
 def daily_results():
     """Real drift and performance results (keel.monitoring) of four days drifting more each day."""
-    rng = np.random.default_rng(7)
-    profile = build_reference_profile(
-        _frame(rng, 2_000), champion_version="1", training_set_hash="abc"
-    )
-    drift, perf = {}, {}
-    for n, day in enumerate(DAYS):
-        drift[day] = data_drift(profile, _frame(rng, 1_000 + 100 * n, shift=0.4 * n))
-        labels = rng.integers(0, 2, 500)
-        # The scores separate the classes less every day: the AUC falls.
-        scores = np.clip(labels * (0.4 - 0.1 * n) + rng.uniform(0, 0.6, 500), 0, 1)
-        perf[day] = performance(scores, labels)
+    drift, perf = support_results()
     shares = [drift[day].share_of_drifted_features for day in DAYS]
     assert shares[0] < shares[-1]
     return drift, perf
-
-
-def _report_drift(instance, key, day, result, issues=()):
-    instance.report_runless_asset_event(
-        dg.AssetMaterialization(
-            asset_key=key,
-            partition=day,
-            metadata={
-                "drift": dg.MetadataValue.json(result.to_dict()),
-                "prediction_drift": dg.MetadataValue.bool(False),
-                "quality_issues": dg.MetadataValue.json(list(issues)),
-            },
-        )
-    )
-
-
-def _report_performance(instance, key, day, result):
-    instance.report_runless_asset_event(
-        dg.AssetMaterialization(
-            asset_key=key,
-            partition=day,
-            metadata={"performance": dg.MetadataValue.json(result.to_dict())},
-        )
-    )
 
 
 def _tick(instance, root: Path, cursor):
@@ -117,11 +72,11 @@ def test_the_sensor_feeds_a_project_per_dataset_with_a_snapshot_per_report_and_d
     drift, perf = daily_results
     instance = dg.DagsterInstance.ephemeral()
     for day in DAYS:
-        _report_drift(instance, "drift_report", day, drift[day], issues=["x: values out of range"])
-        _report_performance(instance, "performance_report", day, perf[day])
+        report_drift(instance, "drift_report", day, drift[day], issues=["x: values out of range"])
+        report_performance(instance, "performance_report", day, perf[day])
     # A second dataset's assets carry its name as their key prefix; two days of drift only.
     for day in DAYS[:2]:
-        _report_drift(instance, ["taiwan", "drift_report"], day, drift[day])
+        report_drift(instance, ["taiwan", "drift_report"], day, drift[day])
 
     tick = _tick(instance, tmp_path, None)
     assert isinstance(tick, dg.SensorResult), tick
@@ -174,17 +129,17 @@ def test_a_day_reported_again_replaces_its_snapshot_and_nothing_new_is_a_skip(
     drift, perf = daily_results
     instance = dg.DagsterInstance.ephemeral()
     for day in DAYS[:2]:
-        _report_drift(instance, "drift_report", day, drift[day])
+        report_drift(instance, "drift_report", day, drift[day])
     first = _tick(instance, tmp_path, None)
     assert isinstance(_tick(instance, tmp_path, first.cursor), dg.SkipReason)
 
     # The first day is reported again with the last day's (drifted) result; a malformed event
     # is named, not fed, and does not hold up the others.
-    _report_drift(instance, "drift_report", DAYS[0], drift[DAYS[-1]])
+    report_drift(instance, "drift_report", DAYS[0], drift[DAYS[-1]])
     instance.report_runless_asset_event(
         dg.AssetMaterialization(asset_key="drift_report", partition=DAYS[2], metadata={})
     )
-    _report_performance(instance, "performance_report", DAYS[1], perf[DAYS[1]])
+    report_performance(instance, "performance_report", DAYS[1], perf[DAYS[1]])
     second = _tick(instance, tmp_path, first.cursor)
     assert "1 snapshots added, 1 replaced" in second.skip_reason.skip_message
     assert json.loads(second.cursor)["storage_id"] > json.loads(first.cursor)["storage_id"]
@@ -214,3 +169,28 @@ def test_a_dashboard_written_again_keeps_its_ids():
     assert [t.id for t in first.tabs] == [t.id for t in second.tabs]
     assert {p.id for p in first.panels} <= {p.id for p in second.panels}
     assert not {p.id for p in first.panels} & {p.id for p in dashboard_model("x", []).panels}
+
+
+def test_keel_dashboards_feed_reads_the_data_folders_instance(
+    keel_home, monkeypatch, daily_results
+):
+    from click.testing import CliRunner
+    from evidently.ui.workspace import Workspace
+
+    from keel.cli import cli, prepare_dagster_home
+
+    monkeypatch.setenv("DAGSTER_HOME", str(keel_home.dagster_home))
+    prepare_dagster_home(keel_home, "local")
+    drift, _ = daily_results
+    with dg.DagsterInstance.get() as instance:
+        for day in DAYS[:3]:
+            report_drift(instance, ["cards", "drift_report"], day, drift[day])
+
+    runner = CliRunner()
+    first = runner.invoke(cli, ["dashboards", "feed"])
+    assert first.exit_code == 0, first.output
+    assert "3 snapshots added, 0 replaced, 0 unchanged; projects: cards" in first.output
+    again = runner.invoke(cli, ["dashboards", "feed"])
+    assert "0 snapshots added, 0 replaced, 3 unchanged" in again.output
+    (project,) = Workspace(str(workspace_dir(keel_home.artefacts))).list_projects()
+    assert project.name == "cards"

@@ -33,8 +33,9 @@ def feed() -> None:
     from keel.dashboards import feed_workspace, reports_from_instance
     from keel.settings import KeelPaths
 
-    home = os.environ.get("DAGSTER_HOME") or str(KeelPaths.current().dagster_home)
-    with dg.DagsterInstance.from_config(home) as instance:
+    # The instance files read DAGSTER_HOME; keel prepare and keel dev point it at the data folder.
+    os.environ.setdefault("DAGSTER_HOME", str(KeelPaths.current().dagster_home))
+    with dg.DagsterInstance.get() as instance:
         batch = reports_from_instance(instance)
     for problem in batch.problems:
         click.echo(f"not fed: {problem}", err=True)
