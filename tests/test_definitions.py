@@ -63,6 +63,7 @@ def test_every_pipeline_stage_is_an_asset_group():
         "monitoring",
         "serving",
         "streaming",
+        "rag",
     }
 
 
@@ -77,6 +78,9 @@ def test_jobs_schedules_and_sensors_are_wired():
         "registry_action",
         "live_traffic",
         "release",
+        "rag_documents",
+        "rag_index",
+        "rag_monitoring_daily",
     ):
         assert defs.resolve_job_def(job).name == job
     # Each job runs the stages it is named for, and not the others.
@@ -96,6 +100,8 @@ def test_jobs_schedules_and_sensors_are_wired():
         "daily_pipeline_schedule",
         "reference_data_schedule",
         "weekly_retrain_schedule",
+        "rag_index_daily",
+        "rag_monitoring_daily_schedule",
     }
     assert {s.name for s in defs.sensors} == {
         "landing_file_sensor",
@@ -106,5 +112,6 @@ def test_jobs_schedules_and_sensors_are_wired():
         "monitoring_dashboards",
         "cost_observations",
         "stream_lag_sensor",
+        "new_manual_pages",
     }
     assert defs.resolve_job_def("retrain").tags["gpu"] == "true"
