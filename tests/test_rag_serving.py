@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 
 from keel.rag.corpus import SLICE_DIR, load_corpus
 from keel.rag.engine import ASK_LOG_DIRNAME, read_ask_log
@@ -63,9 +64,13 @@ def test_ask_needs_a_published_index_and_a_predict_key(client, tmp_path):
     assert second["cache"] == "exact" and second["answer"] == body["answer"]
     refused = _ask(client, "How do I bake sourdough bread?").json()
     assert refused["refused"] and not refused["citations"]
+    leaked = _ask(client, "Is password=hunter2secret safe to put in a pipe?").json()
+    assert "hunter2secret" not in str(leaked)
 
     from datetime import UTC, datetime
 
     log = read_ask_log(store / ASK_LOG_DIRNAME, datetime.now(UTC).strftime("%Y-%m-%d"))
-    assert [r["cache"] for r in log] == ["miss", "exact", "miss"]
-    assert [r["refused"] for r in log] == [False, False, True]
+    assert [r["cache"] for r in log] == ["miss", "exact", "miss", "miss"]
+    assert [r["refused"] for r in log][:3] == [False, False, True]
+    assert "hunter2secret" not in str(log) and "[removed]" in log[-1]["question"]
+    assert REGISTRY.get_sample_value("keel_rag_cache_lookups_total", {"result": "exact"}) >= 1

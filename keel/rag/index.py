@@ -154,7 +154,7 @@ class Index:
                 f"{folder}: {len(self.chunks)} chunks, {len(self.vectors)} vectors, "
                 f"{self.faiss.ntotal} indexed; rebuild this version"
             )
-        # bm25s keeps per-call state; one query at a time per index.
+        # One query at a time per index: bm25s is not documented as safe across threads.
         self._bm25_lock = threading.Lock()
 
     def vector_ids(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +164,7 @@ class Index:
     def bm25_ids(self, query: str, k: int) -> list[int]:
         with self._bm25_lock:
             ids, scores = self.bm25.retrieve(
-                _tokens([query]), k=min(k, len(self.chunks)), show_progress=False, n_threads=1
+                _tokens([query]), k=min(k, len(self.chunks)), show_progress=False, n_threads=0
             )
         return [int(i) for i, s in zip(ids[0], scores[0], strict=True) if s > 0]
 
