@@ -57,7 +57,7 @@ def stream_consumer_lag(stream: StreamResource) -> dg.MaterializeResult:
             "freshness_p50_s": _number(progress.get("freshness_p50_s")),
             "freshness_p99_s": _number(progress.get("freshness_p99_s")),
             "last_batch_age_s": _number(progress.get("last_batch_age_s")),
-            "events_logged": dg.MetadataValue.int(progress.get("events", 0)),
+            "events_counted": dg.MetadataValue.int(progress.get("events_counted", 0)),
             "events_rejected": dg.MetadataValue.int(progress.get("rejected", 0)),
         }
     )

@@ -123,6 +123,7 @@ def test_the_log_counts_an_event_once_and_its_windows_equal_the_batch_recomputat
     # Redelivery: the first half again, with the rest.
     assert log.add(rows) == len(rows) - half
     windows = log.windows(sorted(set(events.account_id.tolist())))
+    assert log.counts() == {"events_counted": len(rows), "events_logged": len(rows), "rejected": 0}
     log.close()
     expected = recompute(events.account_id, events.event_us, events.cents)
     got = np.array(windows, dtype=np.int64)

@@ -75,7 +75,7 @@ def test_the_asset_reports_the_backlog_and_the_sensor_alerts_once_per_episode(wa
     result = stream_consumer_lag(stream=waiting_stream)
     assert result.metadata["unacknowledged"].value == 12
     assert result.metadata["stream_last_seq"].value == 12
-    assert result.metadata["events_logged"].value == 0
+    assert result.metadata["events_counted"].value == 0
 
     instance = dg.DagsterInstance.ephemeral()
     resources = {"stream": waiting_stream, "monitoring": MonitoringResource()}

@@ -64,6 +64,7 @@ class ConsumeStats:
     batches: int = 0
     readback_mismatches: int = 0
     seconds: float = 0.0
+    busy_s: float = 0.0  # from the start to the last batch acknowledged
     freshness_s: deque = field(default_factory=lambda: deque(maxlen=FRESHNESS_WINDOW))
 
     def freshness(self) -> dict[str, float | None]:
@@ -236,8 +237,11 @@ async def consume(
     idle_exit_s: float | None = None,
     max_batches: int | None = None,
     acknowledge: bool = True,
+    max_events: int | None = None,
 ) -> ConsumeStats:
-    """Consume until ``stop`` is set, ``idle_exit_s`` pass without messages, or ``max_batches``.
+    """Consume until stopped, idle, or done with ``max_batches`` batches or ``max_events`` events.
+
+    It stops when ``stop`` is set or ``idle_exit_s`` pass without a message.
 
     ``acknowledge=False`` processes without acknowledging, as a process killed just before its
     acks would (tests use it to see redelivery).
@@ -256,6 +260,8 @@ async def consume(
         while not (stop is not None and stop.is_set()):
             if max_batches is not None and stats.batches >= max_batches:
                 break
+            if max_events is not None and stats.new_events >= max_events:
+                break
             try:
                 msgs = await sub.fetch(settings.batch, timeout=0.5)
             except (TimeoutError, NatsTimeout):
@@ -270,6 +276,7 @@ async def consume(
                 # The consumer acknowledges everything up to a stream sequence: one ack, on the
                 # batch's newest message, covers the batch (redeliveries included).
                 await max(msgs, key=lambda msg: msg.metadata.sequence.stream).ack_sync()
+            stats.busy_s = time.perf_counter() - started
     finally:
         stats.seconds = time.perf_counter() - started
         await nc.close()

@@ -82,7 +82,15 @@ class EventLog:
         """Log ``(event_id, account_id, event_us, cents, stream_seq)`` rows; count the new ones."""
         before = self.connection.total_changes
         self.connection.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?)", events)
-        return self.connection.total_changes - before
+        new = self.connection.total_changes - before
+        # Every event ever counted, in the same transaction: the log forgets old events, this
+        # count does not, so a lost or doubled event shows here.
+        self.connection.execute(
+            "INSERT INTO progress VALUES ('events_counted', ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value",
+            (new,),
+        )
+        return new
 
     def reject(self, stream_seq: int, body: bytes, reason: str) -> None:
         """Keep an unreadable or too-late message with the reason, so nothing is lost silently."""
@@ -101,9 +109,14 @@ class EventLog:
         return deleted.rowcount
 
     def counts(self) -> dict[str, int]:
-        (events,) = self.connection.execute("SELECT count(*) FROM events").fetchone()
+        """Events counted since the start, events still logged, messages rejected."""
+        (counted,) = self.connection.execute(
+            "SELECT coalesce(max(CAST(value AS INTEGER)), 0) FROM progress "
+            "WHERE name = 'events_counted'"
+        ).fetchone()
+        (logged,) = self.connection.execute("SELECT count(*) FROM events").fetchone()
         (rejected,) = self.connection.execute("SELECT count(*) FROM rejected").fetchone()
-        return {"events": events, "rejected": rejected}
+        return {"events_counted": counted, "events_logged": logged, "rejected": rejected}
 
     def set_progress(self, values: dict) -> None:
         self.connection.executemany(
