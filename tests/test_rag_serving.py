@@ -74,3 +74,10 @@ def test_ask_needs_a_published_index_and_a_predict_key(client, tmp_path):
     assert [r["refused"] for r in log][:3] == [False, False, True]
     assert "hunter2secret" not in str(log) and "[removed]" in log[-1]["question"]
     assert REGISTRY.get_sample_value("keel_rag_cache_lookups_total", {"result": "exact"}) >= 1
+
+
+def test_keel_serve_has_the_ask_route(keel_home):
+    from keel.serving.app import create_app
+
+    paths = create_app().openapi()["paths"]
+    assert "post" in paths["/v1/ask"] and "/v1/predict" in paths
