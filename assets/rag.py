@@ -364,19 +364,36 @@ def _section_fingerprint(root: Path, section: str, exclude: tuple[str, ...]) -> 
     return hashlib.sha256(stamps.encode()).hexdigest()[:16]
 
 
-@dg.sensor(job=documents_job, minimum_interval_seconds=300)
-def new_manual_pages(context: dg.SensorEvaluationContext):
-    """Ingest a manual section again when a page in it was added, changed or removed."""
-    root, exclude = Path(CorpusConfig().source_dir), tuple(CorpusConfig().exclude)
-    if not root.is_dir():
-        return dg.SkipReason(f"{root} does not exist")
-    seen = json.loads(context.cursor) if context.cursor else {}
-    current = {s: _section_fingerprint(root, s, exclude) for s in SECTIONS if (root / s).is_dir()}
-    changed = [s for s, stamp in current.items() if seen.get(s) != stamp]
-    context.update_cursor(json.dumps(current))
-    if not changed:
-        return dg.SkipReason("no manual section changed")
-    return [dg.RunRequest(run_key=f"{s}-{current[s]}", partition_key=s) for s in changed]
+def manual_pages_sensor(corpus: CorpusConfig, name: str = "new_manual_pages"):
+    """A sensor that re-ingests a section of ``corpus`` when a page in it changed."""
+
+    @dg.sensor(name=name, job=documents_job, minimum_interval_seconds=300)
+    def sensor(context: dg.SensorEvaluationContext):
+        """Ingest a manual section again when a page in it was added, changed or removed."""
+        root, exclude = Path(corpus.source_dir), tuple(corpus.exclude)
+        if not root.is_dir():
+            return dg.SkipReason(f"{root} does not exist")
+        seen = json.loads(context.cursor) if context.cursor else {}
+        current = {
+            s: _section_fingerprint(root, s, exclude) for s in SECTIONS if (root / s).is_dir()
+        }
+        changed = [s for s, stamp in current.items() if seen.get(s) != stamp]
+        context.update_cursor(json.dumps(current))
+        if not changed:
+            return dg.SkipReason("no manual section changed")
+        return [
+            dg.RunRequest(
+                run_key=f"{s}-{current[s]}",
+                partition_key=s,
+                run_config=dg.RunConfig(ops={"documents": corpus}),
+            )
+            for s in changed
+        ]
+
+    return sensor
+
+
+new_manual_pages = manual_pages_sensor(CorpusConfig())
 
 
 RAG_JOBS = [documents_job, index_job, monitoring_job]

@@ -222,3 +222,23 @@ def test_index_versions_are_registered_once_with_their_lineage(tmp_path):
     )
     assert version.tags["lineage.corpus_hash"] == "c" * 64
     assert version.tags["lineage.chunker_settings.max_chars"] == "900"
+
+
+def test_sensor_asks_for_the_sections_whose_pages_changed(tmp_path):
+    import gzip
+    import shutil
+
+    source = tmp_path / "man"
+    shutil.copytree(SLICE_DIR, source)
+    sensor = rag.manual_pages_sensor(rag.CorpusConfig(source_dir=str(source)), name="test_pages")
+    instance = dg.DagsterInstance.ephemeral()
+    context = dg.build_sensor_context(instance=instance)
+    first = sensor(context)
+    assert sorted(r.partition_key for r in first) == ["man2", "man7"]
+    assert first[0].run_config["ops"]["documents"]["config"]["source_dir"] == str(source)
+    context = dg.build_sensor_context(instance=instance, cursor=context.cursor)
+    assert isinstance(sensor(context), dg.SkipReason)
+    page = source / "man2" / "fork.2.gz"
+    page.write_bytes(gzip.compress(gzip.decompress(page.read_bytes()) + b".PP\nMore.\n"))
+    context = dg.build_sensor_context(instance=instance, cursor=context.cursor)
+    assert [r.partition_key for r in sensor(context)] == ["man2"]
