@@ -7,7 +7,8 @@ labelled questions plus the opening words of randomly drawn chunks. The cached-a
 latency compares asking the labelled questions a second time with the first time; the run
 fails if a cached answer differs from the one first given.
 
-Environment: ``KEEL_BENCH_RAG_ROOT`` (default /usr/share/man), ``KEEL_BENCH_RAG_QUERIES``.
+Environment: ``KEEL_BENCH_RAG_ROOT`` (default /usr/share/man), ``KEEL_BENCH_RAG_QUERIES``,
+``KEEL_BENCH_RAG_KEEP`` (a folder to build in and keep, for looking at the index afterwards).
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def main() -> None:
     check_root(root)
     model = embedder()
     questions = load_questions()
+    keep = os.environ.get("KEEL_BENCH_RAG_KEEP")
     with tempfile.TemporaryDirectory(prefix="keel-bench-rag-") as folder:
-        store = Path(folder)
+        store = Path(keep or folder)
         ingest, build = Stopwatch(), Stopwatch()
         with ingest.time():
             for section in SECTIONS:
