@@ -74,6 +74,10 @@ def test_served_features_and_scores_equal_feasts_online_features(backend, reques
     served = reader.read(ids)
     assert served.columns == {k: v for k, v in expected.items() if k != schema.ENTITY_KEY}
     assert all(served.known) and len(set(served.event_us)) == 1
+    for n in range(5):  # one entity takes the single-key path (on Redis, its own connection)
+        single = reader.read([ids[n]])
+        assert single.columns == {k: [v[n]] for k, v in served.columns.items()}
+        assert single.event_us == [served.event_us[n]] and single.known == [True]
 
     headers = add_key(world, "predict")
     with client_for(world) as client:
@@ -370,11 +374,14 @@ def test_store_down_answers_503_and_recovers(serving_world_redis, tmp_path):  # 
     }
     headers = add_key(world, "predict")
     body = {"account_ids": world.account_ids[:5]}
+    one = {"account_ids": world.account_ids[:1]}  # one account: the reader's own connection
     try:
         with client_for(world, feast_overrides=overrides) as client:
             assert client.post("/v1/predict", json=body, headers=headers).status_code == 200
+            assert client.post("/v1/predict", json=one, headers=headers).status_code == 200
             process.terminate()
             process.wait(timeout=10)
+            assert client.post("/v1/predict", json=one, headers=headers).status_code == 503
             down = client.post("/v1/predict", json=body, headers=headers)
             assert down.status_code == 503, down.text
             assert "online feature store is unreachable" in down.json()["detail"]
@@ -385,6 +392,7 @@ def test_store_down_answers_503_and_recovers(serving_world_redis, tmp_path):  # 
             for key in keys:
                 private.restore(key, 0, shared.dump(key), replace=True)
             assert client.post("/v1/predict", json=body, headers=headers).status_code == 200
+            assert client.post("/v1/predict", json=one, headers=headers).status_code == 200
             assert client.get("/readyz").status_code == 200
             text = client.get("/metrics").text
             assert (

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,7 @@ class ServingFeatureReader(OnlineFeatureReader):
             self._ts_fields = [f"_ts:{view.name}".encode() for view in self._views]
             self._read = self._read_redis_timed
             _fail_fast(self._redis)
+            self._own = _OwnConnection(self._redis)
         else:
             self._read = self._read_sqlite_timed
         import redis
@@ -77,7 +79,7 @@ class ServingFeatureReader(OnlineFeatureReader):
         fields = self._redis_fields + self._ts_fields
         project, fallback = self._project, self._fallback
         if len(keys) == 1:
-            replies = [self._redis.hmget(keys[0] + project, fields)]
+            replies = [self._own.command("HMGET", keys[0] + project, *fields)]
         else:
             replies = self._hmget_all(keys=[key + project for key in keys], args=fields)
         if len(replies) == 1:  # one entity: numpy per column costs more than it saves
@@ -154,6 +156,40 @@ class ServingFeatureReader(OnlineFeatureReader):
                 self._sqlite.execute("SELECT 1").fetchone()
         except self._unavailable as error:
             raise FeatureStoreUnavailable(f"{type(error).__name__}: {error}") from error
+
+
+class _OwnConnection:
+    """One Redis connection of the reader's own, used without redis-py's pool.
+
+    Through the pool a command also pays a checkout, a poll of the socket for stray data, a
+    return and their metrics, which together cost more than the command. The connection has the
+    pool's settings (`_fail_fast`'s timeouts) and the same policy: one immediate retry on a
+    fresh connection when it drops, then the error.
+    """
+
+    def __init__(self, client: Any) -> None:
+        import redis
+
+        pool = client.connection_pool
+        self._connection = pool.connection_class(**pool.connection_kwargs)
+        self._lock = threading.Lock()
+        self._dropped = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+    def command(self, *args: Any) -> Any:
+        with self._lock:
+            try:
+                return self._send(args)
+            except self._dropped:
+                return self._send(args)
+
+    def _send(self, args: tuple[Any, ...]) -> Any:
+        connection = self._connection
+        try:
+            connection.send_command(*args)
+            return connection.read_response()
+        except BaseException:
+            connection.disconnect()  # a reply may still be on its way: never reuse the socket
+            raise
 
 
 def _fail_fast(client: Any) -> None:
