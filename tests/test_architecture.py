@@ -230,7 +230,12 @@ def test_monitoring_thresholds_have_one_default():
 
 
 # Entry points of their own processes, where setting the environment is the point.
-ENVIRONMENT_OWNERS = {"keel/cli.py", "keel/serving/cli.py", "keel/edge/isolated.py"}
+ENVIRONMENT_OWNERS = {
+    "keel/cli.py",
+    "keel/serving/cli.py",
+    "keel/dashboards/cli.py",
+    "keel/edge/isolated.py",
+}
 
 
 def test_no_pipeline_code_changes_the_process_environment():
