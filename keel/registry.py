@@ -16,7 +16,9 @@ is written before the aliases and tags move; a writer that dies in between leave
 and the next writer finishes the change. The audit log, not MLflow's tags, decides whether a
 version is approved (``require_approved``). Registry writes are serialised across processes
 (a file lock, plus a Postgres advisory lock when the audit database is Postgres), and
-registration is idempotent per dataset version and model family.
+registration is idempotent per dataset version and model family. Who may register, approve,
+reject, promote, roll back and deploy is decided by the roles of authenticated identities
+(``keel.access``); refusals are audited too.
 """
 
 from __future__ import annotations
