@@ -206,6 +206,8 @@ def test_cli_manages_keys_only_for_admins(store, monkeypatch):
         keel_cli.cli, ["access", "keys", "add", "--owner", "x", "--role", "admin"], env=as_viewer
     )
     assert refused.exit_code == 1 and "may not admin" in refused.output
+    locked_out = runner.invoke(keel_cli.cli, ["access", "grant", os_user(), "--role", "viewer"])
+    assert locked_out.exit_code == 1 and "include --role admin" in locked_out.output
     granted = runner.invoke(keel_cli.cli, ["access", "grant", "someone", "--role", "trainer"])
     assert granted.exit_code == 0
     # The granting OS user kept admin when the bootstrap ended.

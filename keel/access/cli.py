@@ -109,8 +109,13 @@ def grant(user: str, roles: tuple[str, ...]) -> None:
 
     store = _store()
     by = _admin(store)
-    if not store.has_grants() and user != os_user():
-        store.grant(os_user(), ["admin"], by=by)
+    if not store.has_grants():
+        if user == os_user() and "admin" not in roles:
+            raise click.ClickException(
+                "the first grant would take the admin role from you: include --role admin"
+            )
+        if user != os_user():
+            store.grant(os_user(), ["admin"], by=by)
     store.grant(user, roles, by=by)
     click.echo(f"{user}: {', '.join(sorted(roles))}")
 
