@@ -169,13 +169,23 @@ def test_serving_refuses_a_key_without_the_role_and_logs_it(store):
     app.state.keys = store
 
     deployer_only = Depends(require_role("deploy"))
+    scorers = Depends(require_role("predict"))
 
     @app.get("/admin")
     def admin(principal=deployer_only):
         return {"actor": principal.owner}
 
+    @app.get("/score")
+    def score(principal=scorers):
+        return {"actor": principal.owner}
+
     viewer, deployer = store.add("vic", ["viewer"]), store.add("dan", ["deployer"])
+    release_only = store.add("ops", ["deploy"])
     with TestClient(app) as client:
+        # Platform roles score; serving's narrow ``deploy`` key does not.
+        for key, status in ((viewer, 200), (deployer, 200), (release_only, 403)):
+            assert client.get("/score", headers={"X-API-Key": key}).status_code == status
+        assert client.get("/admin", headers={"X-API-Key": release_only}).status_code == 200
         assert client.get("/admin").status_code == 401
         assert client.get("/admin", headers={"X-API-Key": viewer}).status_code == 403
         answer = client.get("/admin", headers={"X-API-Key": deployer})
