@@ -38,7 +38,7 @@ def _model_versions() -> dict[str, list[str]]:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the totals as JSON.")
 def cost(since: str, group: tuple[str, ...], as_json: bool) -> None:
-    """Measured cost (CPU, peak memory, GPU, bytes written, priced per profile) since SINCE."""
+    """Measured cost of Dagster steps (CPU, peak memory, GPU, bytes written), priced per profile."""
     from keel.cost.store import CostError, CostStore, parse_since
 
     try:
