@@ -17,6 +17,7 @@ from orchestration.resources import (
     ModelGovernance,
     MonitoringResource,
     SourcesResource,
+    StreamResource,
     WarehouseResource,
 )
 
@@ -65,6 +66,8 @@ def local_resources(paths: KeelPaths) -> dict[str, Any]:
         "governance": ModelGovernance(auto_approve=True, latency_p99_ms=250.0),
         # Drift and decay policies for the sensors, and where alerts go.
         "monitoring": MonitoringResource(),
+        # NATS on this machine; `keel stream consume` keeps its log in the data folder.
+        "stream": StreamResource(state_dir=str(paths.home / "streaming")),
     }
 
 
@@ -120,6 +123,10 @@ def production_resources() -> dict[str, Any]:
             audit_key=dg.EnvVar("KEEL_REGISTRY_AUDIT_KEY"),
         ),
         "monitoring": MonitoringResource(webhook_url=dg.EnvVar("KEEL_ALERT_WEBHOOK")),
+        # The NATS cluster and the consumer's log folder on the machine that runs it.
+        "stream": StreamResource(
+            url=dg.EnvVar("KEEL_NATS_URL"), state_dir=dg.EnvVar("KEEL_STREAM_STATE_DIR")
+        ),
     }
 
 

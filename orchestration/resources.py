@@ -22,6 +22,7 @@ from keel.monitoring_policy import (
     DEFAULT_MIN_AUC,
     RetrainPolicy,
 )
+from keel.streaming.consumer import DEFAULT_DURABLE, DEFAULT_STREAM, DEFAULT_URL
 
 if TYPE_CHECKING:
     import duckdb
@@ -139,6 +140,27 @@ class MonitoringResource(dg.ConfigurableResource):
     decision_threshold: float = DEFAULT_DECISION_THRESHOLD
     # Run-failure alerts are POSTed here as JSON; empty means they are only logged.
     webhook_url: str = ""
+
+
+class StreamResource(dg.ConfigurableResource):
+    """The JetStream stream, the durable consumer and its log; the lag that counts as behind."""
+
+    url: str = DEFAULT_URL
+    stream: str = DEFAULT_STREAM
+    durable: str = DEFAULT_DURABLE
+    # The folder of the consumer's log (<durable>.sqlite), as `keel stream consume` keeps it.
+    state_dir: str
+    max_unacknowledged: int = 50_000
+    max_stalled_s: float = 60.0
+
+    def observe(self) -> tuple[dict, dict]:
+        """JetStream's view of the consumer and the consumer's own progress record."""
+        import asyncio
+
+        from keel.streaming.lag import consumer_lag, log_progress
+
+        lag = asyncio.run(consumer_lag(self.url, self.stream, self.durable))
+        return lag, log_progress(Path(self.state_dir) / f"{self.durable}.sqlite")
 
 
 class ArtefactStore(dg.ConfigurableResource):
