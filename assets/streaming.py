@@ -4,36 +4,13 @@ The consumer itself (``keel stream consume``) runs outside Dagster as a long-liv
 Dagster observes it through JetStream's record of the durable consumer and the consumer's log.
 """
 
-import asyncio
 import json
 
 import dagster as dg
 
-from keel.settings import KeelPaths
-from keel.streaming.consumer import DEFAULT_DURABLE, DEFAULT_STREAM, DEFAULT_URL
-from orchestration.resources import MonitoringResource
+from orchestration.resources import MonitoringResource, StreamResource
 
 GROUP = "streaming"
-
-
-class StreamResource(dg.ConfigurableResource):
-    """The JetStream stream, the durable consumer and its log; the lag that counts as behind."""
-
-    url: str = DEFAULT_URL
-    stream: str = DEFAULT_STREAM
-    durable: str = DEFAULT_DURABLE
-    state_dir: str
-    max_unacknowledged: int = 50_000
-    max_stalled_s: float = 60.0
-
-    def observe(self) -> tuple[dict, dict]:
-        """JetStream's view of the consumer and the consumer's own progress record."""
-        from pathlib import Path
-
-        from keel.streaming.lag import consumer_lag, log_progress
-
-        lag = asyncio.run(consumer_lag(self.url, self.stream, self.durable))
-        return lag, log_progress(Path(self.state_dir) / f"{self.durable}.sqlite")
 
 
 def _number(value) -> dg.MetadataValue:
@@ -92,5 +69,3 @@ def stream_lag_sensor(
 
 
 STREAM_SENSORS = [stream_lag_sensor]
-# Local profile: NATS on this machine, the consumer's log in the data folder.
-RESOURCES = {"stream": StreamResource(state_dir=str(KeelPaths.current().home / "streaming"))}

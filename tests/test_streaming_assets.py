@@ -9,9 +9,9 @@ import uuid
 import dagster as dg
 import pytest
 
-from assets.streaming import StreamResource, stream_consumer_lag, stream_lag_sensor
+from assets.streaming import stream_consumer_lag, stream_lag_sensor
 from keel.streaming.lag import lag_breaches
-from orchestration.resources import MonitoringResource
+from orchestration.resources import MonitoringResource, StreamResource
 
 NATS_URL = "nats://127.0.0.1:4222"
 
