@@ -53,5 +53,5 @@ defs = dg.Definitions(
         *rag.RAG_SENSORS,
         *streaming.STREAM_SENSORS,
     ],
-    resources={**resources_for(), **streaming.RESOURCES},
+    resources=resources_for(),
 )
