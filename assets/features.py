@@ -39,6 +39,16 @@ class TrainingSetConfig(dg.Config):
     )
 
 
+class DatasetTrainingSetConfig(dg.Config):
+    """How far back a dataset's training set reaches: by default its whole history."""
+
+    lookback_days: int = Field(
+        default=100 * 365,
+        ge=1,
+        description="Days of labels, by event time, ending with the newest label.",
+    )
+
+
 @dg.asset(group_name=GROUP, kinds={"feast"}, pool=FEAST_POOL)
 def feast_registry(feature_store: FeatureStoreResource) -> dg.MaterializeResult:
     """The Feast registry with every entity, source, feature view and service of feature_repo/."""
@@ -89,11 +99,16 @@ def _training_set(
     entity_key: str,
     lookback_days: int,
     label: str = schema.LABEL,
+    spec: DatasetSpec | None = None,
 ) -> dg.MaterializeResult:
     from keel.features import build_training_set, read_label_window
 
     store = feature_store.store()
     labels = read_label_window(f"{feature_store.marts.rstrip('/')}/{labels_mart}", lookback_days)
+    extra: dict[str, dg.MetadataValue] = {}
+    if spec is not None:
+        labels, excluded = _complete_outcomes(spec, labels)
+        extra["incomplete_outcomes_excluded"] = dg.MetadataValue.int(excluded)
     target = artefacts.path("training_sets", feature_service)
     if target.protocol in ("", "file", "local"):
         result = build_training_set(
@@ -119,8 +134,21 @@ def _training_set(
             "first_event": dg.MetadataValue.timestamp(result.start),
             "last_event": dg.MetadataValue.timestamp(result.end),
             "lookback_days": dg.MetadataValue.int(lookback_days),
+            **extra,
         }
     )
+
+
+def _complete_outcomes(spec: DatasetSpec, labels):
+    """The labels whose outcome is complete now, and how many were left out (not negatives)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from keel.datasets.guards import complete_outcomes
+
+    frame = labels.to_pandas()
+    kept = complete_outcomes(spec, frame, pd.Timestamp.now(tz="UTC"))
+    return pa.Table.from_pandas(kept, preserve_index=False), len(frame) - len(kept)
 
 
 @dg.asset(
@@ -158,7 +186,9 @@ def dataset_training_set(spec: DatasetSpec) -> dg.AssetsDefinition:
         ),
     )
     def _training_set_asset(
-        config: TrainingSetConfig, feature_store: FeatureStoreResource, artefacts: ArtefactStore
+        config: DatasetTrainingSetConfig,
+        feature_store: FeatureStoreResource,
+        artefacts: ArtefactStore,
     ) -> dg.MaterializeResult:
         return _training_set(
             feature_store,
@@ -168,9 +198,61 @@ def dataset_training_set(spec: DatasetSpec) -> dg.AssetsDefinition:
             spec.entity_key,
             config.lookback_days,
             spec.label.column,
+            spec,
         )
 
     return _training_set_asset
 
 
+def dataset_guard_check(spec: DatasetSpec, asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition:
+    """A blocking check of a dataset's newest training set: leakage, then its composition."""
+
+    @dg.asset_check(
+        asset=asset,
+        name="dataset_guards",
+        blocking=True,
+        description=(
+            "Fails on a declared leakage column among the features, a feature row stamped after "
+            "the label's outcome began, or a period whose rows, label rate or key feature means "
+            "leave the bounds in dataset.yaml."
+        ),
+    )
+    def _check(
+        feature_store: FeatureStoreResource, artefacts: ArtefactStore
+    ) -> dg.AssetCheckResult:
+        import json
+
+        import pandas as pd
+
+        from keel.datasets.guards import guard_training_set
+        from keel.reporting import markdown_table
+
+        folder = artefacts.path("training_sets", spec.feature_service)
+        pointer = json.loads(folder.joinpath("latest.json").read_text())
+        training = pd.read_parquet(pointer["path"])
+        mart = f"{feature_store.marts.rstrip('/')}/{spec.features_mart}"
+        times = pd.read_parquet(mart, columns=[spec.entity_key, spec.event_time])
+        served = [c for c in training.columns if c not in spec.label_columns]
+        result = guard_training_set(spec, training, served, times)
+        columns = list(dict.fromkeys(k for period in result.periods for k in period))
+        return dg.AssetCheckResult(
+            passed=result.passed,
+            description="; ".join(result.failures) or "no leakage; every period within bounds",
+            metadata={
+                "failures": dg.MetadataValue.json(result.failures),
+                "periods": dg.MetadataValue.md(
+                    markdown_table(
+                        columns, [[p.get(c, "") for c in columns] for p in result.periods]
+                    )
+                ),
+            },
+        )
+
+    return _check
+
+
 DATASET_TRAINING_SETS = [dataset_training_set(spec) for spec in discover()]
+DATASET_GUARDS = [
+    dataset_guard_check(spec, asset)
+    for spec, asset in zip(discover(), DATASET_TRAINING_SETS, strict=True)
+]

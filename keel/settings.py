@@ -17,6 +17,10 @@ DBT_PROJECT_DIR = PROJECT_ROOT / "dbt_project"
 FEATURE_REPO_DIR = PROJECT_ROOT / "feature_repo"
 DAGSTER_CONFIG_DIR = PROJECT_ROOT / "orchestration" / "instance"
 
+DATASETS_ENV = "KEEL_DATASETS_DIR"
+# dbt writes its manifest here (relative to the dbt project, or absolute).
+DBT_TARGET_ENV = "DBT_TARGET_PATH"
+
 PROFILES = ("local", "production")
 PROFILE_ENV = "KEEL_PROFILE"
 HOME_ENV = "KEEL_HOME"
@@ -40,6 +44,21 @@ def keel_home() -> Path:
     """The data folder: ``KEEL_HOME`` if set, else ``.keel`` in the project."""
     raw = os.environ.get(HOME_ENV, "").strip()
     return Path(raw).expanduser().resolve() if raw else PROJECT_ROOT / ".keel"
+
+
+def datasets_dir() -> Path:
+    """The folder of dataset folders: ``KEEL_DATASETS_DIR`` if set, else ``datasets/``.
+
+    dbt sees the same folders (orchestration/dbt.py hands it the path, relative to the
+    dbt project); a folder outside the project wants ``DBT_TARGET_PATH`` outside it too.
+    """
+    raw = os.environ.get(DATASETS_ENV, "").strip()
+    return Path(raw).expanduser().resolve() if raw else PROJECT_ROOT / "datasets"
+
+
+def dbt_target_path() -> str:
+    """Where dbt parses into: ``DBT_TARGET_PATH`` if set (dbt reads it too), else ``target``."""
+    return os.environ.get(DBT_TARGET_ENV, "").strip() or "target"
 
 
 @dataclass(frozen=True)

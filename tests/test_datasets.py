@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from pathlib import Path
 
 import duckdb
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -17,9 +20,10 @@ TAIWAN_DIR = DATASETS_DIR / "taiwan_credit"
 
 
 def spec_copy(tmp_path: Path, edit) -> Path:
-    """A copy of the Taiwan spec (without its data) in a folder of the same name, edited."""
+    """A copy of the Taiwan spec and dbt models (not its data) in a like-named folder, edited."""
     folder = tmp_path / "taiwan_credit"
     folder.mkdir()
+    shutil.copytree(TAIWAN_DIR / "dbt", folder / "dbt")
     data = yaml.safe_load((TAIWAN_DIR / "dataset.yaml").read_text())
     edit(data)
     (folder / "dataset.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
@@ -98,3 +102,274 @@ def test_the_core_names_no_dataset():
         if pattern.search(line)
     ]
     assert not found, "\n".join(found)
+
+
+def taiwan_rows(rows: int = 4_000, seed: int = 3) -> pd.DataFrame:
+    """Training rows shaped as the Taiwan training set: labelled a month after observation."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "client_id": np.arange(1, rows + 1),
+            "event_timestamp": pd.Timestamp("2005-10-31", tz="UTC"),
+            "observation_date": pd.Timestamp("2005-09-30", tz="UTC"),
+            "defaulted": (rng.random(rows) < 0.22).astype("int64"),
+            "limit_bal": rng.normal(167_000, 30_000, rows),
+            "utilisation": rng.uniform(0.1, 0.7, rows),
+        }
+    )
+
+
+def test_leakage_guard_fails_a_leakage_column_and_a_feature_stamped_after_observation():
+    from keel.datasets.guards import leakage_failures
+
+    spec = load_spec(TAIWAN_DIR)
+    rows = taiwan_rows(100)
+    months = pd.to_datetime(["2005-08-31", "2005-09-30"], utc=True)
+    stamps = pd.DataFrame(
+        {"client_id": np.repeat(rows["client_id"], 2), "event_timestamp": np.tile(months, 100)}
+    )
+    assert leakage_failures(spec, rows, ["limit_bal", "utilisation"], stamps) == []
+    assert "default_payment" in leakage_failures(spec, rows, ["limit_bal", "default_payment"])[0]
+    # An October statement of client 7: the join as of 2005-10-31 would read it, a month after
+    # the outcome window opened.
+    late = pd.concat(
+        [
+            stamps,
+            pd.DataFrame(
+                {"client_id": [7], "event_timestamp": [pd.Timestamp("2005-10-15", tz="UTC")]}
+            ),
+        ]
+    )
+    failures = leakage_failures(spec, rows, ["limit_bal"], late)
+    assert len(failures) == 1 and "1 of 100 rows" in failures[0] and "client_id=7" in failures[0]
+
+
+def test_incomplete_outcome_windows_are_left_out_not_counted_as_negatives():
+    from keel.datasets.guards import complete_outcomes
+
+    spec = load_spec(TAIWAN_DIR)
+    rows = taiwan_rows(300)
+    # Observed weekly: the last rows' 31-day windows are still open on 2005-10-31.
+    rows["observation_date"] = pd.Timestamp("2005-08-01", tz="UTC") + pd.to_timedelta(
+        np.arange(300) // 30 * 7, unit="D"
+    )
+    now = pd.Timestamp("2005-10-31", tz="UTC")
+    kept = complete_outcomes(spec, rows, now)
+    closed = rows["observation_date"] + pd.Timedelta(days=31) <= now
+    assert 0 < len(kept) == closed.sum() < len(rows)
+    assert kept["defaulted"].sum() == rows.loc[closed, "defaulted"].sum()
+    # Stream labels: only those that have arrived.
+    stream = dataclasses.replace(
+        spec, label=dataclasses.replace(spec.label, timing="stream", known_at="label_timestamp")
+    )
+    rows["label_timestamp"] = rows["observation_date"] + pd.Timedelta(days=30)
+    assert len(complete_outcomes(stream, rows, now)) == (rows["label_timestamp"] <= now).sum()
+
+
+def test_a_source_that_silently_keeps_only_defaulters_fails_its_period():
+    from keel.datasets.guards import composition_failures
+
+    spec = load_spec(TAIWAN_DIR)
+    monthly = dataclasses.replace(
+        spec,
+        dataset_checks=dataclasses.replace(
+            spec.dataset_checks, period="month", period_column="observation_date"
+        ),
+    )
+    rows = pd.concat([taiwan_rows(2_000, seed=1), taiwan_rows(2_000, seed=2)], ignore_index=True)
+    rows.loc[2_000:, "observation_date"] = pd.Timestamp("2005-10-31", tz="UTC")
+    assert composition_failures(monthly, rows).passed
+    # From October on the source keeps only defaulters (same row count, same features).
+    rows.loc[2_000:, "defaulted"] = 1
+    result = composition_failures(monthly, rows)
+    assert result.failures == ["2005-10: label rate 1.000 outside [0.15, 0.3]"]
+    assert [p["period"] for p in result.periods] == ["2005-09", "2005-10"]
+
+
+def write_screening_file(path: Path, rows: int = 3_000, seed: int = 11) -> pd.DataFrame:
+    """Loan applications as a lender might export them: screened over two years, repaid or not."""
+    rng = np.random.default_rng(seed)
+    debt_ratio = rng.beta(2, 5, rows)
+    gender = rng.choice(["F", "M"], rows)
+    income = rng.lognormal(10.5, 0.4, rows)
+    risk = -3.0 + 8.0 * debt_ratio - 0.8 * (np.log(income) - 10.5) / 0.4 + 0.2 * (gender == "M")
+    frame = pd.DataFrame(
+        {
+            "Applicant ID": np.arange(10_001, 10_001 + rows),
+            "screening_date": pd.Timestamp("2024-01-01")
+            + pd.to_timedelta(rng.integers(0, 730, rows), unit="D"),
+            "Income": income.round(2),
+            "debt_ratio": debt_ratio.round(4),
+            "years_employed": rng.integers(0, 30, rows),
+            "region": rng.choice(["north", "south", "east", "west"], rows),
+            "gender": gender,
+            "defaulted": (rng.random(rows) < 1 / (1 + np.exp(-risk))).astype(int),
+        }
+    )
+    frame.to_csv(path, index=False)
+    return frame
+
+
+def test_dataset_new_scaffolds_a_folder_that_loads_with_its_choices_to_confirm(
+    tmp_path, monkeypatch
+):
+    from click.testing import CliRunner
+
+    from keel.cli import cli
+
+    monkeypatch.setenv("KEEL_DATASETS_DIR", str(tmp_path / "datasets"))
+    source = tmp_path / "applications.csv"
+    write_screening_file(source)
+    result = CliRunner().invoke(cli, ["dataset", "new", "loans", "--from", str(source)])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "datasets" / "loans"
+    spec = load_spec(folder)
+    assert spec.entity_key == "applicant_id"
+    assert spec.source.rename == {"Applicant ID": "applicant_id", "Income": "income"}
+    assert spec.columns["screening_date"] == "date" and spec.columns["income"] == "number"
+    assert spec.label.column == "defaulted" and spec.label.timing == "retrospective"
+    assert spec.protected_attributes == ("gender",)
+    assert set(spec.numeric_features) == {"income", "debt_ratio", "years_employed"}
+    assert spec.categorical_features == {"region": ("east", "north", "south", "west")}
+    readme = (folder / "README.md").read_text()
+    for choice in ("Entity key: `applicant_id`", "Label: `defaulted`", "`gender`", "Leakage"):
+        assert choice in readme
+    assert spec.source_file().read_bytes() == source.read_bytes()
+    # The folder is small enough to review: configuration and SQL, the data file aside.
+    written = [p for p in folder.rglob("*") if p.is_file() and "data" not in p.parts]
+    lines = sum(len(p.read_text().splitlines()) for p in written if p.name != "README.md")
+    assert len(written) == 6 and lines < 200, (len(written), lines)
+    again = CliRunner().invoke(cli, ["dataset", "new", "loans", "--from", str(source)])
+    assert again.exit_code != 0 and "already exists" in again.output
+
+
+def test_dataset_new_refuses_a_file_without_a_key_and_leaves_nothing(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from keel.cli import cli
+
+    monkeypatch.setenv("KEEL_DATASETS_DIR", str(tmp_path / "datasets"))
+    source = tmp_path / "no_key.csv"
+    pd.DataFrame({"day": ["2024-01-01"] * 4, "x": [1, 1, 2, 2], "y": [0, 1, 0, 1]}).to_csv(
+        source, index=False
+    )
+    result = CliRunner().invoke(cli, ["dataset", "new", "nokey", "--from", str(source)])
+    assert result.exit_code != 0 and "entity key" in result.output
+    assert not (tmp_path / "datasets" / "nokey").exists()
+
+
+THIRD_DATASET_RUN = """
+import json
+import dagster as dg
+from assets.features import feast_registry
+from orchestration.definitions import defs
+from orchestration.profiles import resources_for
+
+instance = dg.DagsterInstance.ephemeral()
+assert dg.materialize([feast_registry], resources=resources_for("local"), instance=instance).success
+run = defs.resolve_job_def("loans").execute_in_process(instance=instance, raise_on_error=False)
+checks = {
+    f"{e.asset_key.to_user_string()} {e.check_name}": e.passed
+    for e in run.get_asset_check_evaluations()
+}
+built = {
+    e.asset_key.to_user_string(): {
+        k: v.value for k, v in e.event_specific_data.materialization.metadata.items()
+        if isinstance(v.value, (int, float, str))
+    }
+    for e in run.get_asset_materialization_events()
+}
+graph = defs.resolve_asset_graph()
+groups = sorted({graph.get(key).group_name for key in graph.get_all_asset_keys()})
+print(json.dumps({"success": run.success, "checks": checks, "built": built, "groups": groups}))
+"""
+
+
+@pytest.mark.slow
+def test_a_third_dataset_from_a_file_reaches_a_registered_model(tmp_path, venv_bin):
+    """The guide's steps, in a fresh process each: scaffold, prepare, run the dataset's job."""
+    import json
+    import os
+    import subprocess
+
+    source = tmp_path / "applications.csv"
+    frame = write_screening_file(source)
+    env = {
+        **os.environ,
+        "KEEL_DATASETS_DIR": str(tmp_path / "datasets"),
+        "DBT_TARGET_PATH": str(tmp_path / "dbt-target"),
+        "KEEL_HOME": str(tmp_path / "home"),
+        "KEEL_PROFILE": "local",
+        "DAGSTER_HOME": str(tmp_path / "home" / "dagster"),
+    }
+    for command in (
+        [str(venv_bin / "keel"), "dataset", "new", "loans", "--from", str(source)],
+        [str(venv_bin / "keel"), "prepare"],
+    ):
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    done = subprocess.run(
+        [str(venv_bin / "python"), "-c", THIRD_DATASET_RUN],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["success"], result
+    assert result["checks"]["loans/raw great_expectations"]
+    assert result["checks"]["loans/training_set dataset_guards"]
+    assert result["checks"]["loans/model gates"]
+    registered = result["built"]["loans/registered_model"]
+    assert registered["registered_model"] == "loans" and registered["version"] == "1"
+    assert result["built"]["loans/model"]["roc_auc"] > 0.7
+    assert "loans" in result["groups"]
+    training = result["built"]["loans/training_set"]
+    # A year's outcome window: applications screened within the last year are not yet labelled.
+    now = pd.Timestamp.now()
+    open_windows = int((frame["screening_date"] + pd.Timedelta(days=365) > now).sum())
+    assert training["incomplete_outcomes_excluded"] == open_windows
+    assert training["rows"] == len(frame) - open_windows
+    assert training["feature_service"] == "loans_v1" and training["features"] == 4
+
+
+@pytest.mark.slow
+def test_taiwan_goes_from_its_csv_to_a_registered_model_with_a_fairness_report(
+    data_resources, keel_home
+):
+    import dagster as dg
+
+    from assets.features import feast_registry
+    from orchestration.definitions import defs
+
+    spec = load_spec(TAIWAN_DIR)
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([feast_registry], resources=data_resources, instance=instance).success
+    job = dg.Definitions.merge(defs, dg.Definitions(resources=data_resources))
+    run = job.resolve_job_def(spec.name).execute_in_process(instance=instance)
+    assert run.success
+    checks = {
+        f"{e.asset_key.to_user_string()} {e.check_name}": e.passed
+        for e in run.get_asset_check_evaluations()
+    }
+    assert checks["taiwan_credit/raw great_expectations"]
+    assert checks["taiwan_credit/training_set dataset_guards"]
+    assert checks["taiwan_credit/model gates"]
+    built = {
+        e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+        for e in run.get_asset_materialization_events()
+    }
+    training = built["taiwan_credit/training_set"]
+    assert training["rows"].value == 30_000 and training["incomplete_outcomes_excluded"].value == 0
+    model = built["taiwan_credit/model"]
+    assert 0.70 <= model["roc_auc"].value < 0.9
+    report = model["fairness"].value
+    for attribute in spec.protected_attributes:
+        assert f"### {attribute}" in report
+    for group in ("| F |", "| M |", "| university |", "| married |", "| 26-35 |"):
+        assert group in report
+    registered = built["taiwan_credit/registered_model"]
+    assert registered["registered_model"].value == spec.registered_model
+    assert registered["version"].value == "1"

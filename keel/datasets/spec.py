@@ -19,8 +19,9 @@ from typing import Any
 import yaml
 
 from keel.gates import EvaluationError, GatePolicy
-from keel.settings import PROJECT_ROOT
+from keel.settings import PROJECT_ROOT, datasets_dir
 
+# The shipped datasets; ``discover`` reads ``datasets_dir()`` (KEEL_DATASETS_DIR may move it).
 DATASETS_DIR = PROJECT_ROOT / "datasets"
 SPEC_FILE = "dataset.yaml"
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -225,6 +226,8 @@ class _Reader:
 
     def names(self, key: str, default: Any = ...) -> tuple[str, ...]:
         values = self.get(key, list, default)
+        if values is None:
+            return ()
         for value in values:
             if not isinstance(value, str) or not NAME.match(value):
                 raise _fail(self._at(key), f"{value!r} must be a lower_snake_case name")
@@ -394,7 +397,9 @@ def parse_spec(data: Any, folder: Path, where: str) -> DatasetSpec:
         feature_service=model.name("feature_service", f"{name}_v1"),
         experiment=model.name("experiment", name),
         registered_model=model.name("registered_model", name),
-        dbt_models=marts.names("dbt_models", []),
+        # Every model of the folder's dbt/ by default, as dbt finds them.
+        dbt_models=marts.names("dbt_models", None)
+        or tuple(sorted(p.stem for p in (folder / "dbt").glob("*.sql"))),
         features_model=marts.name("features"),
         labels_model=marts.name("labels"),
     )
@@ -447,9 +452,9 @@ def load_spec(folder: str | Path) -> DatasetSpec:
     return parse_spec(data, folder, str(path))
 
 
-def discover(root: str | Path = DATASETS_DIR) -> list[DatasetSpec]:
-    """Every dataset under ``root`` (one folder each), sorted by name."""
-    root = Path(root)
+def discover(root: str | Path | None = None) -> list[DatasetSpec]:
+    """Every dataset under ``root`` (default ``datasets_dir()``), one folder each, by name."""
+    root = Path(root) if root is not None else datasets_dir()
     if not root.is_dir():
         return []
     return [load_spec(p.parent) for p in sorted(root.glob(f"*/{SPEC_FILE}"))]

@@ -126,7 +126,7 @@ def decide_gates(
                 ),
             }
         )
-    gates.append(_fairness_gate(challenger["fairness"], policy))
+    gates.append(fairness_gate(challenger["fairness"], policy))
     serving = challenger["serving"]
     size_mb = serving["size_bytes"] / 2**20
     misses = []
@@ -157,7 +157,7 @@ def decide_gates(
     return gates
 
 
-def _fairness_gate(fairness: Mapping[str, Any], policy: GatePolicy) -> dict[str, Any]:
+def fairness_gate(fairness: Mapping[str, Any], policy: GatePolicy) -> dict[str, Any]:
     """Fail on a disparity the data establishes: the low end of its interval above the bound.
 
     A bound compared with the point estimate alone fails fair models on noise: with fifty

@@ -1,0 +1,176 @@
+"""Each dataset folder's model: trained, gated with fairness by protected attribute, registered.
+
+Built from ``datasets/<name>/dataset.yaml`` by factories, in the dataset's own group: the
+model (LightGBM on the dataset's newest training set, ``keel.datasets.modeling``), its blocking
+``gates`` check (the dataset's gate bounds over the defaults), and the registered model of the
+dataset's own name. The maths lives in ``keel.datasets``; these wrappers read and write files.
+"""
+
+import json
+
+import dagster as dg
+
+from keel.datasets.spec import DatasetSpec, discover
+from orchestration.resources import ArtefactStore, MlflowResource, ModelGovernance
+
+
+def _judgement_path(artefacts: ArtefactStore, spec: DatasetSpec):
+    return artefacts.path("models", spec.name, "judgement.json")
+
+
+def dataset_model(spec: DatasetSpec) -> dg.AssetsDefinition:
+    """The dataset's model, logged to its MLflow experiment with its gates and fairness."""
+
+    @dg.asset(
+        key=dg.AssetKey([spec.name, "model"]),
+        group_name=spec.name,
+        kinds={"lightgbm", "mlflow"},
+        deps=[dg.AssetKey([spec.name, "training_set"])],
+        description=(
+            f"LightGBM on the newest {spec.name} training set, judged on held-out rows: quality "
+            "and fairness by protected attribute, logged to MLflow."
+        ),
+    )
+    def _model(artefacts: ArtefactStore, mlflow: MlflowResource) -> dg.MaterializeResult:
+        import tempfile
+        from pathlib import Path
+
+        import mlflow as ml
+        import pandas as pd
+
+        from keel.datasets.modeling import fairness_markdown, fit, judge, split
+        from keel.reporting import markdown_table
+        from keel.tracking import Lineage, code_version, dbt_lineage
+        from orchestration.dbt import dbt_project
+
+        pointer = json.loads(
+            artefacts.path("training_sets", spec.feature_service, "latest.json").read_text()
+        )
+        training = pd.read_parquet(pointer["path"])
+        parts = split(spec, training)
+        model = fit(spec, parts)
+        judgement = judge(spec, model, parts)
+        fairness = fairness_markdown(judgement)
+        lineage = Lineage(
+            dataset_version=pointer["dataset_version"],
+            training_set_path=pointer["path"],
+            dagster_data_version=pointer["dataset_version"],
+            feature_service=spec.feature_service,
+            trained_by="dagster",
+            code=code_version(commit=mlflow.code_commit),
+            dbt=dbt_lineage(dbt_project.manifest_path, (spec.features_model, spec.labels_model)),
+        )
+        experiment = mlflow.configure(spec.experiment)
+        with ml.start_run(experiment_id=experiment, tags=lineage.tags("lightgbm")) as run:
+            ml.log_metrics(judgement.metrics)
+            ml.log_params({"rounds": model.booster.best_iteration, **judgement.rows})
+            ml.lightgbm.log_model(model.booster, name="model")
+            with tempfile.TemporaryDirectory() as scratch:
+                report = Path(scratch) / "fairness.md"
+                report.write_text(fairness + "\n")
+                ml.log_artifact(str(report))
+        record = {
+            "run_id": run.info.run_id,
+            "metrics": judgement.metrics,
+            "gates": judgement.gates,
+            "passed": judgement.passed,
+            "rows": judgement.rows,
+        }
+        path = _judgement_path(artefacts, spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        gates = markdown_table(
+            ["gate", "passed", "detail"],
+            [[g["name"], "yes" if g["passed"] else "**no**", g["detail"]] for g in judgement.gates],
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "roc_auc": dg.MetadataValue.float(judgement.metrics["roc_auc"]),
+                "all_gates_passed": dg.MetadataValue.bool(judgement.passed),
+                "gates": dg.MetadataValue.md(gates),
+                "fairness": dg.MetadataValue.md(fairness),
+                "threshold": dg.MetadataValue.text(judgement.threshold["how"]),
+                "rows": dg.MetadataValue.json(judgement.rows),
+                "run_id": dg.MetadataValue.text(run.info.run_id),
+                "experiment": dg.MetadataValue.text(spec.experiment),
+            }
+        )
+
+    return _model
+
+
+def dataset_gates(spec: DatasetSpec, model: dg.AssetsDefinition) -> dg.AssetChecksDefinition:
+    """Blocks registration unless every gate of the newest model passed."""
+
+    @dg.asset_check(
+        asset=model,
+        name="gates",
+        blocking=True,
+        description="Quality and fairness gates of the dataset's policy (dataset.yaml gates).",
+    )
+    def _gates(artefacts: ArtefactStore) -> dg.AssetCheckResult:
+        record = json.loads(_judgement_path(artefacts, spec).read_text())
+        failed = [g["name"] for g in record["gates"] if not g["passed"]]
+        return dg.AssetCheckResult(
+            passed=not failed,
+            description="failed: " + ", ".join(failed) if failed else "every gate passed",
+            metadata={"gates": dg.MetadataValue.json(record["gates"])},
+        )
+
+    return _gates
+
+
+def dataset_registered_model(spec: DatasetSpec, model: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    """The model registered under the dataset's own name, once its gates passed."""
+
+    @dg.asset(
+        key=dg.AssetKey([spec.name, "registered_model"]),
+        group_name=spec.name,
+        kinds={"mlflow"},
+        deps=[model],
+        description=f"The newest {spec.name} model past its gates, as {spec.registered_model}.",
+    )
+    def _registered(
+        artefacts: ArtefactStore, mlflow: MlflowResource, governance: ModelGovernance
+    ) -> dg.MaterializeResult:
+        from keel.registry import ModelRegistry, RegistryConfig
+
+        record = json.loads(_judgement_path(artefacts, spec).read_text())
+        registry = ModelRegistry(
+            RegistryConfig(
+                tracking_uri=mlflow.tracking_uri,
+                registry_uri=mlflow.registry_uri,
+                lock_file=mlflow.lock_file,
+                audit_uri=governance.audit_uri,
+                lock_timeout_s=mlflow.lock_timeout_s,
+                audit_key=governance.audit_key,
+                model_name=spec.registered_model,
+            )
+        )
+        version = registry.register(
+            record["run_id"],
+            metrics=record["metrics"],
+            gates={g["name"]: g["passed"] for g in record["gates"]},
+            actor="dagster",
+            reason=f"{spec.name}: every gate of its policy passed",
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "registered_model": dg.MetadataValue.text(spec.registered_model),
+                "version": dg.MetadataValue.text(str(version.version)),
+                "created": dg.MetadataValue.bool(bool(version.created)),
+                "run_id": dg.MetadataValue.text(record["run_id"]),
+            }
+        )
+
+    return _registered
+
+
+DATASET_MODELS = [dataset_model(spec) for spec in discover()]
+DATASET_MODEL_GATES = [
+    dataset_gates(spec, model) for spec, model in zip(discover(), DATASET_MODELS, strict=True)
+]
+DATASET_REGISTERED_MODELS = [
+    dataset_registered_model(spec, model)
+    for spec, model in zip(discover(), DATASET_MODELS, strict=True)
+]

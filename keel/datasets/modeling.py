@@ -1,0 +1,209 @@
+"""A dataset's model: LightGBM on its training set, judged by its own gates and fairness policy.
+
+The split follows the label's timing: rows ordered by the time their outcome became known,
+the earliest for training, so no training label postdates a validation one. A snapshot, where
+every outcome became known at once, is split by a stable hash of the entity key instead (each
+entity lands in one part, whichever load it comes from). The decision threshold comes from the
+validation part; quality and fairness are judged on the held-out test part, with the dataset's
+gate bounds (``gates`` in dataset.yaml) over the defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from keel.datasets.spec import DatasetSpec
+
+SHARES = (0.7, 0.15)  # train, validation; the rest is the test part
+LIGHTGBM_PARAMS = {
+    "objective": "binary",
+    "learning_rate": 0.05,
+    "num_leaves": 31,
+    "min_child_samples": 50,
+    "feature_fraction": 0.9,
+    "verbosity": -1,
+    "seed": 7,
+}
+MAX_ROUNDS = 400
+
+
+class DatasetModelError(ValueError):
+    """A training set this module cannot fit or judge a model on."""
+
+
+@dataclass
+class DatasetModel:
+    """A fitted booster with the spec's feature order and category vocabularies."""
+
+    booster: Any
+    features: tuple[str, ...]
+    categories: dict[str, tuple[str, ...]]
+
+    def frame(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """The model's inputs: numbers as floats, categories coded by the spec's vocabulary."""
+        columns = {}
+        for name in self.features:
+            if name in self.categories:
+                columns[name] = pd.Categorical(rows[name], categories=self.categories[name])
+            else:
+                columns[name] = pd.to_numeric(rows[name], errors="coerce").astype("float64")
+        return pd.DataFrame(columns, index=rows.index)
+
+    def predict(self, rows: pd.DataFrame) -> np.ndarray:
+        return self.booster.predict(self.frame(rows))
+
+
+@dataclass
+class Judgement:
+    """The model's scores on the held-out part, its gates and its fairness by attribute."""
+
+    metrics: dict[str, float]
+    threshold: dict[str, Any]
+    gates: list[dict[str, Any]]
+    fairness: dict[str, Any]
+    rows: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(gate["passed"] for gate in self.gates)
+
+
+def _bucket(value: object) -> float:
+    digest = hashlib.sha256(str(value).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split(spec: DatasetSpec, frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Train, validation and test parts (see the module docstring)."""
+    if frame.empty:
+        raise DatasetModelError(f"the {spec.name} training set has no rows")
+    known = pd.to_datetime(frame[spec.event_time], utc=True)
+    train_share, validation_share = SHARES
+    if known.nunique() >= 3:
+        rank = known.rank(method="min", pct=True)
+    else:
+        rank = frame[spec.entity_key].map(_bucket)
+    parts = {
+        "train": frame[rank <= train_share],
+        "validation": frame[(rank > train_share) & (rank <= train_share + validation_share)],
+        "test": frame[rank > train_share + validation_share],
+    }
+    for name, part in parts.items():
+        if part[spec.label.column].nunique() < 2:
+            raise DatasetModelError(
+                f"the {name} part of {spec.name} has {len(part)} rows and not both label values"
+            )
+    return parts
+
+
+def fit(spec: DatasetSpec, parts: dict[str, pd.DataFrame]) -> DatasetModel:
+    """LightGBM with the spec's monotone directions, early-stopped on the validation part."""
+    import lightgbm as lgb
+
+    model = DatasetModel(None, spec.features, dict(spec.categorical_features))
+    label = spec.label.column
+    params = {
+        **LIGHTGBM_PARAMS,
+        "monotone_constraints": [spec.monotone.get(name, 0) for name in spec.features],
+    }
+    train = lgb.Dataset(model.frame(parts["train"]), parts["train"][label].to_numpy())
+    validation = lgb.Dataset(
+        model.frame(parts["validation"]), parts["validation"][label].to_numpy(), reference=train
+    )
+    model.booster = lgb.train(
+        params,
+        train,
+        num_boost_round=MAX_ROUNDS,
+        valid_sets=[validation],
+        callbacks=[lgb.early_stopping(30, verbose=False)],
+    )
+    return model
+
+
+def judge(spec: DatasetSpec, model: DatasetModel, parts: dict[str, pd.DataFrame]) -> Judgement:
+    """Quality and fairness on the test part against the dataset's gate policy."""
+    from sklearn.metrics import roc_auc_score
+
+    from keel.evaluation.comparison import fairness_gate
+    from keel.evaluation.fairness import fairness_report
+    from keel.evaluation.metrics import choose_threshold
+
+    policy = spec.gate_policy()
+    label = spec.label.column
+    validation, test = parts["validation"], parts["test"]
+    threshold = choose_threshold(
+        validation[label].to_numpy(),
+        model.predict(validation),
+        policy.threshold_strategy,
+        policy.fixed_threshold,
+    )
+    labels, scores = test[label].to_numpy(), model.predict(test)
+    predicted = (scores >= threshold["value"]).astype(int)
+    auc = float(roc_auc_score(labels, scores))
+    fairness = fairness_report(
+        labels,
+        predicted,
+        test[list(spec.protected_attributes)].reset_index(drop=True),
+        policy.fairness_min_group_rows,
+        policy.fairness_min_group_positives,
+        samples=policy.bootstrap_samples,
+        confidence=policy.confidence,
+    )
+    quality = {
+        "name": "minimum_quality",
+        "passed": auc >= policy.min_roc_auc,
+        "value": auc,
+        "limit": policy.min_roc_auc,
+        "detail": f"ROC AUC {auc:.3f} on {len(test)} held-out rows (bar {policy.min_roc_auc:g})",
+    }
+    return Judgement(
+        metrics={
+            "roc_auc": auc,
+            "label_rate": float(labels.mean()),
+            "selection_rate": float(predicted.mean()),
+        },
+        threshold=threshold,
+        gates=[quality, fairness_gate(fairness, policy)],
+        fairness=fairness,
+        rows={name: len(part) for name, part in parts.items()},
+    )
+
+
+def fairness_markdown(judgement: Judgement) -> str:
+    """One table per protected attribute, and its disparities with their intervals."""
+    from keel.reporting import markdown_table
+
+    sections = []
+    for attribute, result in judgement.fairness.items():
+        rows = [
+            [
+                g["group"],
+                g["count"],
+                g["positives"],
+                f"{g['positives'] / g['count']:.1%}" if g["count"] else "",
+                f"{g['selection_rate']:.1%}",
+                f"{g['tpr']:.1%}",
+                f"{g['fpr']:.1%}",
+                "yes" if g["judged"] else "too few",
+            ]
+            for g in result["groups"]
+        ]
+        table = markdown_table(
+            ["group", "rows", "defaults", "default rate", "flagged", "TPR", "FPR", "judged"], rows
+        )
+        lines = [f"### {attribute}", "", table, ""]
+        for name in ("demographic_parity_difference", "equalized_odds_difference"):
+            if result[name] is None:
+                lines.append(f"- {name.replace('_', ' ')}: not judged (fewer than two groups)")
+                continue
+            low, high = result["intervals"][name]
+            lines.append(f"- {name.replace('_', ' ')}: {result[name]:.3f} [{low:.3f}, {high:.3f}]")
+        sections.append("\n".join(lines))
+    gate = next(g for g in judgement.gates if g["name"] == "fairness")
+    verdict = "passed" if gate["passed"] else "**failed**"
+    return "\n\n".join([f"Fairness gate {verdict}: {gate['detail']}.", *sections])
