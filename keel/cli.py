@@ -14,6 +14,7 @@ from keel.access.cli import access
 from keel.cost.cli import cost
 from keel.dashboards.cli import dashboards
 from keel.dashboards.service import DEFAULT_PORT as DASHBOARDS_PORT
+from keel.datasets.cli import dataset
 from keel.registry_cli import registry
 from keel.serving.cli import serve
 from keel.serving.release_cli import release
@@ -144,6 +145,7 @@ cli.add_command(release)
 cli.add_command(access)
 cli.add_command(cost)
 cli.add_command(stream)
+cli.add_command(dataset)
 
 
 def main() -> None:
