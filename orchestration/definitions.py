@@ -4,6 +4,7 @@ import dagster as dg
 
 from assets import (
     bundle,
+    datasets,
     evaluation,
     features,
     inference,
@@ -32,6 +33,8 @@ STAGES = [
     training,
     evaluation,
     registry,
+    # Each dataset folder's model, gates and registered model, in the dataset's group.
+    datasets,
     bundle,
     inference,
     monitoring,
