@@ -7,8 +7,8 @@ canary raises, the same rows get the champion's scores and each row records the 
 error, so the client sees no failure while the error still counts against the canary. When
 the champion raises, the request fails (`ModelUnavailable`, HTTP 503).
 
-The shadow model scores the same rows after the response is sent (handed over as a
-background task of the response, scored in batches across requests); its results go to the
+The shadow model scores the same rows after the response is sent (handed over to the
+worker's `ShadowRunner`, scored in batches across requests); its results go to the
 prediction log as ``shadow`` records.
 """
 
@@ -20,8 +20,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from starlette.background import BackgroundTask
 
 from keel.serving import metrics
 from keel.serving.cache import PredictionCache
@@ -269,11 +267,12 @@ class ShadowJob:
 class ShadowRunner:
     """Scores shadow jobs after their responses are sent, in batches, and logs them.
 
-    A job is handed over as its response's background task, on the worker's event loop once
-    the client has its answer. Jobs gather until `BATCH_ROWS` rows or `MAX_WAIT_S` seconds,
-    then the shadow model scores them in one call (one LightGBM call for many requests costs
-    little more than one for a single row) and their lines go to the log in one write. Jobs
-    beyond ``max_pending`` waiting at once are dropped and counted.
+    A request hands its job over with `submit`, on the worker's event loop; nothing is scored
+    before the loop's next turn, by when the request's response has been written out. Jobs
+    gather until `BATCH_ROWS` rows or `MAX_WAIT_S` seconds, then the shadow model scores them in
+    one call (one LightGBM call for many requests costs little more than one for a single row)
+    and their lines go to the log in one write. Jobs beyond ``max_pending`` waiting at once are
+    dropped and counted.
 
     Args:
         log_writer: Where shadow records go.
@@ -291,28 +290,33 @@ class ShadowRunner:
         self._jobs: list[ShadowJob] = []
         self._rows = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._soon: asyncio.Handle | None = None
 
-    def task(self, job: ShadowJob) -> BackgroundTask | None:
-        """The background task that queues ``job``; None when too many are waiting."""
+    def submit(self, job: ShadowJob) -> bool:
+        """Queue ``job`` from a request on the event loop; False when too many are waiting.
+
+        A plain call rather than a background task of the response: the task's machinery cost
+        more per request than the shadow's share of a batched model call.
+        """
         if self.pending >= self.max_pending:
             metrics.SHADOW_DROPPED.inc()
-            return None
+            return False
         self.pending += 1
-        return BackgroundTask(self.add, job)
-
-    async def add(self, job: ShadowJob) -> None:
         self._jobs.append(job)
         self._rows += len(job.rows)
         if self._rows >= self.BATCH_ROWS:
-            self.flush()
+            if self._soon is None:
+                self._soon = asyncio.get_running_loop().call_soon(self.flush)
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.MAX_WAIT_S, self.flush)
+        return True
 
     def flush(self) -> None:
         """Score and log every waiting job now."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for handle in (self._timer, self._soon):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._soon = None
         jobs, self._jobs, self._rows = self._jobs, [], 0
         if not jobs:
             return
