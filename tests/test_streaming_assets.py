@@ -113,3 +113,35 @@ def test_the_asset_fails_clearly_when_no_consumer_exists(tmp_path):
     )
     with pytest.raises(dg.Failure, match="keel stream consume"):
         stream_consumer_lag(stream=missing)
+
+
+def test_keel_stream_publish_stores_a_day_once_and_status_reads_the_backlog(keel_home):
+    from click.testing import CliRunner
+
+    from keel.cli import cli
+
+    suffix = uuid.uuid4().hex[:10]
+    where = ["--url", NATS_URL, "--stream", f"KEEL_CLI_{suffix}", "--subject", f"keel.cli.{suffix}"]
+    day = ["--day", "2026-01-06", "--accounts", "60", "--seed", "4"]
+    runner = CliRunner()
+    try:
+        first = runner.invoke(cli, ["stream", "publish", *where, *day])
+        assert first.exit_code == 0, first.output
+        counts = json.loads(first.output)["2026-01-06"]
+        assert counts["events"] > 0 and counts["stored"] == counts["events"]
+        # Publishing the same day again stores nothing: each event id is stored once.
+        again = json.loads(runner.invoke(cli, ["stream", "publish", *where, *day]).output)
+        assert again["2026-01-06"] == {"events": counts["events"], "stored": 0}
+        status = runner.invoke(cli, ["stream", "status", *where, "--durable", "nobody"])
+        assert status.exit_code == 0, status.output
+        assert json.loads(status.output)["found"] is False
+    finally:
+
+        async def delete():
+            import nats
+
+            nc = await nats.connect(NATS_URL)
+            await nc.jetstream().delete_stream(f"KEEL_CLI_{suffix}")
+            await nc.close()
+
+        asyncio.run(delete())
