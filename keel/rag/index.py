@@ -162,11 +162,15 @@ class Index:
         return ids, scores
 
     def bm25_ids(self, query: str, k: int) -> list[int]:
+        """The ``k`` best BM25 matches with a score above zero, best first."""
+        tokens = _tokens([query])[0]
         with self._bm25_lock:
-            ids, scores = self.bm25.retrieve(
-                _tokens([query]), k=min(k, len(self.chunks)), show_progress=False, n_threads=0
-            )
-        return [int(i) for i, s in zip(ids[0], scores[0], strict=True) if s > 0]
+            scores = self.bm25.get_scores(tokens) if tokens else np.zeros(0)
+        # Only the chunks sharing a word with the query can rank; sorting those few beats
+        # bm25s's own top-k selection over the whole corpus.
+        matched = np.flatnonzero(scores)
+        best = matched[np.argsort(-scores[matched], kind="stable")[:k]]
+        return [int(i) for i in best]
 
     def search(self, query: str, query_vector: np.ndarray, k: int = 5, mode: str = "hybrid"):
         """The top ``k`` chunks for one query; ``similarity`` is always the cosine."""
