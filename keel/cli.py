@@ -131,6 +131,10 @@ def demo(accounts: int, history_days: int, days: int, drift_day: int, no_release
     click.echo("Where to look:")
     click.echo("  Dagster UI   make dev, then http://127.0.0.1:3000 (runs, asset graph, reports)")
     click.echo(
+        f"  dashboards   make dev, then http://127.0.0.1:{DASHBOARDS_PORT} (Evidently UI: drift,"
+        " quality and performance over time, a project per dataset)"
+    )
+    click.echo(
         f"  MLflow UI    .venv/bin/mlflow ui --backend-store-uri sqlite:///{paths.mlflow}/mlflow.db"
         " then http://127.0.0.1:5000"
     )
