@@ -1,7 +1,7 @@
 """Streaming features through JetStream into Feast, against a bare consumer that only acks.
 
 Two measurements, each side by side with a bare JetStream consumer (same durable pull
-consumer settings, same fetch size, one ack per batch, no work):
+consumer settings, same fetch size, the same acks, no work):
 
 - throughput: ``EVENTS`` generated transactions are published first; each consumer (its own
   durable on the same stream) drains them, alternately, ``ROUNDS`` times. ``events_per_s`` is
@@ -107,7 +107,7 @@ async def bare_consumer(stream: str, subject: str, durable: str, expected: int, 
     import nats
     from nats.errors import TimeoutError as NatsTimeout
 
-    from keel.streaming.consumer import StreamSettings, durable_subscription
+    from keel.streaming.consumer import StreamSettings, acknowledge_all, durable_subscription
 
     settings = StreamSettings(
         state_path=Path("unused"), offline_dir=Path("unused"), url=NATS_URL, stream=stream,
@@ -124,7 +124,7 @@ async def bare_consumer(stream: str, subject: str, durable: str, expected: int, 
             continue
         if not msgs:
             continue
-        await max(msgs, key=lambda m: m.metadata.sequence.stream).ack_sync()
+        await acknowledge_all(nc, msgs)
         acked += len(msgs)
         busy = time.perf_counter() - started
         batches.append((time.time(), msgs))

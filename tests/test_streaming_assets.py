@@ -98,7 +98,9 @@ def test_the_asset_reports_the_backlog_and_the_sensor_alerts_once_per_episode(wa
         js = nc.jetstream()
         sub = await js.pull_subscribe_bind(waiting_stream.durable, stream=waiting_stream.stream)
         msgs = await sub.fetch(12, timeout=5)
-        await msgs[-1].ack_sync()
+        for msg in msgs:
+            await msg.ack()
+        await nc.flush()
         await nc.close()
 
     asyncio.run(acknowledge_all())

@@ -78,7 +78,12 @@ class ConsumeStats:
 
 
 async def durable_subscription(js, settings: StreamSettings):
-    """A pull subscription on the durable consumer, created on first use (acks cover all before)."""
+    """A pull subscription on the durable consumer, created on first use.
+
+    Every message is acknowledged on its own. An acknowledgement that covers all earlier
+    messages would also cover a batch that a killed process received and never processed,
+    before JetStream delivers it again: those events would be lost.
+    """
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     from keel.streaming.events import ensure_stream
@@ -86,7 +91,7 @@ async def durable_subscription(js, settings: StreamSettings):
     await ensure_stream(js, settings.stream, settings.subject)
     config = ConsumerConfig(
         durable_name=settings.durable,
-        ack_policy=AckPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=settings.ack_wait_s,
         max_ack_pending=max(10 * settings.batch, 10_000),
@@ -231,6 +236,13 @@ def process(log: EventLog, writer: FeatureWriter, msgs: list, stats: ConsumeStat
     stats.batches += 1
 
 
+async def acknowledge_all(nc, msgs: list) -> None:
+    """Acknowledge each message, then wait until the server has them all."""
+    for msg in msgs:
+        await msg.ack()
+    await nc.flush()
+
+
 async def consume(
     settings: StreamSettings,
     store: FeatureStore,
@@ -274,9 +286,7 @@ async def consume(
             idle_since = time.monotonic()
             process(log, writer, msgs, stats)
             if acknowledge:
-                # The consumer acknowledges everything up to a stream sequence: one ack, on the
-                # batch's newest message, covers the batch (redeliveries included).
-                await max(msgs, key=lambda msg: msg.metadata.sequence.stream).ack_sync()
+                await acknowledge_all(nc, msgs)
             stats.busy_s = time.perf_counter() - started
     finally:
         stats.seconds = time.perf_counter() - started
