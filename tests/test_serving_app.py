@@ -324,6 +324,62 @@ def test_canary_errors_fall_back_to_the_champion_and_the_shadow_is_logged(fresh_
     assert fallbacks > 0
 
 
+def test_shadow_scores_equal_its_models_own_with_or_without_the_served_matrix(
+    serving_world,  # noqa: F811
+    tmp_path,
+):
+    import asyncio
+
+    import orjson
+    import pandas as pd
+
+    from keel.serving.cache import PredictionCache
+    from keel.serving.deployments import Snapshot
+    from keel.serving.prediction_log import PredictionLogWriter
+    from keel.serving.scoring import Batch, Scorer, ShadowJob, ShadowRunner, fast_model
+
+    world = serving_world
+    config = world.registry_config()
+    champion = champion_model(world)
+    shadow = LoadedModel(
+        world.challenger, "shadow", load_registered_model(config, world.challenger)
+    )
+    snapshot = Snapshot(champion=champion, shadow=shadow)
+    store = world.open_store()
+    reader = ServingFeatureReader(store, schema.FEATURE_SERVICE)
+    scorer, writer = Scorer(PredictionCache(1_000)), PredictionLogWriter(tmp_path)
+    runner = ShadowRunner(writer, max_pending=1_000)
+    fast = fast_model(shadow)
+    assert fast.layout == fast_model(champion).layout  # same schema and vocabularies
+    built = []
+    design = fast.design
+    fast.design = lambda columns, rows: built.append(len(rows)) or design(columns, rows)
+    ids = world.account_ids[:40]
+
+    async def serve(requests: list[list[int]], prefix: str) -> None:
+        for n, accounts in enumerate(requests):
+            rows = reader.read(accounts)
+            batch = Batch(list(accounts), rows.columns, rows.event_us, rows.known)
+            scorer.score(snapshot, batch)
+            rows_of = list(range(len(accounts)))
+            assert runner.submit(ShadowJob(f"{prefix}{n}", "ts", shadow, batch, rows_of))
+        runner.flush()
+
+    # Scored by the champion just now: the shadow scores the matrix the champion built.
+    asyncio.run(serve([ids[:1], ids[1:4], ids[4:40]], "a"))
+    assert built == []
+    # One account again, answered from the cache: the shadow builds its own matrix.
+    asyncio.run(serve([ids[1:2], ids[:3]], "b"))
+    assert built == [4]
+    writer.close()
+    lines = [orjson.loads(line) for line in writer.path.read_bytes().splitlines()]
+    frame = pd.DataFrame({k: v for k, v in online_features(store, ids).items()})
+    scores = shadow.predict(frame[list(shadow.feature_names)]).tolist()
+    expected = dict(zip(ids, scores, strict=True))
+    assert len(lines) == 44 and all(line["shadow_error"] is None for line in lines)
+    assert all(line["shadow_score"] == expected[line["account_id"]] for line in lines)
+
+
 def test_store_down_answers_503_and_recovers(serving_world_redis, tmp_path):  # noqa: F811
     """A private Redis server holding the world's keys is stopped under the app, then restarted."""
     import redis

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from keel.serving import metrics
@@ -45,6 +45,8 @@ class Batch:
     columns: dict[str, list[Any]]
     event_us: list[int | None]
     known: list[bool]
+    # Design matrices built for this batch, as (layout, rows, matrix): the shadow reuses them.
+    designs: list[tuple[Any, list[int], Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -89,11 +91,18 @@ class FastLightGBM:
         )
         self.booster = risk_model.booster
         self.logit_offset = float(risk_model.logit_offset)
+        # Two models with equal layouts build the same matrix from the same columns.
+        self.layout = (
+            self.numeric,
+            tuple((name, tuple(codes)) for name, codes in self.categories),
+        )
 
     def predict(self, columns: dict[str, list[Any]], rows: list[int]) -> np.ndarray:
-        import numpy as np
+        return self.score_design(self.design(columns, rows))
 
-        from keel.training import SMALL_BATCH_ROWS
+    def design(self, columns: dict[str, list[Any]], rows: list[int]) -> np.ndarray:
+        """The model's input matrix for ``rows`` of ``columns``."""
+        import numpy as np
 
         numbers = [columns[name] for name in self.numeric]
         categories = [(columns[name], codes) for name, codes in self.categories]
@@ -108,7 +117,15 @@ class FastLightGBM:
         ).reshape(len(rows), len(numbers) + len(categories))
         numeric = matrix[:, : len(numbers)]
         numeric[np.isinf(numeric)] = np.nan
-        threads = 1 if len(rows) <= SMALL_BATCH_ROWS else 0
+        return matrix
+
+    def score_design(self, matrix: np.ndarray) -> np.ndarray:
+        """Scores of the rows of a matrix that `design` built (with this layout)."""
+        import numpy as np
+
+        from keel.training import SMALL_BATCH_ROWS
+
+        threads = 1 if len(matrix) <= SMALL_BATCH_ROWS else 0
         raw = self.booster.predict(matrix, raw_score=True, num_threads=threads)
         return 0.5 * (1.0 + np.tanh(0.5 * (np.asarray(raw, np.float64) - self.logit_offset)))
 
@@ -136,14 +153,40 @@ def _predict(model: LoadedModel, batch: Batch, rows: list[int]) -> tuple[list[fl
     if fast is None:
         scores = model.predict(model_frame(batch.columns, model.feature_names, rows))
     else:
-        import numpy as np
-
-        from keel.serving.deployments import ServingModelError
-
-        scores = fast.predict(batch.columns, rows)
-        if scores.shape != (len(rows),) or not np.isfinite(scores).all():
-            raise ServingModelError(f"version {model.version} returned unusable scores")
+        design = fast.design(batch.columns, rows)
+        batch.designs.append((fast.layout, rows, design))
+        scores = _usable(model, fast.score_design(design), len(rows))
     return scores.tolist(), time.perf_counter() - started
+
+
+def _usable(model: LoadedModel, scores: np.ndarray, rows: int) -> np.ndarray:
+    import numpy as np
+
+    from keel.serving.deployments import ServingModelError
+
+    if scores.shape != (rows,) or not np.isfinite(scores).all():
+        raise ServingModelError(f"version {model.version} returned unusable scores")
+    return scores
+
+
+def _reused_design(jobs: list[ShadowJob], layout: Any) -> np.ndarray | None:
+    """The matrix of every job's rows from the designs their requests built, if all have one."""
+    import numpy as np
+
+    parts = []
+    for job in jobs:
+        found: dict[int, tuple[np.ndarray, int]] = {}
+        for built_layout, rows, matrix in job.batch.designs:
+            if built_layout is layout or built_layout == layout:
+                if rows == job.rows:
+                    parts.append(matrix)
+                    break
+                found.update((row, (matrix, k)) for k, row in enumerate(rows))
+        else:
+            if any(row not in found for row in job.rows):
+                return None  # rows answered from the cache, or by a model of another layout
+            parts.append(np.stack([found[row][0][found[row][1]] for row in job.rows]))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _error_text(arm: str, error: BaseException) -> str:
@@ -335,16 +378,15 @@ class ShadowRunner:
             groups.setdefault(id(job.model), []).append(job)
         for group in groups.values():
             model = group[0].model
-            names = model.feature_names
-            merged = Batch(
-                account_ids=[j.batch.account_ids[i] for j in group for i in j.rows],
-                columns={n: [j.batch.columns[n][i] for j in group for i in j.rows] for n in names},
-                event_us=[],
-                known=[],
-            )
+            fast = fast_model(model)
+            # The served arms built the same matrix already when their layout is the shadow's.
+            design = _reused_design(group, fast.layout) if fast is not None else None
             started = time.perf_counter()
             try:
-                scores, _ = _predict(model, merged, list(range(len(merged.account_ids))))
+                if design is not None:
+                    scores = _usable(model, fast.score_design(design), len(design)).tolist()
+                else:
+                    scores = self._merged_scores(model, group)
             except Exception:
                 # One bad request must not cost the others their shadow scores.
                 for job in group:
@@ -360,6 +402,17 @@ class ShadowRunner:
                 position += len(job.rows)
                 records.extend(_shadow_records(job, part, share, None))
         return records
+
+    @staticmethod
+    def _merged_scores(model: LoadedModel, jobs: list[ShadowJob]) -> list[float]:
+        names = model.feature_names
+        merged = Batch(
+            account_ids=[j.batch.account_ids[i] for j in jobs for i in j.rows],
+            columns={n: [j.batch.columns[n][i] for j in jobs for i in j.rows] for n in names},
+            event_us=[],
+            known=[],
+        )
+        return _predict(model, merged, list(range(len(merged.account_ids))))[0]
 
     @staticmethod
     def _score_one(job: ShadowJob) -> list[dict[str, Any]]:
