@@ -162,13 +162,17 @@ def trained_model(context) -> dg.MaterializeResult:
     )
 
 
-def test_a_model_version_costs_the_runs_of_its_lineage_and_keel_cost_shows_it(keel_home):
+def test_a_model_version_costs_the_runs_of_its_lineage_and_keel_cost_shows_it(
+    keel_home, monkeypatch
+):
     import mlflow
     from mlflow import MlflowClient
 
     from keel import cli as keel_cli
     from keel.registry_types import RegistryConfig
 
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # earlier tests export them
+        monkeypatch.delenv(name, raising=False)
     config = RegistryConfig.local(keel_home)
     client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.registry_uri)
     experiment = client.create_experiment("cost", artifact_location=str(keel_home.mlflow / "a"))
