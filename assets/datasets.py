@@ -1,9 +1,10 @@
-"""Each dataset folder's model: trained, gated with fairness by protected attribute, registered.
+"""Each dataset folder's model: trained, gated with fairness, registered, scoring, monitored.
 
 Built from ``datasets/<name>/dataset.yaml`` by factories, in the dataset's own group: the
 model (LightGBM on the dataset's newest training set, ``keel.datasets.modeling``), its blocking
 ``gates`` check (the dataset's gate bounds over the defaults), and the registered model of the
-dataset's own name. The maths lives in ``keel.datasets``; these wrappers read and write files.
+dataset's own name; then each load's newest rows scored by it, and their drift against the
+training set. The maths lives in ``keel.datasets``; these wrappers read and write files.
 """
 
 import json
@@ -11,7 +12,12 @@ import json
 import dagster as dg
 
 from keel.datasets.spec import DatasetSpec, discover
-from orchestration.resources import ArtefactStore, MlflowResource, ModelGovernance
+from orchestration.resources import (
+    ArtefactStore,
+    FeatureStoreResource,
+    MlflowResource,
+    ModelGovernance,
+)
 
 
 def _judgement_path(artefacts: ArtefactStore, spec: DatasetSpec):
@@ -69,8 +75,14 @@ def dataset_model(spec: DatasetSpec) -> dg.AssetsDefinition:
                 report = Path(scratch) / "fairness.md"
                 report.write_text(fairness + "\n")
                 ml.log_artifact(str(report))
+        booster = artefacts.path("models", spec.name, run.info.run_id, "model.txt")
+        booster.parent.mkdir(parents=True, exist_ok=True)
+        booster.write_text(model.booster.model_to_string())
         record = {
             "run_id": run.info.run_id,
+            "model_path": str(booster),
+            "threshold": judgement.threshold["value"],
+            "training_set": pointer["path"],
             "metrics": judgement.metrics,
             "gates": judgement.gates,
             "passed": judgement.passed,
@@ -154,6 +166,9 @@ def dataset_registered_model(spec: DatasetSpec, model: dg.AssetsDefinition) -> d
             actor="dagster",
             reason=f"{spec.name}: every gate of its policy passed",
         )
+        registered = {**record, "version": str(version.version)}
+        path = artefacts.path("models", spec.name, "registered.json")
+        path.write_text(json.dumps(registered, indent=2, default=str) + "\n")
         return dg.MaterializeResult(
             metadata={
                 "registered_model": dg.MetadataValue.text(spec.registered_model),
@@ -166,6 +181,97 @@ def dataset_registered_model(spec: DatasetSpec, model: dg.AssetsDefinition) -> d
     return _registered
 
 
+def dataset_scores(spec: DatasetSpec, registered: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    """Each entity's newest features scored by the registered model, once per load."""
+
+    @dg.asset(
+        key=dg.AssetKey([spec.name, "scores"]),
+        group_name=spec.name,
+        kinds={"lightgbm", "parquet"},
+        deps=[registered],
+        description=(
+            f"Every {spec.entity}'s newest {spec.name} features scored by the registered "
+            "model, one file per load."
+        ),
+    )
+    def _scores(artefacts: ArtefactStore, feature_store: FeatureStoreResource):
+        import lightgbm as lgb
+        import pandas as pd
+
+        from keel.datasets.modeling import DatasetModel, newest_rows
+
+        record = json.loads(artefacts.path("models", spec.name, "registered.json").read_text())
+        model = DatasetModel(
+            lgb.Booster(
+                model_str=artefacts.path(
+                    "models", spec.name, record["run_id"], "model.txt"
+                ).read_text()
+            ),
+            spec.features,
+            dict(spec.categorical_features),
+        )
+        mart = f"{feature_store.marts.rstrip('/')}/{spec.features_mart}"
+        rows = newest_rows(spec, pd.read_parquet(mart))
+        rows["score"] = model.predict(rows)
+        rows["flagged"] = rows["score"] >= record["threshold"]
+        load = pd.to_datetime(rows[spec.event_time]).max().strftime("%Y-%m-%d")
+        target = artefacts.path("scores", spec.name, f"{load}.parquet")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("wb") as handle:
+            rows.to_parquet(handle, index=False)
+        return dg.MaterializeResult(
+            metadata={
+                "rows": dg.MetadataValue.int(len(rows)),
+                "load": dg.MetadataValue.text(load),
+                "mean_score": dg.MetadataValue.float(float(rows["score"].mean())),
+                "flagged_share": dg.MetadataValue.float(float(rows["flagged"].mean())),
+                "version": dg.MetadataValue.text(record["version"]),
+                "path": dg.MetadataValue.path(str(target)),
+            }
+        )
+
+    return _scores
+
+
+def dataset_drift(spec: DatasetSpec, scores: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    """Feature drift of the newest scored load against the training set (PSI per feature)."""
+
+    @dg.asset(
+        key=dg.AssetKey([spec.name, "drift"]),
+        group_name=spec.name,
+        kinds={"python"},
+        deps=[scores],
+        description=f"PSI per feature of the newest scored {spec.name} load against training.",
+    )
+    def _drift(artefacts: ArtefactStore):
+        import pandas as pd
+
+        from keel.datasets.modeling import feature_drift
+        from keel.reporting import markdown_table
+
+        record = json.loads(artefacts.path("models", spec.name, "registered.json").read_text())
+        loads = sorted(artefacts.path("scores", spec.name).glob("*.parquet"))
+        with loads[-1].open("rb") as handle:
+            current = pd.read_parquet(handle)
+        reference = pd.read_parquet(record["training_set"])
+        rows = feature_drift(spec, reference, current)
+        table = markdown_table(
+            ["feature", "PSI", "drifted"],
+            [[r["feature"], f"{r['psi']:.3f}", "**yes**" if r["drifted"] else "no"] for r in rows],
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "drifted_features": dg.MetadataValue.int(sum(r["drifted"] for r in rows)),
+                "drift_share": dg.MetadataValue.float(sum(r["drifted"] for r in rows) / len(rows)),
+                "max_psi": dg.MetadataValue.float(max(r["psi"] for r in rows)),
+                "features": dg.MetadataValue.md(table),
+                "load": dg.MetadataValue.text(loads[-1].stem),
+            }
+        )
+
+    return _drift
+
+
 DATASET_MODELS = [dataset_model(spec) for spec in discover()]
 DATASET_MODEL_GATES = [
     dataset_gates(spec, model) for spec, model in zip(discover(), DATASET_MODELS, strict=True)
@@ -173,4 +279,11 @@ DATASET_MODEL_GATES = [
 DATASET_REGISTERED_MODELS = [
     dataset_registered_model(spec, model)
     for spec, model in zip(discover(), DATASET_MODELS, strict=True)
+]
+DATASET_SCORES = [
+    dataset_scores(spec, registered)
+    for spec, registered in zip(discover(), DATASET_REGISTERED_MODELS, strict=True)
+]
+DATASET_DRIFT = [
+    dataset_drift(spec, scores) for spec, scores in zip(discover(), DATASET_SCORES, strict=True)
 ]

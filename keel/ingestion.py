@@ -9,7 +9,6 @@ results, so that nothing downstream reads a partition that has not been validate
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +76,6 @@ def dataset_table(spec: DatasetSpec) -> RawTable:
     return RawTable(spec.raw_table, tuple(spec.columns), (spec.entity_key,))
 
 
-@functools.cache
 def raw_tables() -> tuple[RawTable, ...]:
     """Every raw table: the built-in ones and one per dataset folder with a file source."""
     files = [dataset_table(spec) for spec in discover() if spec.source.kind == "file"]

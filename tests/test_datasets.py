@@ -325,6 +325,12 @@ def test_a_third_dataset_from_a_file_reaches_a_registered_model(tmp_path, venv_b
     registered = result["built"]["loans/registered_model"]
     assert registered["registered_model"] == "loans" and registered["version"] == "1"
     assert result["built"]["loans/model"]["roc_auc"] > 0.7
+    # Scoring needs no label: every applicant of the load is scored, the unlabelled ones too.
+    scores = result["built"]["loans/scores"]
+    assert scores["rows"] == len(frame) and scores["version"] == "1"
+    assert 0 < scores["flagged_share"] < 1
+    # The load is the population the model was trained on: no feature drifts.
+    assert result["built"]["loans/drift"]["drifted_features"] == 0
     assert "loans" in result["groups"]
     training = result["built"]["loans/training_set"]
     # A year's outcome window: applications screened within the last year are not yet labelled.
@@ -347,8 +353,10 @@ def test_taiwan_goes_from_its_csv_to_a_registered_model_with_a_fairness_report(
     spec = load_spec(TAIWAN_DIR)
     instance = dg.DagsterInstance.ephemeral()
     assert dg.materialize([feast_registry], resources=data_resources, instance=instance).success
-    job = dg.Definitions.merge(defs, dg.Definitions(resources=data_resources))
-    run = job.resolve_job_def(spec.name).execute_in_process(instance=instance)
+    here = dg.Definitions(
+        assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs, resources=data_resources
+    )
+    run = here.resolve_job_def(spec.name).execute_in_process(instance=instance)
     assert run.success
     checks = {
         f"{e.asset_key.to_user_string()} {e.check_name}": e.passed
@@ -373,3 +381,39 @@ def test_taiwan_goes_from_its_csv_to_a_registered_model_with_a_fairness_report(
     registered = built["taiwan_credit/registered_model"]
     assert registered["registered_model"].value == spec.registered_model
     assert registered["version"].value == "1"
+    assert built["taiwan_credit/scores"]["rows"].value == 30_000
+    assert built["taiwan_credit/drift"]["drifted_features"].value == 0
+
+
+def test_the_split_leaves_rows_to_train_on_for_snapshot_and_for_dated_outcomes():
+    from keel.datasets.modeling import split
+
+    spec = load_spec(TAIWAN_DIR)
+    # Taiwan: every outcome known on one day; entities split by a stable hash of their key.
+    snapshot = taiwan_rows(4_000)
+    parts = split(spec, snapshot)
+    shares = {name: len(part) / len(snapshot) for name, part in parts.items()}
+    assert 0.65 < shares["train"] < 0.75 and min(shares.values()) > 0.12
+    # The same client lands in the same part whatever the order of the load.
+    shuffled = split(spec, snapshot.sample(frac=1, random_state=2))
+    assert set(shuffled["test"]["client_id"]) == set(parts["test"]["client_id"])
+    # Outcomes known over two years: the earliest known train, the latest are held out.
+    dated = snapshot.assign(
+        event_timestamp=pd.Timestamp("2024-01-01", tz="UTC")
+        + pd.to_timedelta(np.arange(4_000) % 730, unit="D")
+    )
+    parts = split(spec, dated)
+    assert len(parts["train"]) > 2_500
+    assert parts["train"]["event_timestamp"].max() < parts["validation"]["event_timestamp"].min()
+    assert parts["validation"]["event_timestamp"].max() < parts["test"]["event_timestamp"].min()
+
+
+def test_population_stability_is_near_zero_for_the_same_population_and_large_for_a_shift():
+    from keel.datasets.modeling import population_stability
+
+    rng = np.random.default_rng(5)
+    reference = pd.Series(rng.normal(0, 1, 5_000))
+    assert population_stability(reference, pd.Series(rng.normal(0, 1, 5_000))) < 0.02
+    assert population_stability(reference, pd.Series(rng.normal(1, 1, 5_000))) > 0.2
+    regions = pd.Series(rng.choice(["north", "south"], 5_000))
+    assert population_stability(regions, pd.Series(["north"] * 4_000 + ["south"] * 1_000)) > 0.2

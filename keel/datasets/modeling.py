@@ -207,3 +207,42 @@ def fairness_markdown(judgement: Judgement) -> str:
     gate = next(g for g in judgement.gates if g["name"] == "fairness")
     verdict = "passed" if gate["passed"] else "**failed**"
     return "\n\n".join([f"Fairness gate {verdict}: {gate['detail']}.", *sections])
+
+
+def newest_rows(spec: DatasetSpec, features: pd.DataFrame) -> pd.DataFrame:
+    """Each entity's newest feature row: what a snapshot load is scored and monitored on."""
+    ordered = features.sort_values([spec.entity_key, spec.event_time])
+    return ordered.drop_duplicates(spec.entity_key, keep="last").reset_index(drop=True)
+
+
+def population_stability(reference: pd.Series, current: pd.Series, bins: int = 10) -> float:
+    """The population stability index of ``current`` against ``reference``.
+
+    Numbers fall into the reference's deciles, categories count as themselves; an empty bin
+    counts as half a row, so the logarithm stays finite.
+    """
+    if pd.api.types.is_numeric_dtype(reference):
+        ref = pd.to_numeric(reference, errors="coerce").dropna().to_numpy(float)
+        cur = pd.to_numeric(current, errors="coerce").dropna().to_numpy(float)
+        edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)))
+        edges[0], edges[-1] = -np.inf, np.inf
+        expected = np.histogram(ref, edges)[0].astype(float)
+        actual = np.histogram(cur, edges)[0].astype(float)
+    else:
+        categories = sorted(set(reference.dropna()) | set(current.dropna()), key=str)
+        expected = reference.value_counts().reindex(categories, fill_value=0).to_numpy(float)
+        actual = current.value_counts().reindex(categories, fill_value=0).to_numpy(float)
+    expected = np.maximum(expected, 0.5) / max(expected.sum(), 1.0)
+    actual = np.maximum(actual, 0.5) / max(actual.sum(), 1.0)
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+def feature_drift(
+    spec: DatasetSpec, reference: pd.DataFrame, current: pd.DataFrame, threshold: float = 0.2
+) -> list[dict[str, Any]]:
+    """PSI per feature of a scored load against the training set; above ``threshold`` drifts."""
+    rows = []
+    for name in spec.features:
+        value = population_stability(reference[name], current[name])
+        rows.append({"feature": name, "psi": value, "drifted": value > threshold})
+    return rows
