@@ -161,6 +161,8 @@ def test_gate_fails_an_index_built_with_a_broken_chunker(built, documents, embed
     passed, reason = recall_gate(bad_recall, good_recall)
     assert not passed, reason
     assert recall_gate(good_recall, good_recall)[0]
+    first_alone = recall_gate(0.5, None)
+    assert not first_alone[0] and "below the floor" in first_alone[1]
 
 
 def test_chunks_live_in_feast_and_feast_vector_search_is_unavailable_here(built, embedder):

@@ -68,6 +68,9 @@ def test_pipeline_publishes_a_gated_registered_index_and_refuses_a_worse_one(res
     _ingest(resources)
     first = dg.materialize(INDEX_ASSETS, resources=resources, run_config=_run_config())
     assert first.success
+    answered = first.asset_materializations_for_node("answers")[0].metadata
+    assert answered["cache_hit_rate"].value == 0.5 and answered["tokens_saved"].value > 0
+    assert answered["answered_share"].value > 0.8
     store = rag.rag_store(resources["artefacts"])
     published = json.loads((store / "published.json").read_text())
     checks = first.get_asset_check_evaluations()
