@@ -133,7 +133,7 @@ class RagEngine:
             )
             body, kind = answer.as_dict(), "miss"
             if not answer.refused:
-                self.cache.put(index.version, question, vector, body)
+                self.cache.put(index.version, question, vector, dict(body))
         body["cache"] = kind
         body["index_version"] = index.version
         body["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
