@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -107,7 +108,8 @@ def test_the_sensor_feeds_a_project_per_dataset_with_a_snapshot_per_report_and_d
     dashboard = workspace.get_dashboard(default.id)
     assert {tab.title for tab in dashboard.tabs} == {"Drift", "Data quality", "Performance"}
     titles = {panel.title for panel in dashboard.panels}
-    assert {panel.title for panel in PANELS} | {FEATURE_PANEL} == titles
+    # Each panel whose figures the reports hold: all but the dataset folders' load PSI.
+    assert {p.title for p in PANELS if p.figures[0][0] != "max_psi"} | {FEATURE_PANEL} == titles
     held = {
         result.metric_value_location.metric.params["column"]
         for s in snapshots
@@ -164,11 +166,49 @@ def test_dataset_names_come_from_the_asset_keys_or_the_metadata():
 
 
 def test_a_dashboard_written_again_keeps_its_ids():
-    first = dashboard_model("cards", ["income"])
-    second = dashboard_model("cards", ["income", "age"])
-    assert [t.id for t in first.tabs] == [t.id for t in second.tabs]
-    assert {p.id for p in first.panels} <= {p.id for p in second.panels}
-    assert not {p.id for p in first.panels} & {p.id for p in dashboard_model("x", []).panels}
+    figures = ["share_of_drifted_features", "auc", "drift_score.income"]
+    first = dashboard_model("cards", figures)
+    second = dashboard_model("cards", [*figures, "drift_score.age", "rows"])
+    assert {t.id for t in first.tabs} < {t.id for t in second.tabs}
+    assert {p.id for p in first.panels} < {p.id for p in second.panels}
+    assert not {p.id for p in first.panels} & {p.id for p in dashboard_model("x", figures).panels}
+
+
+def test_a_dataset_folders_load_drift_gets_a_project_with_its_drift_panels(tmp_path):
+    from evidently.ui.workspace import Workspace
+
+    instance = dg.DagsterInstance.ephemeral()
+    # What a dataset folder's <name>/drift asset records for each load (PSI per feature).
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key=["cards", "drift"],
+            metadata={
+                "drifted_features": dg.MetadataValue.int(2),
+                "drift_share": dg.MetadataValue.float(0.25),
+                "max_psi": dg.MetadataValue.float(0.31),
+                "load": dg.MetadataValue.text("2026-05-02"),
+            },
+        )
+    )
+    tick = _tick(instance, tmp_path, None)
+    assert "1 snapshots added" in tick.skip_reason.skip_message
+
+    path = workspace_dir(tmp_path)
+    workspace = Workspace(str(path))
+    (project,) = workspace.list_projects()
+    assert project.name == "cards"
+    (run,) = workspace.list_runs(project.id)
+    # An unpartitioned report is dated by the day it was recorded.
+    assert workspace.get_run(project.id, run).timestamp.date() == datetime.now(UTC).date()
+    assert _series(path, project.id, "max_psi") == [pytest.approx(0.31)]
+    assert _series(path, project.id, "share_of_drifted_features") == [pytest.approx(0.25)]
+    titles = {panel.title for panel in workspace.get_dashboard(project.id).panels}
+    assert titles == {
+        "Share of drifted features, latest day",
+        "Share of drifted features",
+        "Drifted features",
+        "Largest population stability index of a feature",
+    }
 
 
 def test_keel_dashboards_feed_reads_the_data_folders_instance(

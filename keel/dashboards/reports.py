@@ -1,9 +1,11 @@
 """The daily monitoring reports as the dashboards read them: figures per dataset, report and day.
 
 The drift and performance assets record their full-data results in their materialisation
-metadata (the same results the retraining sensors read). Each materialisation becomes one
-:class:`DailyReport`; the dataset is the asset key's prefix (``taiwan/drift_report`` belongs to
-``taiwan``), a ``dataset`` metadata entry when the key has none, else :data:`DEFAULT_DATASET`.
+metadata (the same results the retraining sensors read); a dataset folder's ``<name>/drift``
+asset records the PSI drift of each load. Each materialisation becomes one :class:`DailyReport`
+of its partition's day (an unpartitioned one: the day it was recorded); the dataset is the asset
+key's prefix (``taiwan/drift_report`` belongs to ``taiwan``), a ``dataset`` metadata entry when
+the key has none, else :data:`DEFAULT_DATASET`.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 # The monitoring assets' names (the last part of their keys) and the report each one writes.
 REPORT_ASSETS = {"drift_report": "drift", "performance_report": "performance"}
+# A dataset folder's drift of each load (PSI per feature), keyed <dataset>/drift.
+LOAD_DRIFT_ASSET = "drift"
 DEFAULT_DATASET = "default"
 FEATURE_SCORE_PREFIX = "drift_score."
 
@@ -102,25 +107,61 @@ def performance_figures(metadata: Mapping[str, Any]) -> dict[str, float] | None:
     return figures
 
 
+def load_drift_figures(metadata: Mapping[str, Any]) -> dict[str, float]:
+    """Drift share, drifted-feature count and the largest PSI of a dataset folder's load."""
+    missing = [name for name in ("drift_share", "drifted_features") if name not in metadata]
+    if missing:
+        raise ReportMetadataError(f"a load's drift metadata has no {', '.join(missing)}")
+    figures = {
+        "share_of_drifted_features": float(metadata["drift_share"]),
+        "drifted_features": float(metadata["drifted_features"]),
+    }
+    if metadata.get("max_psi") is not None and math.isfinite(float(metadata["max_psi"])):
+        figures["max_psi"] = float(metadata["max_psi"])
+    return figures
+
+
+def is_report_asset(asset_path: Sequence[str]) -> bool:
+    """Whether the asset of this key writes one of the reports the dashboards plot."""
+    return asset_path[-1] in REPORT_ASSETS or (
+        len(asset_path) > 1 and asset_path[-1] == LOAD_DRIFT_ASSET
+    )
+
+
 def daily_report(
     asset_path: Sequence[str],
     partition: str | None,
     metadata: Mapping[str, Any],
     storage_id: int,
+    *,
+    recorded_at: float | None = None,
 ) -> DailyReport | None:
-    """The report of one materialisation of a monitoring asset; None when it holds no figures."""
-    report = REPORT_ASSETS.get(asset_path[-1])
-    if report is None:
-        raise ValueError(f"{'/'.join(asset_path)} is not a monitoring report asset")
-    if not partition:
-        raise ReportMetadataError(f"{'/'.join(asset_path)} was materialised without a day")
-    figures = drift_figures(metadata) if report == "drift" else performance_figures(metadata)
+    """The report of one materialisation of a monitoring asset; None when it holds no figures.
+
+    Its day is the partition's; an unpartitioned report's is the UTC day of ``recorded_at``.
+    """
+    name = "/".join(asset_path)
+    if not is_report_asset(asset_path):
+        raise ValueError(f"{name} is not a monitoring report asset")
+    if partition:
+        day = partition
+    elif recorded_at is not None:
+        day = datetime.fromtimestamp(recorded_at, UTC).date().isoformat()
+    else:
+        raise ReportMetadataError(f"{name} was materialised without a day")
+    report = REPORT_ASSETS.get(asset_path[-1], "drift")
+    if asset_path[-1] == LOAD_DRIFT_ASSET:
+        figures = load_drift_figures(metadata)
+    elif report == "drift":
+        figures = drift_figures(metadata)
+    else:
+        figures = performance_figures(metadata)
     if figures is None:
         return None
     return DailyReport(
         dataset=dataset_of(asset_path, metadata),
         report=report,
-        day=partition,
+        day=day,
         figures=figures,
         storage_id=storage_id,
     )
@@ -146,7 +187,7 @@ def reports_from_instance(
     """
     import dagster as dg
 
-    keys = [key for key in instance.get_asset_keys() if key.path[-1] in REPORT_ASSETS]
+    keys = [key for key in instance.get_asset_keys() if is_report_asset(key.path)]
     found, ceiling = [], None
     for key in keys:
         records = instance.fetch_materializations(
@@ -161,13 +202,15 @@ def reports_from_instance(
         for record in records:
             materialization = record.asset_materialization
             metadata = {name: value.value for name, value in materialization.metadata.items()}
-            found.append((record.storage_id, key.path, materialization.partition, metadata))
+            found.append(
+                (record.storage_id, key.path, materialization.partition, metadata, record.timestamp)
+            )
     found.sort(key=lambda item: item[0])
     found = [item for item in found if ceiling is None or item[0] <= ceiling]
     reports, problems = [], []
-    for storage_id, path, partition, metadata in found:
+    for storage_id, path, partition, metadata, recorded_at in found:
         try:
-            report = daily_report(path, partition, metadata, storage_id)
+            report = daily_report(path, partition, metadata, storage_id, recorded_at=recorded_at)
         except (ReportMetadataError, KeyError, TypeError, ValueError) as error:
             problems.append(f"{'/'.join(path)} {partition} (event {storage_id}): {error}")
             continue

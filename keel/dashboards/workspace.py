@@ -51,6 +51,8 @@ PANELS = (
           (("drifted_features", "drifted"), ("features", "monitored"))),
     Panel("Drift", "Dataset and prediction drift (1 = drifted)", "line",
           (("dataset_drift", "dataset drift"), ("prediction_drift", "prediction drift"))),
+    Panel("Drift", "Largest population stability index of a feature", "line",
+          (("max_psi", "max PSI"),)),
     Panel("Data quality", "Rows scored", "line", (("rows", "rows"),)),
     Panel("Data quality", "Quality issues", "bar", (("quality_issues", "issues"),)),
     Panel("Performance", "AUC, precision and recall on late labels", "line",
@@ -77,8 +79,24 @@ def _stable_id(*parts: str) -> uuid.UUID:
     return uuid.uuid5(_IDS, "/".join(parts))
 
 
-def dashboard_model(dataset: str, features: Iterable[str]) -> Any:
-    """The dashboard of a dataset's project: drift, data quality and performance tabs."""
+def visible_panels(figures: Iterable[str]) -> list[Panel]:
+    """The panels that plot at least one of ``figures``, with a line per feature's drift score."""
+    figures = set(figures)
+    panels = [p for p in PANELS if any(name in figures for name, _ in p.figures)]
+    features = sorted(
+        name.removeprefix(FEATURE_SCORE_PREFIX)
+        for name in figures
+        if name.startswith(FEATURE_SCORE_PREFIX)
+    )
+    if features:
+        lines = tuple((FEATURE_SCORE_PREFIX + f, f) for f in features)
+        at = next((i for i, p in enumerate(panels) if p.tab != "Drift"), len(panels))
+        panels.insert(at, Panel("Drift", FEATURE_PANEL, "line", lines, size="full"))
+    return panels
+
+
+def dashboard_model(dataset: str, figures: Iterable[str]) -> Any:
+    """The dashboard of a dataset's project: the panels of the figures its reports hold."""
     from evidently.sdk.models import (
         DashboardModel,
         DashboardPanelPlot,
@@ -86,19 +104,7 @@ def dashboard_model(dataset: str, features: Iterable[str]) -> Any:
         PanelMetric,
     )
 
-    panels = list(PANELS)
-    features = sorted(features)
-    if features:
-        panels.insert(
-            5,
-            Panel(
-                "Drift",
-                FEATURE_PANEL,
-                "line",
-                tuple((FEATURE_SCORE_PREFIX + f, f) for f in features),
-                size="full",
-            ),
-        )
+    panels = visible_panels(figures)
     plots, tabs = [], {}
     for panel in panels:
         params: dict[str, Any] = {"plot_type": panel.plot}
@@ -170,9 +176,9 @@ def project_for(workspace: Any, dataset: str) -> Any:
 
 
 def _snapshots(workspace: Any, project_id: Any) -> tuple[dict[tuple[str, str], tuple], set[str]]:
-    """The project's snapshot per (report, day) with its event id, and the features it plots."""
+    """The project's snapshot per (report, day) with its event id, and the figures they hold."""
     held: dict[tuple[str, str], tuple] = {}
-    features: set[str] = set()
+    figures: set[str] = set()
     for snapshot_id in workspace.list_runs(project_id):
         model = workspace.get_run(project_id, snapshot_id)
         metadata = model.metadata
@@ -180,17 +186,16 @@ def _snapshots(workspace: Any, project_id: Any) -> tuple[dict[tuple[str, str], t
             continue  # not fed from Keel's reports: someone else's, kept as it is
         held[(metadata["report"], metadata["day"])] = (snapshot_id, int(metadata["storage_id"]))
         for result in model.metric_results.values():
-            column = str(result.metric_value_location.metric.params.get("column", ""))
-            if column.startswith(FEATURE_SCORE_PREFIX):
-                features.add(column.removeprefix(FEATURE_SCORE_PREFIX))
-    return held, features
+            figures.add(str(result.metric_value_location.metric.params.get("column", "")))
+    return held, figures
 
 
 def feed_workspace(path: Path | str, reports: Iterable[DailyReport]) -> FeedSummary:
     """Add the reports to the workspace in ``path``: a project per dataset, a snapshot per day.
 
     A day's newer report (a larger event id) replaces the one held; an older or the same one
-    leaves it. Each touched project's dashboard is written again with a line per feature seen.
+    leaves it. Each touched project's dashboard is written again with the panels of the figures
+    its snapshots hold (a line per feature's drift score).
     """
     workspace = open_workspace(path)
     by_dataset: dict[str, list[DailyReport]] = defaultdict(list)
@@ -200,7 +205,7 @@ def feed_workspace(path: Path | str, reports: Iterable[DailyReport]) -> FeedSumm
     for dataset, items in sorted(by_dataset.items()):
         project = project_for(workspace, dataset)
         summary.projects[dataset] = str(project.id)
-        held, features = _snapshots(workspace, project.id)
+        held, figures = _snapshots(workspace, project.id)
         for report in sorted(items, key=lambda r: r.storage_id):
             key = (report.report, report.day)
             old = held.get(key)
@@ -214,6 +219,6 @@ def feed_workspace(path: Path | str, reports: Iterable[DailyReport]) -> FeedSumm
             else:
                 summary.added += 1
             held[key] = (new.id, report.storage_id)
-            features.update(report.features)
-        workspace.save_dashboard(project.id, dashboard_model(dataset, features))
+            figures.update(report.figures)
+        workspace.save_dashboard(project.id, dashboard_model(dataset, figures))
     return summary
