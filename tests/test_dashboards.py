@@ -234,3 +234,41 @@ def test_keel_dashboards_feed_reads_the_data_folders_instance(
     assert "0 snapshots added, 0 replaced, 3 unchanged" in again.output
     (project,) = Workspace(str(workspace_dir(keel_home.artefacts))).list_projects()
     assert project.name == "cards"
+
+
+@pytest.mark.slow  # the service takes 15-60 s to start on a busy machine
+def test_the_evidently_ui_serves_the_workspace_beside_a_command_and_stops_with_it(tmp_path):
+    import socket
+    import sys
+    import urllib.request
+
+    from keel.dashboards.service import run_beside
+    from keel.dashboards.workspace import open_workspace, project_for
+
+    workspace = tmp_path / "evidently"
+    project_for(open_workspace(workspace), "cards")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    answer = tmp_path / "projects.json"
+    # The command `keel dev` runs beside the UI (the Dagster UI there): here, a probe of the UI.
+    probe = f"""
+import time, urllib.request
+for _ in range(300):
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:{port}/api/projects", timeout=5) as r:
+            open({str(answer)!r}, "wb").write(r.read())
+            break
+    except OSError:
+        time.sleep(0.5)
+"""
+    said = []
+    code = run_beside(
+        [sys.executable, "-c", probe], tmp_path, workspace, host="127.0.0.1", port=port,
+        echo=said.append,
+    )  # fmt: skip
+    assert code == 0
+    assert [p["name"] for p in json.loads(answer.read_text())] == ["cards"]
+    assert f"http://127.0.0.1:{port}" in said[0]
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5)
