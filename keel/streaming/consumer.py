@@ -283,11 +283,12 @@ async def consume(
                 continue
             if not msgs:  # a fetch that met only status messages
                 continue
-            idle_since = time.monotonic()
             process(log, writer, msgs, stats)
             if acknowledge:
                 await acknowledge_all(nc, msgs)
             stats.busy_s = time.perf_counter() - started
+            # Idle counts from the end of the last batch: a slow batch is not a quiet stream.
+            idle_since = time.monotonic()
     finally:
         stats.seconds = time.perf_counter() - started
         await nc.close()
