@@ -1,0 +1,1 @@
+"""The team profile's services: Dagster's Postgres database, Celery workers on RabbitMQ."""

@@ -1,0 +1,45 @@
+"""A small real Keel job for the team profile's tests, importable by the Celery workers.
+
+One day of the generator's extracts loaded into the warehouse and validated: four steps
+(two raw tables, their blocking validation checks), each a Celery task of the team executor.
+The workers rebuild the job from this module, with resources from the same environment
+(KEEL_HOME, the small generator) as the test that launched the run.
+"""
+
+import os
+
+import dagster as dg
+
+from assets.ingestion import INGESTION_CHECKS, raw_account_activity, raw_default_labels
+from keel.settings import KeelPaths
+from orchestration.executors import executor_for
+from orchestration.profiles import resources_for
+from orchestration.resources import SourcesResource
+
+ACCOUNTS_ENV = "KEEL_TEAM_TEST_ACCOUNTS"
+
+
+def _resources() -> dict:
+    paths = KeelPaths.current()
+    sources = SourcesResource(
+        generated_dir=str(paths.generated),
+        landing_dir=str(paths.landing),
+        accounts=int(os.environ.get(ACCOUNTS_ENV, "300")),
+        late_share=0.02,
+    )
+    return {**resources_for("local"), "sources": sources}
+
+
+def ingest_job() -> dg.JobDefinition:
+    """Ingest and validate one day, every step on a Celery worker."""
+    assets = [raw_account_activity, raw_default_labels]
+    keys = {a.key for a in assets}
+    checks = [c for c in INGESTION_CHECKS if {k.asset_key for k in c.check_keys} <= keys]
+    defs = dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=[dg.define_asset_job("team_ingest", selection=dg.AssetSelection.assets(*assets))],
+        resources=_resources(),
+        executor=executor_for("team"),
+    )
+    return defs.resolve_job_def("team_ingest")

@@ -1,0 +1,149 @@
+"""The team profile on this machine's services: Dagster on Postgres, steps on Celery workers."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import date
+
+import dagster as dg
+import psycopg
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from keel import cli as keel_cli
+from keel.team import services
+from orchestration.executors import executor_for, step_queue
+
+PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
+DAY = date(2026, 2, 1).isoformat()
+
+
+@pytest.fixture
+def team_env(keel_home, monkeypatch):
+    """A team profile with its own Dagster database and its own queues on the shared broker."""
+    unique = uuid.uuid4().hex[:10]
+    database = f"keel_dagster_test_{unique}"
+    url = f"{PG_SERVER}/{database}"
+    monkeypatch.setenv("KEEL_PROFILE", "team")
+    monkeypatch.setenv(services.PG_URL_ENV, url)
+    monkeypatch.setenv("KEEL_CELERY_QUEUE_PREFIX", f"keel-test-{unique}-")
+    yield keel_home, url
+    services.stop_all(keel_home)
+    with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as connection:
+        connection.execute(f'drop database if exists "{database}" with (force)')
+
+
+@pytest.fixture
+def team_instance(team_env):
+    paths, url = team_env
+    services.ensure_database(url)
+    keel_cli.prepare_dagster_home(paths, "team")
+    with dg.DagsterInstance.get() as instance:
+        yield instance
+
+
+def test_torch_step_goes_to_the_gpu_queue_and_every_other_step_to_default(keel_home, monkeypatch):
+    from assets import training
+    from orchestration.profiles import resources_for
+
+    monkeypatch.setenv("KEEL_CELERY_QUEUE_PREFIX", "")
+    defs = dg.Definitions(
+        assets=dg.load_assets_from_modules([training]),
+        resources=resources_for("team"),
+        executor=executor_for("team"),
+    )
+    job = defs.resolve_implicit_global_asset_job_def()
+    assert job.executor_def.name == "keel_celery"
+    queues = {name: step_queue(dict(node.tags)) for name, node in job.graph.node_dict.items()}
+    assert queues.pop("torch_model") == "gpu"
+    assert queues and set(queues.values()) == {"default"}
+    assert executor_for("local") is None
+
+
+def test_team_instance_keeps_runs_in_its_postgres_database(team_instance, team_env):
+    _, url = team_env
+    config = yaml.safe_load((team_env[0].dagster_home / "dagster.yaml").read_text())
+    assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    run = team_instance.create_run_for_job(dg.GraphDefinition("probe").to_job())
+    with psycopg.connect(url) as connection:
+        stored = connection.execute("select run_id from runs").fetchall()
+    assert stored == [(run.run_id,)]
+    # A second `keel team up` finds the database and leaves it.
+    assert services.ensure_database(url) is False
+
+
+def test_team_status_names_the_package_of_an_unreachable_service(team_env, monkeypatch):
+    monkeypatch.setenv("KEEL_CELERY_BROKER", "pyamqp://guest:guest@127.0.0.1:1//")
+    result = CliRunner().invoke(keel_cli.cli, ["team", "status"])
+    assert result.exit_code == 1, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()}
+    assert "reachable" in lines["postgres"] and "NOT" not in lines["postgres"]
+    assert "NOT reachable (Debian package rabbitmq-server)" in lines["rabbitmq"]
+
+
+def _worker_steps(instance: dg.DagsterInstance, run_id: str) -> dict[str, list[str]]:
+    """Each step of the run and the Celery workers that took it, from the run's engine events."""
+    taken: dict[str, list[str]] = {}
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+        event = record.dagster_event
+        worker = event.engine_event_data.metadata.get("Celery worker")
+        if worker is not None:
+            taken.setdefault(event.step_key, []).append(worker.value)
+    return taken
+
+
+def _start_workers(paths, count: int) -> list[dict]:
+    entries = [services.start_worker(paths, "default", f"w{n}-{os.getpid()}") for n in range(count)]
+    for entry in entries:
+        services.wait_until_ready(entry)
+    return entries
+
+
+@pytest.mark.slow
+def test_steps_of_one_run_execute_in_both_celery_workers(team_instance, team_env):
+    from tests.team_support import ingest_job
+
+    paths, _ = team_env
+    workers = _start_workers(paths, 2)
+    result = dg.execute_job(
+        dg.reconstructable(ingest_job),
+        instance=team_instance,
+        tags={"dagster/partition": DAY},
+    )
+    assert result.success
+    taken = _worker_steps(team_instance, result.run_id)
+    assert len(taken) == 4, taken
+    names = {f"{entry['name']}@" for entry in workers}
+    used = {worker.split("@")[0] + "@" for runs in taken.values() for worker in runs}
+    assert used == names, taken
+    # Both tables hold the day once, loaded by whichever worker took the step.
+    assert _day_rows(paths) == _expected_rows(result)
+
+
+def _day_rows(paths) -> dict[str, tuple[int, int]]:
+    """Rows and distinct keys of the day in each raw table of the warehouse."""
+    import duckdb
+
+    from keel.ingestion import ACCOUNT_ACTIVITY, DEFAULT_LABELS
+
+    with duckdb.connect(str(paths.warehouse), read_only=True) as connection:
+        return {
+            table.name: connection.execute(
+                f"select count(*), count(distinct ({', '.join(table.key)})) "
+                f"from {table.qualified} where _partition = ?",
+                [DAY],
+            ).fetchone()
+            for table in (ACCOUNT_ACTIVITY, DEFAULT_LABELS)
+        }
+
+
+def _expected_rows(result) -> dict[str, tuple[int, int]]:
+    """What each step reported loading: every row once, no duplicate keys."""
+    expected = {}
+    for asset in ("raw_account_activity", "raw_default_labels"):
+        materialization = result.asset_materializations_for_node(asset)[-1]
+        rows = materialization.metadata["rows"].value
+        expected[asset.removeprefix("raw_")] = (rows, rows)
+    return expected
