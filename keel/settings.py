@@ -1,9 +1,9 @@
 """Where Keel keeps its data, and which deployment profile is active.
 
 Two environment variables steer everything: ``KEEL_PROFILE`` picks the deployment profile
-(``local``, the embedded default, or ``production``) and ``KEEL_HOME`` moves the one data
-folder of the local profile (warehouse, marts, artefacts, MLflow store, Feast stores, Dagster
-storage). Nothing else reads the environment for paths.
+(``local``, the embedded default, ``team`` on shared services, or ``production``) and
+``KEEL_HOME`` moves the one data folder of the local profile (warehouse, marts, artefacts,
+MLflow store, Feast stores, Dagster storage). Nothing else reads the environment for paths.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ DATASETS_ENV = "KEEL_DATASETS_DIR"
 # dbt writes its manifest here (relative to the dbt project, or absolute).
 DBT_TARGET_ENV = "DBT_TARGET_PATH"
 
-PROFILES = ("local", "production")
+PROFILES = ("local", "team", "production")
 PROFILE_ENV = "KEEL_PROFILE"
 HOME_ENV = "KEEL_HOME"
 
@@ -49,11 +49,20 @@ def keel_home() -> Path:
 def datasets_dir() -> Path:
     """The folder of dataset folders: ``KEEL_DATASETS_DIR`` if set, else ``datasets/``.
 
-    dbt sees the same folders (orchestration/dbt.py hands it the path, relative to the
-    dbt project); a folder outside the project wants ``DBT_TARGET_PATH`` outside it too.
+    dbt reads the same variable for its model paths, relative to the dbt project, so Keel
+    reads it that way too. An absolute path is refused: dbt writes each model's compiled SQL
+    to its target folder joined with the model's path, which for an absolute path is the
+    model file itself. A folder outside the project wants ``DBT_TARGET_PATH`` outside too.
     """
     raw = os.environ.get(DATASETS_ENV, "").strip()
-    return Path(raw).expanduser().resolve() if raw else PROJECT_ROOT / "datasets"
+    if not raw:
+        return PROJECT_ROOT / "datasets"
+    if Path(raw).is_absolute():
+        raise SettingsError(
+            f"{DATASETS_ENV}={raw!r} must be relative to {DBT_PROJECT_DIR} (dbt reads it too); "
+            f"e.g. {os.path.relpath(raw, DBT_PROJECT_DIR)}"
+        )
+    return (DBT_PROJECT_DIR / raw).resolve()
 
 
 def dbt_target_path() -> str:
