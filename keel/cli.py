@@ -20,6 +20,7 @@ from keel.serving.cli import serve
 from keel.serving.release_cli import release
 from keel.settings import DAGSTER_CONFIG_DIR, PROJECT_ROOT, KeelPaths, active_profile
 from keel.streaming.cli import stream
+from keel.team.cli import team, workers
 
 
 def prepare_dagster_home(paths: KeelPaths, profile: str) -> Path:
@@ -30,6 +31,11 @@ def prepare_dagster_home(paths: KeelPaths, profile: str) -> Path:
     if not target.exists() or target.read_bytes() != source.read_bytes():
         shutil.copyfile(source, target)
     os.environ.setdefault("DAGSTER_HOME", str(paths.dagster_home))
+    if profile == "team":
+        from keel.team.services import PG_URL_ENV, dagster_pg_url
+
+        # The instance file reads its database from the environment; default to this machine.
+        os.environ.setdefault(PG_URL_ENV, dagster_pg_url())
     return paths.dagster_home
 
 
@@ -150,6 +156,8 @@ cli.add_command(access)
 cli.add_command(cost)
 cli.add_command(stream)
 cli.add_command(dataset)
+cli.add_command(team)
+cli.add_command(workers)
 
 
 def main() -> None:
