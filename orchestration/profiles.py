@@ -135,4 +135,6 @@ def resources_for(profile: str | None = None) -> dict[str, Any]:
     profile = profile or active_profile()
     if profile == "production":
         return production_resources()
+    # The team profile shares the local profile's stores (KEEL_HOME on a folder every worker
+    # mounts); what differs is its instance (Postgres) and its executor (Celery workers).
     return local_resources(KeelPaths.current())
