@@ -18,7 +18,9 @@ from assets import (
     transformation,
 )
 from keel.cost.dagster import cost_observations
+from keel.settings import active_profile
 from orchestration.dashboards import DASHBOARD_SENSORS
+from orchestration.executors import executor_for
 from orchestration.jobs import JOBS
 from orchestration.profiles import resources_for
 from orchestration.release_sensors import RELEASE_SENSORS
@@ -57,4 +59,6 @@ defs = dg.Definitions(
         *streaming.STREAM_SENSORS,
     ],
     resources=resources_for(),
+    # Steps run in their own processes here, or as Celery tasks in the team profile.
+    executor=executor_for(active_profile()),
 )
