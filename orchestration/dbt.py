@@ -5,22 +5,15 @@ Under `dagster dev` the manifest is parsed again when the definitions load, as d
 ``dbt`` resource runs, so `dagster dev -w workspace.yaml` works without the venv on PATH.
 """
 
-import os
 import sys
 from pathlib import Path
 
 from dagster_dbt import DbtProject
 
-from keel.settings import DBT_PROJECT_DIR, datasets_dir, dbt_target_path
+from keel.settings import DBT_PROJECT_DIR, dbt_target_path
 
 # The dbt of the environment that runs Keel, never whichever `dbt` PATH finds first.
 DBT_EXECUTABLE = str(Path(sys.executable).with_name("dbt"))
-DBT_DATASETS_ENV = "KEEL_DBT_DATASETS"
-
-# dbt finds the dataset folders' models through this variable (dbt_project.yml, model-paths).
-# It must be relative to the project: dbt writes a model's compiled SQL to target/compiled/
-# joined with the model's path, and an absolute path would land it on the model file itself.
-os.environ[DBT_DATASETS_ENV] = os.path.relpath(datasets_dir(), DBT_PROJECT_DIR)
 
 dbt_project = DbtProject(
     project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR, target_path=dbt_target_path()

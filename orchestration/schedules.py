@@ -2,7 +2,8 @@
 
 import dagster as dg
 
-from orchestration.jobs import daily_pipeline, reference_data, retrain
+from keel.datasets.spec import DatasetSpec, discover
+from orchestration.jobs import DATASET_JOBS, daily_pipeline, reference_data, retrain
 
 # Each day's partition runs once the day is over (02:00 UTC the next morning).
 daily_schedule = dg.build_schedule_from_partitioned_job(
@@ -18,4 +19,17 @@ weekly_retrain_schedule = dg.ScheduleDefinition(
     job=retrain, cron_schedule="0 4 * * 1", name="weekly_retrain_schedule"
 )
 
-SCHEDULES = [daily_schedule, reference_data_schedule, weekly_retrain_schedule]
+
+def dataset_schedule(spec: DatasetSpec, job) -> dg.ScheduleDefinition:
+    """The dataset's job on the cadence its dataset.yaml names."""
+    return dg.ScheduleDefinition(job=job, cron_schedule=spec.schedule, name=f"{spec.name}_schedule")
+
+
+# A dataset folder with a `schedule` runs its job on it; a file that never changes needs none.
+DATASET_SCHEDULES = [
+    dataset_schedule(spec, job)
+    for spec, job in zip(discover(), DATASET_JOBS, strict=True)
+    if spec.schedule
+]
+
+SCHEDULES = [daily_schedule, reference_data_schedule, weekly_retrain_schedule, *DATASET_SCHEDULES]

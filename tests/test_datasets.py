@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
 from pathlib import Path
@@ -14,9 +15,15 @@ import pytest
 import yaml
 
 from keel.datasets.spec import DATASETS_DIR, SpecError, discover, load_spec
+from keel.settings import DBT_PROJECT_DIR
 from tests.conftest import REPO_ROOT
 
 TAIWAN_DIR = DATASETS_DIR / "taiwan_credit"
+
+
+def relative_to_dbt(folder: Path) -> str:
+    """A datasets folder as KEEL_DATASETS_DIR takes it: relative to the dbt project."""
+    return os.path.relpath(folder, DBT_PROJECT_DIR)
 
 
 def spec_copy(tmp_path: Path, edit) -> Path:
@@ -58,6 +65,7 @@ def test_the_shipped_datasets_load_with_their_checked_source():
         (lambda d: d["features"]["monotone"].update(limit_bal=2), r"must be 1 or -1"),
         (lambda d: d["marts"].update(labels="fct_other"), r"'fct_other' is not one of marts"),
         (lambda d: d.update(name="other"), r"must match the folder name"),
+        (lambda d: d.update(schedule="daily"), r"schedule: 'daily' is not a five-field cron"),
     ],
 )
 def test_a_bad_spec_is_refused_naming_the_file_and_key(tmp_path, edit, message):
@@ -217,7 +225,7 @@ def test_dataset_new_scaffolds_a_folder_that_loads_with_its_choices_to_confirm(
 
     from keel.cli import cli
 
-    monkeypatch.setenv("KEEL_DATASETS_DIR", str(tmp_path / "datasets"))
+    monkeypatch.setenv("KEEL_DATASETS_DIR", relative_to_dbt(tmp_path / "datasets"))
     source = tmp_path / "applications.csv"
     write_screening_file(source)
     result = CliRunner().invoke(cli, ["dataset", "new", "loans", "--from", str(source)])
@@ -248,7 +256,7 @@ def test_dataset_new_refuses_a_file_without_a_key_and_leaves_nothing(tmp_path, m
 
     from keel.cli import cli
 
-    monkeypatch.setenv("KEEL_DATASETS_DIR", str(tmp_path / "datasets"))
+    monkeypatch.setenv("KEEL_DATASETS_DIR", relative_to_dbt(tmp_path / "datasets"))
     source = tmp_path / "no_key.csv"
     pd.DataFrame({"day": ["2024-01-01"] * 4, "x": [1, 1, 2, 2], "y": [0, 1, 0, 1]}).to_csv(
         source, index=False
@@ -289,14 +297,13 @@ print(json.dumps({"success": run.success, "checks": checks, "built": built, "gro
 def test_a_third_dataset_from_a_file_reaches_a_registered_model(tmp_path, venv_bin):
     """The guide's steps, in a fresh process each: scaffold, prepare, run the dataset's job."""
     import json
-    import os
     import subprocess
 
     source = tmp_path / "applications.csv"
     frame = write_screening_file(source)
     env = {
         **os.environ,
-        "KEEL_DATASETS_DIR": str(tmp_path / "datasets"),
+        "KEEL_DATASETS_DIR": relative_to_dbt(tmp_path / "datasets"),
         "DBT_TARGET_PATH": str(tmp_path / "dbt-target"),
         "KEEL_HOME": str(tmp_path / "home"),
         "KEEL_PROFILE": "local",
@@ -417,3 +424,27 @@ def test_population_stability_is_near_zero_for_the_same_population_and_large_for
     assert population_stability(reference, pd.Series(rng.normal(1, 1, 5_000))) > 0.2
     regions = pd.Series(rng.choice(["north", "south"], 5_000))
     assert population_stability(regions, pd.Series(["north"] * 4_000 + ["south"] * 1_000)) > 0.2
+
+
+def test_a_dataset_with_a_schedule_runs_its_job_on_it(tmp_path):
+    import dagster as dg
+
+    from orchestration.jobs import dataset_job
+    from orchestration.schedules import dataset_schedule
+
+    spec = load_spec(spec_copy(tmp_path, lambda d: d.update(schedule="0 3 * * *")))
+    schedule = dataset_schedule(spec, dataset_job(spec))
+    assert schedule.name == "taiwan_credit_schedule" and schedule.cron_schedule == "0 3 * * *"
+    assert isinstance(schedule, dg.ScheduleDefinition) and schedule.job_name == spec.name
+
+
+def test_an_absolute_datasets_folder_is_refused_before_dbt_can_overwrite_its_models(
+    monkeypatch, tmp_path
+):
+    from keel.settings import SettingsError, datasets_dir
+
+    monkeypatch.setenv("KEEL_DATASETS_DIR", str(tmp_path))
+    with pytest.raises(SettingsError, match="must be relative to"):
+        datasets_dir()
+    monkeypatch.setenv("KEEL_DATASETS_DIR", relative_to_dbt(tmp_path))
+    assert datasets_dir() == tmp_path.resolve()

@@ -176,6 +176,7 @@ def _spec_text(name: str, file_name: str, sha: str, columns, choices: Choices, r
         f"  name: {c.key.name.removesuffix('_id') or c.key.name}",
         f"  key: {c.key.name}",
         "partitions: none",
+        "# schedule: '0 3 * * *'  # run the dataset's job daily when the file is replaced",
         "label:  # CONFIRM: the column, and how long after the observation its outcome is known",
         f"  column: {c.label.name}",
         "  timing: retrospective",

@@ -28,6 +28,7 @@ DATASETS_DIR = PROJECT_ROOT / "datasets"
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 SPEC_FILE = "dataset.yaml"
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+CRON = re.compile(r"^\s*(\S+\s+){4}\S+\s*$")
 # Raw columns are text; these are the types they are parsed to (and validated as).
 COLUMN_TYPES = {
     "integer": "bigint",
@@ -134,6 +135,8 @@ class DatasetSpec:
     dbt_models: tuple[str, ...]
     features_model: str
     labels_model: str
+    # A cron expression: the dataset's job runs on it (a file refreshed in place, say).
+    schedule: str | None = None
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -405,6 +408,7 @@ def parse_spec(data: Any, folder: Path, where: str) -> DatasetSpec:
         or tuple(sorted(p.stem for p in (folder / "dbt").glob("*.sql"))),
         features_model=marts.name("features"),
         labels_model=marts.name("labels"),
+        schedule=top.get("schedule", str, None),
     )
     for section in (entity, features, model, marts, top):
         section.done()
@@ -435,6 +439,8 @@ def _cross_check(spec: DatasetSpec, where: str) -> None:
         )
     if spec.source.row_number_as and spec.source.row_number_as not in spec.columns:
         raise _fail(f"{where}.source.row_number_as", "must name a declared column")
+    if spec.schedule is not None and not CRON.match(spec.schedule):
+        raise _fail(f"{where}.schedule", f"{spec.schedule!r} is not a five-field cron expression")
     for model in (spec.features_model, spec.labels_model):
         if spec.dbt_models and model not in spec.dbt_models:
             raise _fail(f"{where}.marts", f"{model!r} is not one of marts.dbt_models")
