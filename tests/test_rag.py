@@ -178,3 +178,14 @@ def test_chunks_live_in_feast_and_feast_vector_search_is_unavailable_here(built,
     # Feast 0.67 loads sqlite-vec only under Python 3.10: retrieval goes through faiss instead.
     error = vector_search_error(store / "feast", embedder.embed(["pipe capacity"])[0])
     assert error is not None and "vec0" in error
+
+
+def test_bm25_top_k_is_a_stable_sort_of_all_matching_chunks(built):
+    from keel.rag.index import _tokens
+
+    _, index = built
+    for question in [q.question for q in load_questions()] + ["the the of", "zzzz"]:
+        scores = index.bm25.get_scores(_tokens([question])[0] or ["zzzz"])
+        matched = np.flatnonzero(scores)
+        expected = matched[np.argsort(-scores[matched], kind="stable")][:7]
+        assert index.bm25_ids(question, 7) == [int(i) for i in expected], question
