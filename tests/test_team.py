@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 import uuid
 from datetime import date
 
@@ -147,3 +150,43 @@ def _expected_rows(result) -> dict[str, tuple[int, int]]:
         rows = materialization.metadata["rows"].value
         expected[asset.removeprefix("raw_")] = (rows, rows)
     return expected
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_step_hands_the_step_to_the_other_and_the_run_completes(
+    team_instance, team_env, monkeypatch
+):
+    from tests.team_support import ACCOUNTS_ENV, ingest_job
+
+    paths, _ = team_env
+    # A bigger world, so the first step is still running when its worker is killed.
+    monkeypatch.setenv(ACCOUNTS_ENV, "20000")
+    workers = {entry["name"]: entry["pid"] for entry in _start_workers(paths, 2)}
+    outcome = {}
+
+    def launch() -> None:
+        outcome["result"] = dg.execute_job(
+            dg.reconstructable(ingest_job), instance=team_instance, tags={"dagster/partition": DAY}
+        )
+
+    runner = threading.Thread(target=launch)
+    runner.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and time.monotonic() < deadline and runner.is_alive():
+        for run in team_instance.get_runs(limit=1):
+            for step, taken in _worker_steps(team_instance, run.run_id).items():
+                killed = (step, taken[0].split("@")[0])
+                os.kill(workers[killed[1]], signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    runner.join(timeout=600)
+    assert killed is not None, "no step reached a worker"
+    result = outcome["result"]
+    assert result.success
+    taken = _worker_steps(team_instance, result.run_id)
+    # The killed worker's step was taken again by the other worker, which ran it to the end.
+    step, victim = killed
+    assert len(taken[step]) == 2, taken
+    assert taken[step][1].split("@")[0] != victim
+    assert _day_rows(paths) == _expected_rows(result)
