@@ -9,6 +9,7 @@ step back to the broker and another worker runs it again.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -62,9 +63,15 @@ def step_queue(tags: dict[str, Any]) -> str:
     return queue_name("gpu" if str(tags.get(GPU_TAG, "")).lower() == "true" else "default")
 
 
-def _submit_step(app, plan_context, step, _queue, priority, known_state):
+@functools.cache
+def _execute_plan_task(app):
+    """The step task, registered once per Celery app (the executor makes one app per run)."""
     from dagster_celery.tasks import create_task
 
+    return create_task(app)
+
+
+def _submit_step(app, plan_context, step, _queue, priority, known_state):
     args = ExecuteStepArgs(
         job_origin=plan_context.reconstructable_job.get_python_origin(),
         run_id=plan_context.dagster_run.run_id,
@@ -76,7 +83,7 @@ def _submit_step(app, plan_context, step, _queue, priority, known_state):
     )
     queue = step_queue(dict(step.tags))
     return (
-        create_task(app)
+        _execute_plan_task(app)
         .si(
             execute_step_args_packed=pack_value(args),
             executable_dict=plan_context.reconstructable_job.to_dict(),
@@ -113,6 +120,29 @@ def keel_celery_executor(init_context) -> KeelCeleryExecutor:
     )
 
 
+def production_executor() -> dg.ExecutorDefinition:
+    """Each step its own Kubernetes pod, in the code location's image.
+
+    A step's ``dagster-k8s/config`` op tag (the torch step's ``nvidia.com/gpu`` request) thus
+    reaches its own pod, which a run-level launcher alone never gives it.
+    """
+    from dagster_k8s import k8s_job_executor
+
+    return k8s_job_executor.configured(
+        {
+            "job_image": {"env": "KEEL_IMAGE"},
+            "job_namespace": {"env": "KEEL_K8S_NAMESPACE"},
+            "service_account_name": {"env": "KEEL_K8S_SERVICE_ACCOUNT"},
+            "load_incluster_config": True,
+        },
+        name="keel_k8s",
+    )
+
+
 def executor_for(profile: str) -> dg.ExecutorDefinition | None:
     """The profile's step executor (``None``: Dagster's default, one process per step)."""
-    return keel_celery_executor if profile == "team" else None
+    if profile == "team":
+        return keel_celery_executor
+    if profile == "production":
+        return production_executor()
+    return None
