@@ -151,8 +151,8 @@ def page(browser):
 def test_evidently_dashboards_show_panels_with_data(keel_dev, page, monkeypatch):
     from evidently.ui.workspace import Workspace
 
-    from keel.dashboards import drift_figures, workspace_dir
-    from keel.dashboards.workspace import FEATURE_PANEL, PANELS, Panel
+    from keel.dashboards import drift_figures, performance_figures, workspace_dir
+    from keel.dashboards.workspace import FEATURE_PANEL, PANELS, visible_panels
 
     drift, perf = daily_results(DAYS, seed=11)
     monkeypatch.setenv("DAGSTER_HOME", str(keel_dev.home.dagster_home))
@@ -181,8 +181,16 @@ def test_evidently_dashboards_show_panels_with_data(keel_dev, page, monkeypatch)
 
     # Every panel draws its series day by day: a line per series through every day, a bar per
     # series and day, or a counter with the figure.
-    features = [f.column for f in drift[DAYS[0]].features]
-    panels = [*PANELS, Panel("Drift", FEATURE_PANEL, "line", tuple((f, f) for f in features))]
+    figures = {
+        *drift_figures({"drift": drift[DAYS[0]].to_dict(), "prediction_drift": False}),
+        "quality_issues",
+        *performance_figures({"performance": perf[DAYS[0]].to_dict()}),
+    }
+    panels = visible_panels(figures)
+    assert {p.title for p in PANELS} - {p.title for p in panels} == {
+        "Largest population stability index of a feature"  # only dataset folders' loads
+    }
+    assert FEATURE_PANEL in {p.title for p in panels}
     for panel in panels:
         card = _card(page, panel.title)
         series = len(panel.figures)
