@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from datetime import date
+from pathlib import Path
 
 import dagster as dg
 import psycopg
@@ -17,7 +18,7 @@ from click.testing import CliRunner
 
 from keel import cli as keel_cli
 from keel.team import services
-from orchestration.executors import executor_for, step_queue
+from orchestration.executors import executor_for, queue_name, step_queue
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 DAY = date(2026, 2, 1).isoformat()
@@ -190,3 +191,25 @@ def test_a_worker_killed_mid_step_hands_the_step_to_the_other_and_the_run_comple
     assert len(taken[step]) == 2, taken
     assert taken[step][1].split("@")[0] != victim
     assert _day_rows(paths) == _expected_rows(result)
+
+
+@pytest.mark.slow
+def test_team_up_starts_workers_that_status_reports_and_down_stops(team_env):
+    paths, url = team_env
+    runner = CliRunner()
+    up = runner.invoke(keel_cli.cli, ["team", "up", "--workers", "1", "--gpu-workers", "1"])
+    assert up.exit_code == 0, up.output
+    assert f"dagster storage  {url} (created)" in up.output
+    started = services.recorded(paths)
+    assert sorted(entry["queue"] for entry in started) == ["default", "gpu"]
+    # Each worker consumes its own queue of the broker.
+    for entry in started:
+        log = Path(entry["log"]).read_text()
+        assert queue_name(entry["queue"]) in log, log
+    status = runner.invoke(keel_cli.cli, ["team", "status"])
+    assert status.exit_code == 0, status.output
+    assert status.output.count(" running") == 2
+    down = runner.invoke(keel_cli.cli, ["team", "down"])
+    assert down.exit_code == 0, down.output
+    assert not any(services.alive(entry["pid"]) for entry in started)
+    assert services.recorded(paths) == []
