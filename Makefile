@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 INSTALL_HASH = $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: install demo test test-all test-browser browser dev serve lint bench bench-% lock clean
+.PHONY: install demo test test-all test-browser browser dev serve team-up team-down team-status lint bench bench-% lock clean
 
 install:
 	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$(INSTALL_HASH)" ]; then \
@@ -51,6 +51,17 @@ dev: install
 # The serving API on http://127.0.0.1:8000 (docs at /docs); WORKERS=4 make serve for more.
 serve: install
 	$(BIN)/keel serve --workers $(or $(WORKERS),2)
+
+# The team profile on this machine: Dagster's Postgres database and the Celery workers
+# (Postgres and RabbitMQ must run); `keel team status` says what is reachable.
+team-up: install
+	$(BIN)/keel team up --workers $(or $(WORKERS),2) --gpu-workers $(or $(GPU_WORKERS),1)
+
+team-down:
+	$(BIN)/keel team down
+
+team-status:
+	$(BIN)/keel team status
 
 lint: install
 	$(BIN)/ruff check .
