@@ -213,3 +213,28 @@ def test_team_up_starts_workers_that_status_reports_and_down_stops(team_env):
     assert down.exit_code == 0, down.output
     assert not any(services.alive(entry["pid"]) for entry in started)
     assert services.recorded(paths) == []
+
+
+@pytest.mark.parametrize(
+    ("profile", "executor"), [("team", "keel_celery"), ("production", "keel_k8s")]
+)
+def test_the_whole_graph_loads_with_the_profiles_step_executor(
+    keel_home, venv_bin, profile, executor
+):
+    import subprocess
+
+    code = (
+        "import dagster as dg\n"
+        "from orchestration.definitions import defs\n"
+        "dg.Definitions.validate_loadable(defs)\n"
+        "print(defs.resolve_job_def('retrain').executor_def.name)\n"
+    )
+    result = subprocess.run(
+        [str(venv_bin / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KEEL_PROFILE": profile},
+        cwd=keel_cli.PROJECT_ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [executor]
