@@ -26,17 +26,52 @@ DAY = date(2026, 2, 1).isoformat()
 
 @pytest.fixture
 def team_env(keel_home, monkeypatch):
-    """A team profile with its own Dagster database and its own queues on the shared broker."""
+    """A team profile with its own databases and its own queues on the shared broker."""
     unique = uuid.uuid4().hex[:10]
     database = f"keel_dagster_test_{unique}"
     url = f"{PG_SERVER}/{database}"
     monkeypatch.setenv("KEEL_PROFILE", "team")
     monkeypatch.setenv(services.PG_URL_ENV, url)
+    monkeypatch.setenv(services.MLFLOW_PG_URL_ENV, f"{PG_SERVER}/keel_mlflow_test_{unique}")
     monkeypatch.setenv("KEEL_CELERY_QUEUE_PREFIX", f"keel-test-{unique}-")
     yield keel_home, url
     services.stop_all(keel_home)
     with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as connection:
-        connection.execute(f'drop database if exists "{database}" with (force)')
+        for name in (database, f"keel_mlflow_test_{unique}"):
+            connection.execute(f'drop database if exists "{name}" with (force)')
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _logs_a_run_and_a_model_version_through_the_server(url: str, paths) -> None:
+    """Tracking and registry by URL land in the server's Postgres store."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from orchestration.resources import MlflowResource
+
+    store = MlflowResource(
+        tracking_uri=url, registry_uri=url, artifact_location=str(paths.mlflow / "artifacts")
+    )
+    experiment = store.configure("team-test")
+    with mlflow.start_run(experiment_id=experiment) as run:
+        mlflow.log_metric("auc", 0.75)
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    client.create_registered_model("team-test-model")
+    client.create_model_version(
+        "team-test-model", f"runs:/{run.info.run_id}/model", run.info.run_id
+    )
+    with psycopg.connect(os.environ[services.MLFLOW_PG_URL_ENV]) as connection:
+        metrics = connection.execute("select key, value from metrics").fetchall()
+        versions = connection.execute("select name, version from model_versions").fetchall()
+    assert metrics == [("auc", 0.75)]
+    assert versions == [("team-test-model", 1)]
 
 
 @pytest.fixture
@@ -197,18 +232,24 @@ def test_a_worker_killed_mid_step_hands_the_step_to_the_other_and_the_run_comple
 def test_team_up_starts_workers_that_status_reports_and_down_stops(team_env):
     paths, url = team_env
     runner = CliRunner()
-    up = runner.invoke(keel_cli.cli, ["team", "up", "--workers", "1", "--gpu-workers", "1"])
+    port = _free_port()
+    up = runner.invoke(
+        keel_cli.cli,
+        ["team", "up", "--workers", "1", "--gpu-workers", "1", "--mlflow-port", str(port)],
+    )
     assert up.exit_code == 0, up.output
     assert f"dagster storage  {url} (created)" in up.output
     started = services.recorded(paths)
-    assert sorted(entry["queue"] for entry in started) == ["default", "gpu"]
+    assert sorted(entry.get("queue", "") for entry in started) == ["", "default", "gpu"]
     # Each worker consumes its own queue of the broker.
-    for entry in started:
+    for entry in [entry for entry in started if "queue" in entry]:
         log = Path(entry["log"]).read_text()
         assert queue_name(entry["queue"]) in log, log
+    assert sorted(entry["name"] for entry in services.recorded(paths))[0] == "keel-default-1"
+    _logs_a_run_and_a_model_version_through_the_server(f"http://127.0.0.1:{port}", paths)
     status = runner.invoke(keel_cli.cli, ["team", "status"])
     assert status.exit_code == 0, status.output
-    assert status.output.count(" running") == 2
+    assert status.output.count(" running") == 3
     down = runner.invoke(keel_cli.cli, ["team", "down"])
     assert down.exit_code == 0, down.output
     assert not any(services.alive(entry["pid"]) for entry in started)

@@ -18,8 +18,12 @@ def team() -> None:
 @team.command()
 @click.option("--workers", default=1, show_default=True, help="Workers on the default queue.")
 @click.option("--gpu-workers", default=1, show_default=True, help="Workers on the gpu queue.")
-def up(workers: int, gpu_workers: int) -> None:
-    """Create Dagster's database, start the Celery workers, print what runs where."""
+@click.option("--mlflow-host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--mlflow-port", default=5000, show_default=True, help="MLflow server port; 0 starts none."
+)
+def up(workers: int, gpu_workers: int, mlflow_host: str, mlflow_port: int) -> None:
+    """Create Dagster's database, start the workers and the MLflow server, print where."""
     from keel.team import services
 
     missing = [s for s in services.system_services() if not s.reachable()]
@@ -44,6 +48,11 @@ def up(workers: int, gpu_workers: int) -> None:
     for entry in started:
         services.wait_until_ready(entry)
         click.echo(f"worker {entry['name']:<16} queue {entry['queue']:<8} pid {entry['pid']}")
+    if mlflow_port:
+        server = services.start_mlflow(paths, mlflow_host, mlflow_port)
+        services.wait_until_serving(server)
+        click.echo(f"mlflow server    {server['url']} pid {server['pid']}")
+        click.echo(f"  backend store  {services.mlflow_pg_url()}")
     click.echo(f"broker           {services.system_services()[1].url}")
     click.echo("other machines:  keel workers start --queue default|gpu (same env, same KEEL_HOME)")
 
@@ -72,7 +81,8 @@ def status() -> None:
         ok = services.alive(entry["pid"])
         down_count += not ok
         state = "running" if ok else "NOT running"
-        click.echo(f"{entry['name']:<10} queue {entry['queue']:<8} pid {entry['pid']:<8} {state}")
+        where = f"queue {entry['queue']}" if "queue" in entry else entry["url"]
+        click.echo(f"{entry['name']:<10} {where:<30} pid {entry['pid']:<8} {state}")
     raise SystemExit(1 if down_count else 0)
 
 

@@ -22,6 +22,8 @@ from keel.settings import DAGSTER_CONFIG_DIR, PROJECT_ROOT, KeelPaths, SettingsE
 
 PG_URL_ENV = "KEEL_DAGSTER_PG_URL"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/keel_dagster"
+MLFLOW_PG_URL_ENV = "KEEL_MLFLOW_PG_URL"
+DEFAULT_MLFLOW_PG_URL = "postgresql://postgres@127.0.0.1:5432/keel_mlflow"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,11 @@ class Service:
 def dagster_pg_url() -> str:
     """Dagster's run, event and schedule database: ``KEEL_DAGSTER_PG_URL`` or this machine's."""
     return os.environ.get(PG_URL_ENV, "").strip() or DEFAULT_PG_URL
+
+
+def mlflow_pg_url() -> str:
+    """The MLflow server's backend store: ``KEEL_MLFLOW_PG_URL`` or this machine's Postgres."""
+    return os.environ.get(MLFLOW_PG_URL_ENV, "").strip() or DEFAULT_MLFLOW_PG_URL
 
 
 def write_instance_file(paths: KeelPaths) -> Path:
@@ -169,6 +176,60 @@ def start_worker(paths: KeelPaths, queue: str, name: str) -> dict:
     return entry
 
 
+def start_mlflow(paths: KeelPaths, host: str, port: int) -> dict:
+    """Start an MLflow tracking server on Postgres, artefacts in the shared data folder."""
+    ensure_database(mlflow_pg_url())
+    log = state_dir(paths) / "mlflow.log"
+    artefacts = paths.mlflow / "artifacts"
+    artefacts.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        mlflow_pg_url(),
+        # Clients write artefacts straight to the shared folder, which every worker mounts.
+        "--default-artifact-root",
+        str(artefacts),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            command,
+            cwd=PROJECT_ROOT,
+            env={**team_environment(paths), "MLFLOW_DISABLE_TELEMETRY": "true"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    entry = {"name": "mlflow", "url": f"http://{host}:{port}", "pid": process.pid, "log": str(log)}
+    _record(paths, [*recorded(paths), entry])
+    return entry
+
+
+def wait_until_serving(entry: dict, timeout: float = 180.0) -> None:
+    """Block until the MLflow server answers its health check, or raise with its log's end."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive(entry["pid"]):
+        try:
+            with urllib.request.urlopen(f"{entry['url']}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    log = Path(entry["log"])
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise RuntimeError(f"MLflow server at {entry['url']} did not come up:\n{tail}")
+
+
 def wait_until_ready(entry: dict, timeout: float = 60.0) -> None:
     """Block until the worker's log says it is ready, or raise with the log's end."""
     deadline = time.monotonic() + timeout
@@ -199,18 +260,26 @@ def alive(pid: int) -> bool:
     return True
 
 
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        os.kill(pid, signum)
+
+
 def stop_all(paths: KeelPaths, timeout: float = 15.0) -> list[dict]:
     """Stop every recorded worker: SIGTERM (Celery finishes its step), then SIGKILL."""
     stopped = []
     for entry in recorded(paths):
         pid = entry["pid"]
         if alive(pid):
-            os.kill(pid, signal.SIGTERM)
+            # Each service leads its own process group (its server's workers included).
+            _signal_group(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
             while alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
             if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+                _signal_group(pid, signal.SIGKILL)
         stopped.append(entry)
     _record(paths, [])
     return stopped
