@@ -26,6 +26,7 @@ from tests.serving_support import World
 FAST_POLICY = GuardrailPolicy(
     window_minutes=10,
     min_requests=100,
+    min_latency_rows=100,
     promote_after_requests=300,
     promote_after_minutes=0,
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -284,6 +285,25 @@ def test_guardrails_flag_errors_latency_and_score_shift_and_pass_a_healthy_canar
     assert [c.name for c in verdict(shifted).breaches] == ["score_psi"]
     few = verdict(log_rows(CANARY, "2", 50, start=start, error_share=0.5, seed=2))
     assert few.state == guardrails.COLLECTING and not few.breaches
+
+
+def test_latency_guardrail_compares_the_span_both_arms_cover_with_enough_rows() -> None:
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    now = datetime.now(UTC)
+    # The champion's first 9 s were slow (a busy machine); the canary started later.
+    champion = log_rows("champion", "1", 900, start=start, latency_ms=30.0, seed=1)
+    champion += log_rows("champion", "1", 900, start=start + timedelta(seconds=9), seed=3)
+    later = start + timedelta(seconds=9)
+    canary = log_rows(CANARY, "2", 400, start=later, latency_ms=9.0, seed=2)
+    verdict = evaluate_canary(log_frame(champion + canary), "2", "1", start, FAST_POLICY, now)
+    latency = next(c for c in verdict.checks if c.name == "p99_latency_ms")
+    assert latency.passed is False and latency.champion < 5  # only the span both arms cover
+    # The same slow canary on too few rows for a p99 is not judged on latency yet.
+    policy = replace(FAST_POLICY, min_latency_rows=500)
+    few = evaluate_canary(log_frame(champion + canary), "2", "1", start, policy, now)
+    latency = next(c for c in few.checks if c.name == "p99_latency_ms")
+    assert latency.passed is None and "a p99 needs 500" in latency.detail
+    assert few.state != guardrails.BREACHED and not few.breaches
 
 
 def test_auc_guardrail_judges_once_labels_arrive() -> None:

@@ -297,7 +297,11 @@ def test_a_canary_five_times_slower_is_rolled_back(
         champion_ms = float(read_prediction_log(service.log_dir)["latency_ms"].median())
     # Two different models differ in scores; this test is about speed alone.
     policy = GuardrailPolicy(
-        window_minutes=2, min_requests=100, max_psi=50.0, promote_after_requests=100_000
+        window_minutes=2,
+        min_requests=100,
+        min_latency_rows=100,
+        max_psi=50.0,
+        promote_after_requests=100_000,
     )
     fault = {"delay_s": 4 * champion_ms / 1000}
     load, after, rollback = _canary_fault_run(

@@ -6,8 +6,8 @@ row per scored entity: ``ts``, ``arm``, ``model_version``, ``score``, ``latency_
 
 - error rate: the canary's share of rows whose model failed (the client got the champion's
   score instead), against an absolute bar and against the champion's own rate;
-- p99 latency: canary over champion, with a floor in milliseconds so that noise on a fast
-  service never trips it;
+- p99 latency: canary over champion over the time span both arms cover, with enough rows in
+  each for a p99 and a floor in milliseconds so that noise on a fast service never trips it;
 - score distribution: population stability index of the canary's live scores against its own
   expected distribution, the histogram of its scores on the held-out window at evaluation
   (`score_histogram`, stored with the version), so it catches a canary that behaves
@@ -54,6 +54,9 @@ class GuardrailPolicy:
         max_error_rate_excess: Largest canary error rate above the champion's.
         max_p99_ratio: Largest canary p99 latency as a multiple of the champion's.
         min_p99_excess_ms: A latency breach also needs the canary's p99 this much higher.
+        min_latency_rows: Rows each arm needs, in the time span both arms cover, before their
+            p99 latencies are compared: the p99 of a few hundred rows rests on a few requests,
+            and one busy moment of the machine decides it.
         max_psi: Largest population stability index of the canary's live scores against its
             expected (held-out) score distribution.
         min_labelled: Labelled rows each arm needs before AUC is compared.
@@ -68,6 +71,7 @@ class GuardrailPolicy:
     max_error_rate_excess: float = 0.005
     max_p99_ratio: float = 1.5
     min_p99_excess_ms: float = 5.0
+    min_latency_rows: int = 500
     max_psi: float = 0.2
     min_labelled: int = 200
     max_auc_drop: float = 0.02
@@ -78,8 +82,10 @@ class GuardrailPolicy:
         for name in ("window_minutes", "max_p99_ratio", "max_psi"):
             if not getattr(self, name) > 0:
                 raise GuardrailError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.min_requests < 1 or self.min_labelled < 2:
-            raise GuardrailError("min_requests must be at least 1 and min_labelled at least 2")
+        if self.min_requests < 1 or self.min_labelled < 2 or self.min_latency_rows < 1:
+            raise GuardrailError(
+                "min_requests and min_latency_rows must be at least 1 and min_labelled at least 2"
+            )
         if not 0 <= self.max_error_rate < 1:
             raise GuardrailError(f"max_error_rate must lie in [0, 1), got {self.max_error_rate}")
         if self.promote_after_requests < self.min_requests:
@@ -206,8 +212,27 @@ def _error_check(canary: pd.DataFrame, champion: pd.DataFrame, policy: Guardrail
 
 
 def _latency_check(canary: pd.DataFrame, champion: pd.DataFrame, policy: GuardrailPolicy) -> Check:
+    """p99 request latency of both arms over the same span of time.
+
+    Load on the machine moves every request's latency; comparing the arms over the span both
+    cover (not a champion hour against a canary minute) keeps that out of the ratio.
+    """
     import numpy as np
 
+    start = max(canary["ts"].min(), champion["ts"].min())
+    end = min(canary["ts"].max(), champion["ts"].max())
+    canary = canary[canary["ts"].between(start, end)]
+    champion = champion[champion["ts"].between(start, end)]
+    if min(len(canary), len(champion)) < policy.min_latency_rows:
+        return Check(
+            "p99_latency_ms",
+            None,
+            None,
+            None,
+            policy.max_p99_ratio,
+            f"{len(canary)} canary and {len(champion)} champion rows in the span both arms "
+            f"cover; a p99 needs {policy.min_latency_rows} of each",
+        )
     canary_p99 = float(np.quantile(canary["latency_ms"].to_numpy(dtype=float), 0.99))
     champion_p99 = float(np.quantile(champion["latency_ms"].to_numpy(dtype=float), 0.99))
     ratio = canary_p99 / champion_p99 if champion_p99 > 0 else math.inf
@@ -221,6 +246,7 @@ def _latency_check(canary: pd.DataFrame, champion: pd.DataFrame, policy: Guardra
         champion_p99,
         policy.max_p99_ratio,
         f"canary p99 {canary_p99:.1f} ms is {ratio:.2f}x the champion's {champion_p99:.1f} ms "
+        f"over the same {len(canary)} / {len(champion)} rows' span "
         f"(bar {policy.max_p99_ratio:g}x and +{policy.min_p99_excess_ms:g} ms)",
     )
 
