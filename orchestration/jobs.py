@@ -37,16 +37,21 @@ reference_data = dg.define_asset_job(
 
 
 def dataset_job(spec: DatasetSpec):
-    """A dataset's own job: its raw table, its dbt models and marts, its training set."""
+    """A dataset's own job: raw table to training set, model, registration, scores, drift."""
     return dg.define_asset_job(
         spec.name,
-        selection=dg.AssetSelection.groups(spec.name)
-        # The dataset's marts and the dbt models upstream of them, as dbt selects them.
-        | build_dbt_asset_selection(
-            [dbt_models], " ".join(f"+{m}" for m in (spec.features_model, spec.labels_model))
+        selection=(
+            dg.AssetSelection.groups(spec.name)
+            # The dataset's marts and the dbt models upstream of them, as dbt selects them.
+            | build_dbt_asset_selection(
+                [dbt_models], " ".join(f"+{m}" for m in (spec.features_model, spec.labels_model))
+            )
         )
         - WITHOUT_UNIT_TESTS,
-        description=f"Load and validate {spec.name}, build its marts and its training set.",
+        description=(
+            f"Load and validate {spec.name}, build its marts and training set, train, gate and "
+            "register its model, score the load and report its drift."
+        ),
     )
 
 
