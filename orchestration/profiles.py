@@ -130,11 +130,28 @@ def production_resources() -> dict[str, Any]:
     }
 
 
+def team_resources(paths: KeelPaths) -> dict[str, Any]:
+    """Team profile: the local stores in a KEEL_HOME every worker mounts, MLflow as a server.
+
+    Its Dagster instance (Postgres) and executor (Celery workers) are what differ most.
+    """
+    return {
+        **local_resources(paths),
+        # `keel team up` serves MLflow on Postgres; artefacts go to the shared data folder.
+        "mlflow": MlflowResource(
+            tracking_uri=dg.EnvVar("KEEL_MLFLOW_TRACKING_URI"),
+            registry_uri=dg.EnvVar("KEEL_MLFLOW_TRACKING_URI"),
+            artifact_location=str(paths.mlflow / "artifacts"),
+            lock_file=str(paths.mlflow / "registry.lock"),
+        ),
+    }
+
+
 def resources_for(profile: str | None = None) -> dict[str, Any]:
     """The resource set of ``profile`` (default: the active one)."""
     profile = profile or active_profile()
     if profile == "production":
         return production_resources()
-    # The team profile shares the local profile's stores (KEEL_HOME on a folder every worker
-    # mounts); what differs is its instance (Postgres) and its executor (Celery workers).
+    if profile == "team":
+        return team_resources(KeelPaths.current())
     return local_resources(KeelPaths.current())
