@@ -32,10 +32,12 @@ def prepare_dagster_home(paths: KeelPaths, profile: str) -> Path:
         shutil.copyfile(source, target)
     os.environ.setdefault("DAGSTER_HOME", str(paths.dagster_home))
     if profile == "team":
-        from keel.team.services import PG_URL_ENV, dagster_pg_url
+        from keel.team import services
 
-        # The instance file reads its database from the environment; default to this machine.
-        os.environ.setdefault(PG_URL_ENV, dagster_pg_url())
+        # The instance file and the MLflow resource read the environment; default to this
+        # machine's services, as `keel team up` starts them.
+        os.environ.setdefault(services.PG_URL_ENV, services.dagster_pg_url())
+        os.environ.setdefault(services.MLFLOW_URL_ENV, services.DEFAULT_MLFLOW_URL)
     return paths.dagster_home
 
 
