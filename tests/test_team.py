@@ -279,3 +279,19 @@ def test_the_whole_graph_loads_with_the_profiles_step_executor(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [executor]
+
+
+def test_team_profile_tracks_to_the_mlflow_server_the_environment_names(keel_home, monkeypatch):
+    from orchestration.profiles import resources_for
+
+    @dg.asset
+    def tracking(mlflow: dg.ResourceParam[dg.ConfigurableResource]) -> str:
+        return mlflow.tracking_uri
+
+    monkeypatch.setenv(services.MLFLOW_URL_ENV, "http://mlflow.team.example:5000")
+    resources = {"mlflow": resources_for("team")["mlflow"]}
+    result = dg.materialize([tracking], resources=resources)
+    assert result.output_for_node("tracking") == "http://mlflow.team.example:5000"
+    monkeypatch.delenv(services.MLFLOW_URL_ENV)
+    with pytest.raises(dg.DagsterInvalidConfigError, match=services.MLFLOW_URL_ENV):
+        dg.materialize([tracking], resources=resources)

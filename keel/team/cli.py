@@ -53,6 +53,8 @@ def up(workers: int, gpu_workers: int, mlflow_host: str, mlflow_port: int) -> No
         services.wait_until_serving(server)
         click.echo(f"mlflow server    {server['url']} pid {server['pid']}")
         click.echo(f"  backend store  {services.mlflow_pg_url()}")
+        if server["url"] != services.DEFAULT_MLFLOW_URL:
+            click.echo(f"  export {services.MLFLOW_URL_ENV}={server['url']}")
     click.echo(f"broker           {services.system_services()[1].url}")
     click.echo("other machines:  keel workers start --queue default|gpu (same env, same KEEL_HOME)")
 

@@ -23,6 +23,8 @@ from keel.settings import DAGSTER_CONFIG_DIR, PROJECT_ROOT, KeelPaths, SettingsE
 PG_URL_ENV = "KEEL_DAGSTER_PG_URL"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/keel_dagster"
 MLFLOW_PG_URL_ENV = "KEEL_MLFLOW_PG_URL"
+MLFLOW_URL_ENV = "KEEL_MLFLOW_TRACKING_URI"
+DEFAULT_MLFLOW_URL = "http://127.0.0.1:5000"
 DEFAULT_MLFLOW_PG_URL = "postgresql://postgres@127.0.0.1:5432/keel_mlflow"
 
 
@@ -68,7 +70,11 @@ def write_instance_file(paths: KeelPaths) -> Path:
 
 def team_environment(paths: KeelPaths) -> dict[str, str]:
     """The environment of a worker: this one, on the team instance unless it names another."""
-    defaults = {"DAGSTER_HOME": str(paths.dagster_home), PG_URL_ENV: dagster_pg_url()}
+    defaults = {
+        "DAGSTER_HOME": str(paths.dagster_home),
+        PG_URL_ENV: dagster_pg_url(),
+        MLFLOW_URL_ENV: DEFAULT_MLFLOW_URL,
+    }
     return {
         **defaults,
         **os.environ,
