@@ -448,3 +448,19 @@ def test_an_absolute_datasets_folder_is_refused_before_dbt_can_overwrite_its_mod
         datasets_dir()
     monkeypatch.setenv("KEEL_DATASETS_DIR", relative_to_dbt(tmp_path))
     assert datasets_dir() == tmp_path.resolve()
+
+
+def test_dataset_list_names_each_folder_and_reports_a_broken_one(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from keel.cli import cli
+
+    spec_copy(tmp_path, lambda d: None)
+    monkeypatch.setenv("KEEL_DATASETS_DIR", relative_to_dbt(tmp_path))
+    listed = CliRunner().invoke(cli, ["dataset", "list"])
+    assert listed.exit_code == 0 and "taiwan_credit" in listed.output
+    assert "taiwan_credit_default" in listed.output
+    spec_file = tmp_path / "taiwan_credit" / "dataset.yaml"
+    spec_file.write_text(spec_file.read_text().replace("timing: retrospective", "timing: later"))
+    broken = CliRunner().invoke(cli, ["dataset", "list"])
+    assert broken.exit_code != 0 and "label.timing: 'later' is not one of" in broken.output
