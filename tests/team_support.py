@@ -11,10 +11,11 @@ import os
 import dagster as dg
 
 from assets.ingestion import INGESTION_CHECKS, raw_account_activity, raw_default_labels
+from assets.training import GPU_OP_TAGS
 from keel.settings import KeelPaths
 from orchestration.executors import executor_for
 from orchestration.profiles import resources_for
-from orchestration.resources import SourcesResource
+from orchestration.resources import ComputeResource, SourcesResource
 
 ACCOUNTS_ENV = "KEEL_TEAM_TEST_ACCOUNTS"
 
@@ -43,3 +44,20 @@ def ingest_job() -> dg.JobDefinition:
         executor=executor_for("team"),
     )
     return defs.resolve_job_def("team_ingest")
+
+
+@dg.asset(deps=[raw_account_activity], op_tags=GPU_OP_TAGS)
+def gpu_step(compute: ComputeResource) -> str:
+    """A step with the torch model's tags: the device it would train on, where it ran."""
+    return compute.torch_device()
+
+
+def gpu_job() -> dg.JobDefinition:
+    """One day ingested on the default queue, then a step with the torch tags on the gpu queue."""
+    defs = dg.Definitions(
+        assets=[raw_account_activity, gpu_step],
+        jobs=[dg.define_asset_job("team_gpu", selection=["raw_account_activity", "gpu_step"])],
+        resources=_resources(),
+        executor=executor_for("team"),
+    )
+    return defs.resolve_job_def("team_gpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 import time
@@ -295,3 +296,24 @@ def test_team_profile_tracks_to_the_mlflow_server_the_environment_names(keel_hom
     monkeypatch.delenv(services.MLFLOW_URL_ENV)
     with pytest.raises(dg.DagsterInvalidConfigError, match=services.MLFLOW_URL_ENV):
         dg.materialize([tracking], resources=resources)
+
+
+@pytest.mark.slow
+def test_the_step_with_the_torch_tags_runs_on_the_gpu_worker(team_instance, team_env):
+    from tests.team_support import gpu_job
+
+    paths, _ = team_env
+    default = services.start_worker(paths, "default", f"cpu-{os.getpid()}")
+    gpu = services.start_worker(paths, "gpu", f"gpu-{os.getpid()}")
+    for entry in (default, gpu):
+        services.wait_until_ready(entry)
+    result = dg.execute_job(
+        dg.reconstructable(gpu_job), instance=team_instance, tags={"dagster/partition": DAY}
+    )
+    assert result.success
+    # The step's output, stored by the gpu worker in the shared DAGSTER_HOME: the device it saw.
+    stored = paths.dagster_home / "storage" / "gpu_step"
+    assert pickle.loads(stored.read_bytes()) in {"cpu", "cuda"}
+    taken = _worker_steps(team_instance, result.run_id)
+    assert [w.split("@")[0] for w in taken["gpu_step"]] == [gpu["name"]]
+    assert [w.split("@")[0] for w in taken["raw_account_activity"]] == [default["name"]]
