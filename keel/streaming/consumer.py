@@ -295,22 +295,30 @@ async def consume(
     nc = await nats.connect(settings.url)
     started = time.perf_counter()
     idle_since = time.monotonic()
+    fetching = working = None
     try:
         sub = await durable_subscription(nc.jetstream(), settings)
+        fetching = asyncio.ensure_future(sub.fetch(settings.batch, timeout=0.5))
         while not (stop is not None and stop.is_set()):
             if max_batches is not None and stats.batches >= max_batches:
                 break
             if max_events is not None and stats.new_events >= max_events:
                 break
             try:
-                msgs = await sub.fetch(settings.batch, timeout=0.5)
+                msgs = await fetching
             except (TimeoutError, NatsTimeout):
+                msgs = None
+            # The next batch travels while this one is written (its acks wait for the commit).
+            fetching = asyncio.ensure_future(sub.fetch(settings.batch, timeout=0.5))
+            if msgs is None:
                 if idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
                     break
                 continue
             if not msgs:  # a fetch that met only status messages
                 continue
-            process(log, writer, msgs, stats)
+            # In a thread, so the event loop receives the next batch meanwhile.
+            working = asyncio.ensure_future(asyncio.to_thread(process, log, writer, msgs, stats))
+            await working
             if acknowledge:
                 await acknowledge_all(nc, msgs)
             stats.busy_s = time.perf_counter() - started
@@ -318,9 +326,32 @@ async def consume(
             idle_since = time.monotonic()
     finally:
         stats.seconds = time.perf_counter() - started
+        if working is not None and not working.done():
+            # Cancelled mid-batch: the thread still holds the log; let it commit or roll back.
+            await asyncio.wait([working])
+        await _give_back(nc, fetching)
         await nc.close()
         log.close()
     return stats
+
+
+async def _give_back(nc, fetching: asyncio.Future | None) -> None:
+    """Hand a fetched but unprocessed batch back to JetStream, for delivery at once.
+
+    Without this it would come back only after ``ack_wait``; a killed process skips it, and
+    the batch comes back then, as any unacknowledged one.
+    """
+    from nats.errors import TimeoutError as NatsTimeout
+
+    if fetching is None:
+        return
+    try:
+        msgs = await fetching
+    except (TimeoutError, NatsTimeout):
+        return
+    for msg in msgs:
+        await msg.nak()
+    await nc.flush()
 
 
 def register_stream_features(store: FeatureStore) -> None:

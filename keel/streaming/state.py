@@ -57,7 +57,8 @@ class EventLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.connection = sqlite3.connect(self.path, isolation_level=None)
+        # The consumer hands batches to a worker thread, one at a time.
+        self.connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.connection.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed batch survives a power cut, not only a killed process.
         self.connection.execute("PRAGMA synchronous=FULL")
