@@ -317,7 +317,8 @@ class ModelGovernance(dg.ConfigurableResource):
     def gate_policy(self) -> GatePolicy:
         return GatePolicy(**{f.name: getattr(self, f.name) for f in fields(GatePolicy)})
 
-    def registry(self, mlflow: MlflowResource) -> ModelRegistry:
+    def registry(self, mlflow: MlflowResource, model_name: str = "") -> ModelRegistry:
+        """The registry of ``model_name`` (empty: the project's default model)."""
         from keel.registry import ModelRegistry, RegistryConfig
 
         return ModelRegistry(
@@ -328,6 +329,7 @@ class ModelGovernance(dg.ConfigurableResource):
                 audit_uri=self.audit_uri,
                 lock_timeout_s=mlflow.lock_timeout_s,
                 audit_key=self.audit_key,
+                **({"model_name": model_name} if model_name else {}),
             )
         )
 
