@@ -7,11 +7,13 @@ dataset's own name; then each load's newest rows scored by it, and their drift a
 training set. The maths lives in ``keel.datasets``; these wrappers read and write files.
 """
 
+import io
 import json
 
 import dagster as dg
 
 from keel.datasets.spec import DatasetSpec, discover
+from keel.files import atomic_write
 from orchestration.resources import (
     ArtefactStore,
     FeatureStoreResource,
@@ -76,8 +78,7 @@ def dataset_model(spec: DatasetSpec) -> dg.AssetsDefinition:
                 report.write_text(fairness + "\n")
                 ml.log_artifact(str(report))
         booster = artefacts.path("models", spec.name, run.info.run_id, "model.txt")
-        booster.parent.mkdir(parents=True, exist_ok=True)
-        booster.write_text(model.booster.model_to_string())
+        atomic_write(booster, model.booster.model_to_string())
         record = {
             "run_id": run.info.run_id,
             "model_path": str(booster),
@@ -88,9 +89,9 @@ def dataset_model(spec: DatasetSpec) -> dg.AssetsDefinition:
             "passed": judgement.passed,
             "rows": judgement.rows,
         }
-        path = _judgement_path(artefacts, spec)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        atomic_write(
+            _judgement_path(artefacts, spec), json.dumps(record, indent=2, default=str) + "\n"
+        )
         gates = markdown_table(
             ["gate", "passed", "detail"],
             [[g["name"], "yes" if g["passed"] else "**no**", g["detail"]] for g in judgement.gates],
@@ -145,20 +146,8 @@ def dataset_registered_model(spec: DatasetSpec, model: dg.AssetsDefinition) -> d
     def _registered(
         artefacts: ArtefactStore, mlflow: MlflowResource, governance: ModelGovernance
     ) -> dg.MaterializeResult:
-        from keel.registry import ModelRegistry, RegistryConfig
-
         record = json.loads(_judgement_path(artefacts, spec).read_text())
-        registry = ModelRegistry(
-            RegistryConfig(
-                tracking_uri=mlflow.tracking_uri,
-                registry_uri=mlflow.registry_uri,
-                lock_file=mlflow.lock_file,
-                audit_uri=governance.audit_uri,
-                lock_timeout_s=mlflow.lock_timeout_s,
-                audit_key=governance.audit_key,
-                model_name=spec.registered_model,
-            )
-        )
+        registry = governance.registry(mlflow, model_name=spec.registered_model)
         version = registry.register(
             record["run_id"],
             metrics=record["metrics"],
@@ -168,7 +157,7 @@ def dataset_registered_model(spec: DatasetSpec, model: dg.AssetsDefinition) -> d
         )
         registered = {**record, "version": str(version.version)}
         path = artefacts.path("models", spec.name, "registered.json")
-        path.write_text(json.dumps(registered, indent=2, default=str) + "\n")
+        atomic_write(path, json.dumps(registered, indent=2, default=str) + "\n")
         return dg.MaterializeResult(
             metadata={
                 "registered_model": dg.MetadataValue.text(spec.registered_model),
@@ -216,9 +205,9 @@ def dataset_scores(spec: DatasetSpec, registered: dg.AssetsDefinition) -> dg.Ass
         rows["flagged"] = rows["score"] >= record["threshold"]
         load = pd.to_datetime(rows[spec.event_time]).max().strftime("%Y-%m-%d")
         target = artefacts.path("scores", spec.name, f"{load}.parquet")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("wb") as handle:
-            rows.to_parquet(handle, index=False)
+        buffer = io.BytesIO()
+        rows.to_parquet(buffer, index=False)
+        atomic_write(target, buffer.getvalue())
         return dg.MaterializeResult(
             metadata={
                 "rows": dg.MetadataValue.int(len(rows)),
