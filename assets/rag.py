@@ -6,6 +6,7 @@ the recall@5 gate; ``published_index`` re-reads that verdict itself, because a b
 check only stops steps of its own run.
 """
 
+import io
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from keel.files import atomic_write
 from keel.rag.corpus import DEFAULT_SOURCE_DIR, SECTIONS
 from keel.rag.evaluation import DEFAULT_MAX_RECALL_DROP, DEFAULT_MIN_RECALL_AT_5
 from keel.schema import FIRST_DAY
@@ -100,7 +102,9 @@ def chunks(config: IndexConfig, artefacts: ArtefactStore) -> dg.MaterializeResul
         raise dg.Failure("no documents ingested yet: materialise documents first")
     pieces = chunk_corpus(pages, ChunkerSettings(config.max_chars, config.overlap))
     frame = pd.DataFrame([c.__dict__ for c in pieces])
-    frame.to_parquet(store / "chunks.parquet", index=False)
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write(store / "chunks.parquet", buffer.getvalue())
     return dg.MaterializeResult(
         metadata={
             "chunks": dg.MetadataValue.int(len(pieces)),
@@ -128,7 +132,9 @@ def embeddings(config: IndexConfig, artefacts: ArtefactStore) -> dg.MaterializeR
     store = rag_store(artefacts)
     model = _embedder(config)
     vectors, computed = embed_chunks(_stored_chunks(store), model, store / "vector_cache")
-    np.save(store / "embeddings.npy", vectors)
+    buffer = io.BytesIO()
+    np.save(buffer, vectors)
+    atomic_write(store / "embeddings.npy", buffer.getvalue())
     return dg.MaterializeResult(
         metadata={
             "vectors": dg.MetadataValue.int(len(vectors)),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from keel.files import atomic_write
 from keel.rag.chunking import Chunk
 
 MODES = ("vector", "bm25", "hybrid")
@@ -114,9 +114,7 @@ def build_index(
         "index_settings": asdict(settings),
         "lineage": lineage,
     }
-    scratch = folder / f".{MANIFEST}.tmp"
-    scratch.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(scratch, folder / MANIFEST)
+    atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
 
 

@@ -11,8 +11,8 @@ Layout under the RAG root (an artefact folder)::
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from keel.files import atomic_write
 from keel.rag.chunking import Chunk, ChunkerSettings, chunk_corpus
 from keel.rag.corpus import (
     Document,
@@ -39,10 +40,13 @@ Chunker = Callable[[list[Document], ChunkerSettings], list[Chunk]]
 
 def atomic_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON so that readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    scratch.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(scratch, path)
+    atomic_write(path, json.dumps(payload, indent=2, sort_keys=True))
+
+
+def _write_parquet(frame, path: Path) -> None:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write(path, buffer.getvalue())
 
 
 def _rows(documents: list[Document]) -> list[dict[str, Any]]:
@@ -105,13 +109,10 @@ def ingest_section(
     counts["removed"] = len(set(previous) - {d.doc_id for d in documents})
     counts["documents"] = len(documents)
     if counts["new"] or counts["changed"] or counts["removed"] or not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = target.with_name(f".{target.name}.tmp")
         frame = pd.DataFrame(
             _rows(documents), columns=["doc_id", "title", "text", "content_hash", "sections"]
         )
-        frame.to_parquet(scratch, index=False)
-        os.replace(scratch, target)
+        _write_parquet(frame, target)
     return counts
 
 
@@ -156,14 +157,10 @@ def embed_chunks(
         else (np.zeros((0, embedder.dimension), dtype=np.float32))
     )
     if cache_file is not None and missing:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
         live = set(keys)
         kept = {k: v for k, v in cached.items() if k in live}
-        scratch = cache_file.with_name(f".{cache_file.name}.tmp")
-        pd.DataFrame({"key": list(kept), "vector": [list(v) for v in kept.values()]}).to_parquet(
-            scratch, index=False
-        )
-        os.replace(scratch, cache_file)
+        frame = pd.DataFrame({"key": list(kept), "vector": [list(v) for v in kept.values()]})
+        _write_parquet(frame, cache_file)
     return vectors, len(missing)
 
 
