@@ -13,6 +13,7 @@ from keel.cost import measure
 from keel.cost.dagster import HANDLER_CONFIG, cost_observations
 from keel.cost.prices import DEFAULT_PRICES, PriceError, cost, price_table, resume_savings
 from keel.cost.store import CostError, CostStore, parse_since
+from keel.settings import PROFILES
 
 MB = 2**20
 
@@ -137,6 +138,13 @@ def test_price_tables_resume_savings_and_since(tmp_path, monkeypatch):
     prices.write_text(json.dumps({"local": {"cpu_hours": 1.0}}))
     with pytest.raises(PriceError, match="unknown price keys"):
         price_table("local")
+    prices.write_text(
+        json.dumps(
+            {"local": {"cpu_hour": "1.0", "memory_gb_hour": 0, "gpu_hour": 1, "written_gb": 0}}
+        )
+    )
+    with pytest.raises(PriceError, match=r"local.cpu_hour must be a number >= 0, not '1.0'"):
+        price_table("local")
     # Resumed at epoch 6 of 10: four epochs ran for 8.0, so six skipped epochs saved 12.0.
     assert resume_savings(8.0, 100.0, 6, 10) == pytest.approx(12.0)
     assert resume_savings(8.0, 100.0, 6, 10, mean_epoch_seconds=10.0) == pytest.approx(4.8)
@@ -232,14 +240,17 @@ def test_a_model_version_costs_the_runs_of_its_lineage_and_keel_cost_shows_it(
     assert wrong.exit_code == 2 and "30d" in wrong.output
 
 
-@pytest.mark.parametrize("profile", ["local", "production"])
-def test_every_profile_instance_attaches_the_step_cost_handler(profile):
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_instance_attaches_the_step_cost_handler_and_has_prices(profile):
     import yaml
 
     from keel.settings import DAGSTER_CONFIG_DIR
 
     config = yaml.safe_load((DAGSTER_CONFIG_DIR / f"{profile}.yaml").read_text())
     assert config["python_logs"] == HANDLER_CONFIG["python_logs"]
+    # The handler prices every step with the profile's table: without one no step is costed.
+    usage = measure.Usage(3600.0, 3600.0, 0, 0.0, 0, "step")
+    assert cost(usage, price_table(profile))["total"] > 0
 
 
 def test_the_definitions_run_the_cost_observation_sensor():

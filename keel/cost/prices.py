@@ -33,8 +33,11 @@ class PriceTable:
         return asdict(self)
 
 
+_MACHINE = PriceTable(cpu_hour=0.04, memory_gb_hour=0.005, gpu_hour=2.5, written_gb=0.01)
 DEFAULT_PRICES = {
-    "local": PriceTable(cpu_hour=0.04, memory_gb_hour=0.005, gpu_hour=2.5, written_gb=0.01),
+    "local": _MACHINE,
+    # The team's workers run on machines of the same kind, priced the same way.
+    "team": _MACHINE,
     "production": PriceTable(cpu_hour=0.05, memory_gb_hour=0.0065, gpu_hour=4.0, written_gb=0.02),
 }
 
@@ -61,8 +64,12 @@ def price_table(profile: str) -> PriceTable:
         raise PriceError(
             f"{PRICES_ENV}={raw}: no usable price table for {profile!r} ({error})"
         ) from error
-    if any(value < 0 for value in asdict(table).values() if isinstance(value, float | int)):
-        raise PriceError(f"{raw}: prices cannot be negative")
+    for name, value in asdict(table).items():
+        if name == "currency":
+            continue
+        # A price that is not a number would only fail later, inside each step's handler.
+        if isinstance(value, bool) or not isinstance(value, float | int) or value < 0:
+            raise PriceError(f"{raw}: {profile}.{name} must be a number >= 0, not {value!r}")
     return table
 
 
