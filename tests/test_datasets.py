@@ -264,6 +264,12 @@ def test_dataset_new_refuses_a_file_without_a_key_and_leaves_nothing(tmp_path, m
     result = CliRunner().invoke(cli, ["dataset", "new", "nokey", "--from", str(source)])
     assert result.exit_code != 0 and "entity key" in result.output
     assert not (tmp_path / "datasets" / "nokey").exists()
+    # A file that is not what its name says: an error naming it, not a reader's traceback.
+    broken = tmp_path / "broken.parquet"
+    broken.write_text("day,x,y\n")
+    result = CliRunner().invoke(cli, ["dataset", "new", "broken", "--from", str(broken)])
+    assert result.exit_code == 1 and f"{broken}: cannot be read as PARQUET" in result.output
+    assert not (tmp_path / "datasets" / "broken").exists()
 
 
 THIRD_DATASET_RUN = """

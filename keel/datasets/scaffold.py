@@ -63,7 +63,15 @@ def profile(path: Path) -> tuple[list[Column], int]:
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         raise SpecError(f"{path}: use a .csv or .parquet file, not {suffix or 'no suffix'}")
-    reader = "read_parquet" if suffix == ".parquet" else "read_csv_auto"
+    try:
+        return _profile(path, "read_parquet" if suffix == ".parquet" else "read_csv_auto")
+    except duckdb.Error as error:
+        raise SpecError(f"{path}: cannot be read as {suffix[1:].upper()}: {error}") from error
+
+
+def _profile(path: Path, reader: str) -> tuple[list[Column], int]:
+    import duckdb
+
     with duckdb.connect() as connection:
         relation = connection.sql(f"select * from {reader}(?)", params=[str(path)])
         rows = connection.execute(f"select count(*) from {reader}(?)", [str(path)]).fetchone()[0]
