@@ -15,7 +15,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from keel.datasets.spec import NAME, SpecError, file_sha256, load_spec
+from keel.datasets.spec import NAME, SpecError, load_spec
+from keel.registry_lineage import file_sha256
 from keel.settings import datasets_dir
 
 # DuckDB's inferred types, as a spec names them.

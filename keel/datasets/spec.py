@@ -11,7 +11,6 @@ model goes by. Every mistake is reported with the file and the key it sits under
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import yaml
 
 from keel.gates import EvaluationError, GatePolicy
+from keel.registry_lineage import file_sha256
 from keel.settings import PROJECT_ROOT, datasets_dir
 
 # The shipped datasets; ``discover`` reads ``datasets_dir()`` (KEEL_DATASETS_DIR may move it).
@@ -183,15 +183,6 @@ class DatasetSpec:
     def gate_policy(self) -> GatePolicy:
         """The default gate bars with this dataset's overrides."""
         return GatePolicy(**self.gates)
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Reader:
