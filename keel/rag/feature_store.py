@@ -12,10 +12,13 @@ and nearest-neighbour search runs in the faiss index of the same index version.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from keel.files import atomic_write
 
 FEATURE_VIEW = "rag_chunks"
 PROJECT = "keel_rag"
@@ -87,8 +90,9 @@ def write_chunks(folder: Path, index_folder: Path) -> dict[str, Any]:
         event_timestamp=pd.Timestamp.now(tz="UTC"),
     )
     parquet = folder / "chunks.parquet"
-    folder.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(parquet, index=False)
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write(parquet, buffer.getvalue())
     store = open_store(folder)
     store.apply(list(_objects(parquet, vectors.shape[1])))
     store.write_to_online_store(FEATURE_VIEW, frame)
