@@ -252,6 +252,34 @@ def test_dagster_runs_need_the_role_of_their_job_and_carry_the_launcher(store):
                     authorize_run(job, run_config, identity)
 
 
+def test_the_local_run_launcher_refuses_a_run_its_identity_may_not_launch(store, monkeypatch):
+    import dagster as dg
+    from dagster._core.launcher import LaunchRunContext
+
+    from keel.access.jobs import LAUNCHED_BY_TAG
+    from orchestration.run_launcher import LocalRunLauncher
+
+    @dg.op
+    def step() -> None:
+        pass
+
+    @dg.job(name="retrain")
+    def retrain() -> None:
+        step()
+
+    instance = dg.DagsterInstance.ephemeral()
+    launcher = LocalRunLauncher()
+    launcher.register_instance(instance)
+    run = instance.create_run_for_job(job_def=retrain)
+    monkeypatch.setenv("KEEL_API_KEY", store.add("vic", ["viewer"]))
+    with pytest.raises(AccessDenied, match="job retrain"):
+        launcher.launch_run(LaunchRunContext(dagster_run=run, workspace=None))
+    assert LAUNCHED_BY_TAG not in instance.get_run_by_id(run.run_id).tags
+    monkeypatch.setenv("KEEL_API_KEY", "keel_unknown_key")
+    with pytest.raises(AuthenticationError, match="not a valid key"):
+        launcher.launch_run(LaunchRunContext(dagster_run=run, workspace=None))
+
+
 def test_registry_cli_acts_as_the_caller_and_refuses_one_without_a_role(
     config,  # noqa: F811
     store,
