@@ -15,7 +15,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from keel.files import atomic_write
+from keel.files import LOCAL_PROTOCOLS, atomic_write
 from keel.rag.corpus import DEFAULT_SOURCE_DIR, SECTIONS
 from keel.rag.evaluation import DEFAULT_MAX_RECALL_DROP, DEFAULT_MIN_RECALL_AT_5
 from keel.schema import FIRST_DAY
@@ -59,6 +59,12 @@ class EvaluationConfig(IndexConfig):
 def rag_store(artefacts: ArtefactStore) -> Path:
     """The RAG folder under the artefact root (a local path: faiss and bm25s need files)."""
     target = artefacts.path("rag", "documents")
+    if target.protocol not in LOCAL_PROTOCOLS:
+        # target.path of s3://bucket/... is bucket/...: files would land under the working folder.
+        raise dg.Failure(
+            "the RAG assets need a local artefact folder (faiss and bm25s read and write "
+            f"files there); this profile's artefact store is {artefacts.root}"
+        )
     return Path(target.path).parent
 
 

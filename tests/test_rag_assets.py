@@ -141,6 +141,16 @@ def test_reingesting_the_same_pages_changes_nothing(resources):
     assert {p.name: p.read_bytes() for p in (store / "documents").iterdir()} == before
 
 
+def test_an_object_store_artefact_root_is_refused_not_written_under_the_working_folder(
+    tmp_path,
+):
+    from orchestration.resources import ArtefactStore
+
+    with pytest.raises(dg.Failure, match=r"need a local artefact folder.*s3://bucket/keel"):
+        rag.rag_store(ArtefactStore(root="s3://bucket/keel"))
+    assert rag.rag_store(ArtefactStore(root=str(tmp_path))) == tmp_path / "rag"
+
+
 def test_cache_is_per_index_version_and_semantic_above_threshold():
     cache = AnswerCache(threshold=0.9)
     a = np.array([1.0, 0.0], dtype=np.float32)
