@@ -137,6 +137,15 @@ def test_index_matches_exact_search(built, embedder):
     assert overlap >= 0.95
 
 
+def test_building_a_finished_version_again_leaves_its_files(built, documents, embedder):
+    store, index = built
+    folder = store / "index" / index.version
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    again = build_version(store, documents, embedder)
+    assert again["version"] == index.version and again["chunks"] == len(index.chunks)
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == before
+
+
 def test_gate_fails_an_index_built_with_a_broken_chunker(built, documents, embedder, tmp_path):
     _, good = built
     good_recall = evaluate(load_questions(), _retriever(good, embedder))["recall_at_5"]

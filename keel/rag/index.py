@@ -99,14 +99,6 @@ def build_index(
         raise IndexVersionError(
             f"{len(chunks)} chunks but {len(vectors)} vectors: nothing consistent"
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MANIFEST).unlink(missing_ok=True)
-    pd.DataFrame([asdict(c) for c in chunks]).to_parquet(folder / "chunks.parquet", index=False)
-    np.save(folder / "vectors.npy", vectors.astype(np.float32))
-    faiss.write_index(_faiss_index(vectors, settings), str(folder / "vectors.faiss"))
-    bm25 = bm25s.BM25()
-    bm25.index(_tokens([c.embedding_text() for c in chunks]), show_progress=False)
-    bm25.save(str(folder / "bm25"))
     manifest = {
         "version": folder.name,
         "chunks": len(chunks),
@@ -114,7 +106,21 @@ def build_index(
         "index_settings": asdict(settings),
         "lineage": lineage,
     }
-    atomic_write(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    text = json.dumps(manifest, indent=2, sort_keys=True)
+    held = folder / MANIFEST
+    if held.is_file() and json.loads(held.read_text()) == json.loads(text):
+        # The same lineage makes the same files: a finished version (perhaps the one being
+        # served) is kept, not rewritten under its readers.
+        return json.loads(text)
+    folder.mkdir(parents=True, exist_ok=True)
+    held.unlink(missing_ok=True)
+    pd.DataFrame([asdict(c) for c in chunks]).to_parquet(folder / "chunks.parquet", index=False)
+    np.save(folder / "vectors.npy", vectors.astype(np.float32))
+    faiss.write_index(_faiss_index(vectors, settings), str(folder / "vectors.faiss"))
+    bm25 = bm25s.BM25()
+    bm25.index(_tokens([c.embedding_text() for c in chunks]), show_progress=False)
+    bm25.save(str(folder / "bm25"))
+    atomic_write(held, text)
     return manifest
 
 
