@@ -121,6 +121,19 @@ def test_reingestion_skips_unchanged_and_sees_changes(tmp_path):
     assert "A new line." in texts["man7/time.7"] and "man7/pipe.7" not in texts
 
 
+def test_a_damaged_page_is_named_and_the_stored_documents_are_kept(tmp_path):
+    source = tmp_path / "man"
+    shutil.copytree(SLICE_DIR, source)
+    store = tmp_path / "store"
+    ingest_section(source, "man7", store)
+    before = (store / "documents" / "man7.parquet").read_bytes()
+    page = source / "man7" / "pipe.7.gz"
+    page.write_bytes(page.read_bytes()[:100])  # cut short, as a half-installed package leaves it
+    with pytest.raises(CorpusError, match=r"pipe\.7\.gz: not a readable gzipped page"):
+        ingest_section(source, "man7", store)
+    assert (store / "documents" / "man7.parquet").read_bytes() == before
+
+
 def test_labelled_recall_above_floor(built, embedder):
     _store, index = built
     result = evaluate(load_questions(), _retriever(index, embedder))

@@ -186,7 +186,12 @@ def content_hash(data: bytes) -> str:
 def read_source(path: Path) -> bytes:
     """The roff bytes of a page, gzipped or not."""
     data = path.read_bytes()
-    return gzip.decompress(data) if path.suffix == ".gz" else data
+    if path.suffix != ".gz":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError) as error:  # truncated or not gzip: say which page
+        raise CorpusError(f"{path}: not a readable gzipped page ({error})") from error
 
 
 def document_from_bytes(doc_id: str, source: bytes) -> Document | None:
