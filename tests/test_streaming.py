@@ -135,6 +135,22 @@ def test_the_log_counts_an_event_once_and_its_windows_equal_the_batch_recomputat
     assert np.array_equal(got[:, 5], expected["transactions_today"].to_numpy())
 
 
+def test_an_event_taken_just_inside_the_horizon_still_finds_its_whole_day(tmp_path):
+    from keel.streaming.state import HORIZON_US, EventLog
+
+    log = EventLog(tmp_path / "log.sqlite")
+    newest = MIDNIGHT + 2 * DAY_US + 12 * HOUR_US
+    # Account 1's morning event, then the stream moves on two and a half days (account 2).
+    log.add([("a", 1, MIDNIGHT + 11 * HOUR_US, 500, 1), ("b", 2, newest, 100, 2)])
+    log.forget_unreachable()
+    # Redelivered after a crash: account 1's afternoon, late but inside the horizon.
+    late = MIDNIGHT + 13 * HOUR_US
+    assert late >= newest - HORIZON_US
+    log.add([("c", 1, late, 250, 3)])
+    assert log.windows([1]) == [(1, late, 250, 1, 750, 2)]
+    log.close()
+
+
 def online_values(store, accounts) -> dict[str, np.ndarray]:
     refs = [f"{FEATURE_VIEW}:{name}" for name in FEATURES]
     rows = [{"account_id": int(a)} for a in accounts]

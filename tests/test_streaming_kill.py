@@ -124,7 +124,7 @@ def test_a_consumer_killed_twice_loses_and_double_counts_nothing(keel_home, reco
     log = EventLog(state)
     counts = log.counts()
     log.close()
-    # The log keeps two days of events (windows need one); the count covers all of them.
+    # The log keeps three days of events (windows need one); the count covers all of them.
     assert counts["events_counted"] == EVENTS and counts["rejected"] == 0
     assert stats["new_events"] == EVENTS - logged_at_kill[1]
 

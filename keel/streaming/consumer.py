@@ -222,7 +222,7 @@ def process(log: EventLog, writer: FeatureWriter, msgs: list, stats: ConsumeStat
                 stats.rejected += 1
                 continue
             if newest is not None and event["event_us"] < newest - HORIZON_US:
-                log.reject(seq, msg.data, "too late: older than every window the log keeps")
+                log.reject(seq, msg.data, "too late: over two days behind the newest event logged")
                 stats.rejected += 1
                 continue
             events.append(
@@ -245,9 +245,8 @@ def process(log: EventLog, writer: FeatureWriter, msgs: list, stats: ConsumeStat
                 stats.readback_mismatches += 1
             servable = time.time()
             stats.freshness_s.extend(servable - at for at in published)
-        newest_now = log.newest_us()
-        if newest_now is not None and stats.batches % 100 == 0:
-            log.forget_before(newest_now - HORIZON_US)
+        if stats.batches % 100 == 0:
+            log.forget_unreachable()
         log.set_progress(
             {
                 "last_stream_seq": max(msg.metadata.sequence.stream for msg in msgs),

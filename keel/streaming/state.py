@@ -16,9 +16,11 @@ from pathlib import Path
 
 from keel.streaming.features import DAY_US, HOUR_US
 
-# Events this far behind the newest one logged are too late to change any window, and the log
-# forgets events this old: they are set aside (rejected) rather than counted as new.
+# Events this far behind the newest one logged are set aside (rejected) as too late. An event
+# taken just inside this horizon reads its day window, which starts up to a day before it: the
+# log keeps a day more than the horizon, so that window is still whole.
 HORIZON_US = 2 * DAY_US
+KEEP_US = HORIZON_US + DAY_US
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -105,6 +107,11 @@ class EventLog:
     def windows(self, accounts: list[int]) -> list[tuple[int, int, int, int, int, int]]:
         """``(account_id, newest_us, hour_cents, hour_count, day_cents, day_count)`` per account."""
         return self.connection.execute(_WINDOWS, (json.dumps(accounts),)).fetchall()
+
+    def forget_unreachable(self) -> int:
+        """Drop events that no window of an event still taken can reach."""
+        newest = self.newest_us()
+        return 0 if newest is None else self.forget_before(newest - KEEP_US)
 
     def forget_before(self, event_us: int) -> int:
         """Drop events older than ``event_us`` (no window reaches them any more)."""
