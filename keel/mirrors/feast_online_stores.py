@@ -92,6 +92,31 @@ def entity_json(values: dict[str, ValueProto]) -> str | None:
         return None
 
 
+def newest_wins_upserts(table_id: str) -> tuple[str, str]:
+    """The store's two upserts: a feature row, then its entity row, each only when newer.
+
+    Rows written before event_us existed compare by Feast's whole-second event_ts.
+    """
+    feature_upsert = (
+        f"INSERT INTO {_quote_id(table_id)} (entity_key, feature_name, value, value_text, "
+        "event_ts, created_ts, event_us, created_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(entity_key, feature_name) DO UPDATE SET value = excluded.value, "
+        "value_text = excluded.value_text, event_ts = excluded.event_ts, "
+        "created_ts = excluded.created_ts, event_us = excluded.event_us, "
+        "created_us = excluded.created_us "
+        "WHERE (excluded.event_us, excluded.created_us) > "
+        f"(coalesce(event_us, event_ts * 1000000), coalesce(created_us, {_NO_TIME}))"
+    )
+    entity_upsert = (
+        f"INSERT INTO {_quote_id(entity_table(table_id))} (entity_key, event_us, created_us, "
+        "features) VALUES (?, ?, ?, ?) ON CONFLICT(entity_key) DO UPDATE SET "
+        "event_us = excluded.event_us, created_us = excluded.created_us, "
+        "features = excluded.features "
+        "WHERE (excluded.event_us, excluded.created_us) > (event_us, created_us)"
+    )
+    return feature_upsert, entity_upsert
+
+
 def _fill_entity_table(connection: sqlite3.Connection, table_id: str) -> None:
     """Entity rows for values written before this store kept them (by Feast's own store).
 
@@ -203,30 +228,10 @@ class KeelSqliteOnlineStore(SqliteOnlineStore):
                 "store for vector search."
             )
         connection = self._get_conn(config)
-        name = _quote_id(
-            _table_id(config.project, table, config.registry.enable_online_feature_view_versioning)
-        )
-        # Rows written before event_us existed compare by Feast's whole-second event_ts.
-        upsert = (
-            f"INSERT INTO {name} (entity_key, feature_name, value, value_text, event_ts, "
-            "created_ts, event_us, created_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(entity_key, feature_name) DO UPDATE SET value = excluded.value, "
-            "value_text = excluded.value_text, event_ts = excluded.event_ts, "
-            "created_ts = excluded.created_ts, event_us = excluded.event_us, "
-            "created_us = excluded.created_us "
-            "WHERE (excluded.event_us, excluded.created_us) > "
-            f"(coalesce(event_us, event_ts * 1000000), coalesce(created_us, {_NO_TIME}))"
-        )
         table_id = _table_id(
             config.project, table, config.registry.enable_online_feature_view_versioning
         )
-        upsert_entity = (
-            f"INSERT INTO {_quote_id(entity_table(table_id))} (entity_key, event_us, created_us, "
-            "features) VALUES (?, ?, ?, ?) ON CONFLICT(entity_key) DO UPDATE SET "
-            "event_us = excluded.event_us, created_us = excluded.created_us, "
-            "features = excluded.features "
-            "WHERE (excluded.event_us, excluded.created_us) > (event_us, created_us)"
-        )
+        upsert, upsert_entity = newest_wins_upserts(table_id)
         version = config.entity_key_serialization_version
         rows, entities = [], []
         for entity_key, values, event_ts, created_ts in data:

@@ -20,12 +20,12 @@ from typing import Literal
 
 from feast.feature_view import FeatureView
 from feast.infra.key_encoding_utils import serialize_entity_key
-from feast.infra.online_stores.sqlite import _quote_id, _table_id
+from feast.infra.online_stores.sqlite import _table_id
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.repo_config import RepoConfig
 
-from keel.mirrors.feast_online_stores import KeelSqliteOnlineStore, entity_table
+from keel.mirrors.feast_online_stores import KeelSqliteOnlineStore, newest_wins_upserts
 
 Kind = Literal["double", "int64"]
 
@@ -59,24 +59,8 @@ class NumericRowWriter:
         table_id = _table_id(
             config.project, view, config.registry.enable_online_feature_view_versioning
         )
-        # The statements of KeelSqliteOnlineStore.online_write_batch, word for word.
-        self.upsert = (
-            f"INSERT INTO {_quote_id(table_id)} (entity_key, feature_name, value, value_text, "
-            "event_ts, created_ts, event_us, created_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(entity_key, feature_name) DO UPDATE SET value = excluded.value, "
-            "value_text = excluded.value_text, event_ts = excluded.event_ts, "
-            "created_ts = excluded.created_ts, event_us = excluded.event_us, "
-            "created_us = excluded.created_us "
-            "WHERE (excluded.event_us, excluded.created_us) > "
-            f"(coalesce(event_us, event_ts * 1000000), coalesce(created_us, {-(2**63)}))"
-        )
-        self.upsert_entity = (
-            f"INSERT INTO {_quote_id(entity_table(table_id))} (entity_key, event_us, "
-            "created_us, features) VALUES (?, ?, ?, ?) ON CONFLICT(entity_key) DO UPDATE SET "
-            "event_us = excluded.event_us, created_us = excluded.created_us, "
-            "features = excluded.features "
-            "WHERE (excluded.event_us, excluded.created_us) > (event_us, created_us)"
-        )
+        # The statements of KeelSqliteOnlineStore.online_write_batch itself.
+        self.upsert, self.upsert_entity = newest_wins_upserts(table_id)
 
     def key(self, entity: int) -> bytes:
         """Feast's serialised entity key of one int64 join key value."""
