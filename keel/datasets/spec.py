@@ -43,6 +43,7 @@ PARTITIONINGS = ("daily", "none")
 LABEL_TIMINGS = ("stream", "retrospective")
 RULE_CHECKS = ("not_null", "between", "in_set", "unique")
 PERIODS = ("day", "month", "snapshot")
+MODEL_FAMILIES = ("lightgbm", "torch")
 
 
 class SpecError(ValueError):
@@ -137,6 +138,8 @@ class DatasetSpec:
     labels_model: str
     # A cron expression: the dataset's job runs on it (a file refreshed in place, say).
     schedule: str | None = None
+    # The model families trained and judged; the best that passes its gates is registered.
+    families: tuple[str, ...] = MODEL_FAMILIES
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -400,6 +403,7 @@ def parse_spec(data: Any, folder: Path, where: str) -> DatasetSpec:
         features_model=marts.name("features"),
         labels_model=marts.name("labels"),
         schedule=top.get("schedule", str, None),
+        families=model.names("families", list(MODEL_FAMILIES)),
     )
     for section in (entity, features, model, marts, top):
         section.done()
@@ -437,6 +441,12 @@ def _cross_check(spec: DatasetSpec, where: str) -> None:
             raise _fail(f"{where}.marts", f"{model!r} is not one of marts.dbt_models")
     if spec.entity_key not in spec.columns:
         raise _fail(f"{where}.entity.key", f"{spec.entity_key!r} is not a declared column")
+    unknown = [f for f in spec.families if f not in MODEL_FAMILIES]
+    if unknown or not spec.families or len(set(spec.families)) < len(spec.families):
+        raise _fail(
+            f"{where}.model.families",
+            f"{list(spec.families)!r} must list some of {', '.join(MODEL_FAMILIES)}, each once",
+        )
 
 
 def load_spec(folder: str | Path) -> DatasetSpec:
