@@ -36,8 +36,8 @@ def prepare_dagster_home(paths: KeelPaths, profile: str) -> Path:
 
         # The instance file and the MLflow resource read the environment; default to this
         # machine's services, as `keel team up` starts them.
-        os.environ.setdefault(services.PG_URL_ENV, services.dagster_pg_url())
-        os.environ.setdefault(services.MLFLOW_URL_ENV, services.DEFAULT_MLFLOW_URL)
+        for name, value in services.environment_defaults(paths).items():
+            os.environ.setdefault(name, value)
     return paths.dagster_home
 
 

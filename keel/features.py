@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 PROFILE_CONFIG_FILES = {
     "local": "feature_store.yaml",
+    "team": "feature_store.team.yaml",
     "production": "feature_store.production.yaml",
 }
 

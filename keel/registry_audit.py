@@ -174,10 +174,34 @@ def audit_tables(metadata):  # -> (audit, pending) sqlalchemy Tables
     return audit, pending
 
 
-def create_tables(engine, audit) -> None:
-    """Create the tables, with triggers that refuse UPDATE and DELETE on the audit table."""
+def _owns_the_tables(connection) -> bool:
+    """Whether this Postgres role owns the audit table (a writer role only inserts and reads)."""
     import sqlalchemy as sa
 
+    owner = connection.execute(
+        sa.text("select tableowner from pg_tables where tablename = :name"), {"name": AUDIT_TABLE}
+    ).scalar()
+    if owner is None:
+        return True
+    return bool(
+        connection.execute(
+            sa.text("select pg_has_role(current_user, :owner, 'USAGE')"), {"owner": owner}
+        ).scalar()
+    )
+
+
+def create_tables(engine, audit) -> None:
+    """Create the tables, with triggers that refuse UPDATE and DELETE on the audit table.
+
+    On Postgres a role that does not own the tables (the writer role of
+    :func:`grant_writer`) finds them made and leaves them as they are.
+    """
+    import sqlalchemy as sa
+
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            if not _owns_the_tables(connection):
+                return
     audit.metadata.create_all(engine, checkfirst=True)
     message = f"{AUDIT_TABLE} is append-only"
     with engine.begin() as connection:
@@ -209,6 +233,31 @@ def create_tables(engine, audit) -> None:
                     f"ON {AUDIT_TABLE} FOR EACH STATEMENT EXECUTE FUNCTION {AUDIT_TABLE}_refuse()"
                 )
             )
+
+
+def grant_writer(engine, role: str) -> None:
+    """Let Postgres ``role`` append to and read the audit log, and nothing more.
+
+    Run by the tables' owner. The role may INSERT and SELECT the audit table (and draw its ids);
+    UPDATE, DELETE and TRUNCATE are not granted, so the database refuses them before any
+    trigger runs, and a role that owns nothing cannot drop the triggers either. The pending
+    table, whose rows are deleted once their change is applied, is a separate grant.
+    """
+    import sqlalchemy as sa
+
+    create_tables(engine, audit_tables(sa.MetaData())[0])
+    quoted = engine.dialect.identifier_preparer.quote(role)
+    with engine.begin() as connection:
+        sequence = connection.execute(
+            sa.text("select pg_get_serial_sequence(:table, 'id')"), {"table": AUDIT_TABLE}
+        ).scalar()
+        for statement in (
+            f"REVOKE ALL ON {AUDIT_TABLE}, {PENDING_TABLE} FROM PUBLIC, {quoted}",
+            f"GRANT SELECT, INSERT ON {AUDIT_TABLE} TO {quoted}",
+            f"GRANT USAGE ON SEQUENCE {sequence} TO {quoted}",
+            f"GRANT SELECT, INSERT, DELETE ON {PENDING_TABLE} TO {quoted}",
+        ):
+            connection.execute(sa.text(statement))
 
 
 def _to_record(row: Mapping[str, Any]) -> AuditRecord:

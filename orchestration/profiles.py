@@ -135,8 +135,30 @@ def team_resources(paths: KeelPaths) -> dict[str, Any]:
 
     Its Dagster instance (Postgres) and executor (Celery workers) are what differ most.
     """
+    local = local_resources(paths)
     return {
-        **local_resources(paths),
+        **local,
+        # Feast: SQL registry on Postgres and Redis online store that every worker shares;
+        # the offline store reads the marts' Parquet in the shared data folder.
+        "feature_store": FeatureStoreResource(
+            repo_path=str(FEATURE_REPO_DIR),
+            config_file="feature_store.team.yaml",
+            marts=str(paths.marts),
+            variables={
+                "KEEL_HOME": str(paths.home),
+                "KEEL_FEAST_REGISTRY_URL": dg.EnvVar("KEEL_FEAST_REGISTRY_URL"),
+                "KEEL_FEAST_REDIS": dg.EnvVar("KEEL_FEAST_REDIS"),
+            },
+        ),
+        # The audit log in Postgres, written by a role that may only INSERT and SELECT it
+        # (`keel team up` creates both); its key is a secret every worker shares.
+        "governance": ModelGovernance(
+            **{
+                **local["governance"].model_dump(),
+                "audit_uri": dg.EnvVar("KEEL_REGISTRY_AUDIT_URI"),
+                "audit_key": dg.EnvVar("KEEL_REGISTRY_AUDIT_KEY"),
+            }
+        ),
         # `keel team up` serves MLflow on Postgres; artefacts go to the shared data folder.
         "mlflow": MlflowResource(
             tracking_uri=dg.EnvVar("KEEL_MLFLOW_TRACKING_URI"),

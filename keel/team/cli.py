@@ -36,6 +36,11 @@ def up(workers: int, gpu_workers: int, mlflow_host: str, mlflow_port: int) -> No
     created = services.ensure_database(url)
     click.echo(f"dagster storage  {url} ({'created' if created else 'exists'})")
     paths = KeelPaths.current().ensure()
+    role = services.ensure_audit_store()
+    click.echo(f"registry audit   {services.audit_uri()} (role {role}: INSERT and SELECT only)")
+    feast = services.feast_registry_url()
+    services.ensure_database(feast.replace("+psycopg", "", 1))
+    click.echo(f"feast registry   {feast}")
     home = services.write_instance_file(paths)
     click.echo(f"DAGSTER_HOME     {home}")
     if services.recorded(paths):

@@ -26,6 +26,15 @@ MLFLOW_PG_URL_ENV = "KEEL_MLFLOW_PG_URL"
 MLFLOW_URL_ENV = "KEEL_MLFLOW_TRACKING_URI"
 DEFAULT_MLFLOW_URL = "http://127.0.0.1:5000"
 DEFAULT_MLFLOW_PG_URL = "postgresql://postgres@127.0.0.1:5432/keel_mlflow"
+# The registry's audit log: its own database, written by a role that may only INSERT and SELECT.
+AUDIT_URI_ENV = "KEEL_REGISTRY_AUDIT_URI"
+DEFAULT_AUDIT_URI = "postgresql://keel_audit_writer@127.0.0.1:5432/keel_audit"
+AUDIT_KEY_ENV = "KEEL_REGISTRY_AUDIT_KEY"
+# Feast: SQL registry on Postgres, Redis online store (feature_repo/feature_store.team.yaml).
+FEAST_REGISTRY_ENV = "KEEL_FEAST_REGISTRY_URL"
+DEFAULT_FEAST_REGISTRY = "postgresql+psycopg://postgres@127.0.0.1:5432/keel_feast"
+FEAST_REDIS_ENV = "KEEL_FEAST_REDIS"
+DEFAULT_FEAST_REDIS = "127.0.0.1:6379"
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,73 @@ def mlflow_pg_url() -> str:
     return os.environ.get(MLFLOW_PG_URL_ENV, "").strip() or DEFAULT_MLFLOW_PG_URL
 
 
+def audit_uri() -> str:
+    """The audit log's SQLAlchemy URL, whose user is the insert-and-select writer role."""
+    return os.environ.get(AUDIT_URI_ENV, "").strip() or DEFAULT_AUDIT_URI
+
+
+def feast_registry_url() -> str:
+    """Feast's SQL registry: ``KEEL_FEAST_REGISTRY_URL`` or this machine's Postgres."""
+    return os.environ.get(FEAST_REGISTRY_ENV, "").strip() or DEFAULT_FEAST_REGISTRY
+
+
+def audit_key(paths: KeelPaths) -> str:
+    """The audit key: ``KEEL_REGISTRY_AUDIT_KEY``, else a 0600 key file in the data folder.
+
+    Every machine mounts the same data folder, so every worker chains the log with one key.
+    """
+    from keel.registry_audit import KEY_FILE_NAME, load_key
+
+    secret = os.environ.get(AUDIT_KEY_ENV, "").strip()
+    return load_key(secret, "" if secret else state_dir(paths) / KEY_FILE_NAME).decode()
+
+
+def _admin_url(url: str, database: str) -> str:
+    """``url``'s server and ``database`` as Dagster's storage user (who creates databases)."""
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(dagster_pg_url())
+    target = make_url(url)
+    return target.set(
+        drivername="postgresql",
+        username=admin.username,
+        password=admin.password,
+        database=database,
+    ).render_as_string(hide_password=False)
+
+
+def ensure_audit_store() -> str:
+    """Create the audit database, its writer role and tables; grant INSERT and SELECT only.
+
+    The tables belong to the administrating user; the role in ``KEEL_REGISTRY_AUDIT_URI`` may
+    append records and read them, never change or delete one. Returns the role's name.
+    """
+    import psycopg
+    import sqlalchemy
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    from keel.registry_audit import grant_writer
+
+    target = make_url(audit_uri())
+    role, database = target.username, target.database
+    if not role or not database:
+        raise SettingsError(f"{AUDIT_URI_ENV} must name a user and a database: {target}")
+    ensure_database(_admin_url(audit_uri(), database))
+    with psycopg.connect(_admin_url(audit_uri(), "postgres"), autocommit=True) as connection:
+        if not connection.execute("select 1 from pg_roles where rolname = %s", [role]).fetchone():
+            statement = sql.SQL("create role {} login").format(sql.Identifier(role))
+            if target.password:
+                statement += sql.SQL(" password {}").format(sql.Literal(target.password))
+            connection.execute(statement)
+    engine = sqlalchemy.create_engine(_admin_url(audit_uri(), database))
+    try:
+        grant_writer(engine, role)
+    finally:
+        engine.dispose()
+    return role
+
+
 def write_instance_file(paths: KeelPaths) -> Path:
     """Write the team instance file into the data folder's DAGSTER_HOME."""
     target = paths.ensure().dagster_home / "dagster.yaml"
@@ -70,17 +146,25 @@ def write_instance_file(paths: KeelPaths) -> Path:
 
 def team_environment(paths: KeelPaths) -> dict[str, str]:
     """The environment of a worker: this one, on the team instance unless it names another."""
-    defaults = {
-        "DAGSTER_HOME": str(paths.dagster_home),
-        PG_URL_ENV: dagster_pg_url(),
-        MLFLOW_URL_ENV: DEFAULT_MLFLOW_URL,
-    }
+    defaults = {"DAGSTER_HOME": str(paths.dagster_home), **environment_defaults(paths)}
     return {
         **defaults,
         **os.environ,
         "KEEL_PROFILE": "team",
         "KEEL_HOME": str(paths.home),
         "PYTHONPATH": str(PROJECT_ROOT),
+    }
+
+
+def environment_defaults(paths: KeelPaths) -> dict[str, str]:
+    """What the team profile reads from the environment, as this machine's services have it."""
+    return {
+        PG_URL_ENV: dagster_pg_url(),
+        MLFLOW_URL_ENV: DEFAULT_MLFLOW_URL,
+        AUDIT_URI_ENV: audit_uri(),
+        AUDIT_KEY_ENV: audit_key(paths),
+        FEAST_REGISTRY_ENV: feast_registry_url(),
+        FEAST_REDIS_ENV: DEFAULT_FEAST_REDIS,
     }
 
 
@@ -149,7 +233,8 @@ def worker_command(queue: str, name: str) -> list[str]:
         "keel.team.celery_app",
         "worker",
         "-Q",
-        queue_name(queue),
+        # "default,gpu": one worker that takes both queues' steps.
+        ",".join(queue_name(q) for q in queue.split(",")),
         # The step runs in the worker's process: killing the worker kills its step, and the
         # broker hands the unacknowledged step to another worker.
         "--pool",
