@@ -77,8 +77,8 @@ def dataset_table(spec: DatasetSpec) -> RawTable:
 
 
 def raw_tables() -> tuple[RawTable, ...]:
-    """Every raw table: the built-in ones and one per dataset folder with a file source."""
-    files = [dataset_table(spec) for spec in discover() if spec.source.kind == "file"]
+    """Every raw table: the built-in ones and one per dataset folder loading files or landings."""
+    files = [dataset_table(spec) for spec in discover() if spec.source.kind in ("file", "landing")]
     return (*RAW_TABLES, *files)
 
 

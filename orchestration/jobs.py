@@ -37,11 +37,13 @@ reference_data = dg.define_asset_job(
 
 
 def dataset_job(spec: DatasetSpec):
-    """A dataset's own job: raw table to training set, model, registration, scores, drift."""
+    """A dataset's own job: raw table, Feast, training set, models, registration, scores, drift."""
     return dg.define_asset_job(
         spec.name,
         selection=(
             dg.AssetSelection.groups(spec.name)
+            # Its Feast objects applied before its training set is built, on a fresh folder too.
+            | dg.AssetSelection.assets("feast_registry")
             # The dataset's marts and the dbt models upstream of them, as dbt selects them.
             | build_dbt_asset_selection(
                 [dbt_models], " ".join(f"+{m}" for m in (spec.features_model, spec.labels_model))

@@ -470,3 +470,227 @@ def test_dataset_list_names_each_folder_and_reports_a_broken_one(tmp_path, monke
     spec_file.write_text(spec_file.read_text().replace("timing: retrospective", "timing: later"))
     broken = CliRunner().invoke(cli, ["dataset", "list"])
     assert broken.exit_code != 0 and "label.timing: 'later' is not one of" in broken.output
+
+
+def credit_rows(rows: int = 3_000, seed: int = 4) -> pd.DataFrame:
+    """Taiwan-shaped training rows whose default risk rises with delays and falls with limit."""
+    rng = np.random.default_rng(seed)
+    spec = load_spec(TAIWAN_DIR)
+    features = {name: rng.normal(0, 1, rows) for name in spec.numeric_features}
+    risk = -1.3 + 1.2 * features["max_delay_3m"] + 0.6 * features["utilisation"]
+    risk -= 0.5 * features["limit_bal"]
+    return pd.DataFrame(
+        {
+            "client_id": np.arange(rows),
+            "event_timestamp": pd.Timestamp("2005-10-31", tz="UTC"),
+            "observation_date": pd.Timestamp("2005-09-30", tz="UTC"),
+            "defaulted": (rng.random(rows) < 1 / (1 + np.exp(-risk))).astype("int64"),
+            **features,
+            "sex": rng.choice(["F", "M"], rows),
+            "age_band": rng.choice(["26-35", "36-45"], rows),
+            "marriage": rng.choice(["married", "single"], rows),
+            "education": rng.choice(["university", "graduate school"], rows),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def two_families():
+    """Both families fitted on the same parts and judged alike; limit_bal may never raise risk."""
+    from keel.datasets.families import fit_lightgbm, fit_torch
+    from keel.datasets.modeling import judge, split
+
+    spec = load_spec(TAIWAN_DIR)
+    spec = dataclasses.replace(
+        spec,
+        monotone={**spec.monotone, "limit_bal": -1},
+        gates={**spec.gates, "bootstrap_samples": 100},
+    )
+    parts = split(spec, credit_rows(2_000))
+    fitted = {
+        "lightgbm": fit_lightgbm(spec, parts),
+        "torch": fit_torch(spec, parts, device="cpu", max_epochs=6),
+    }
+    judged = {family: judge(spec, model, parts) for family, model in fitted.items()}
+    return spec, parts, fitted, judged
+
+
+def test_both_families_keep_the_monotone_directions_and_the_champion_is_the_best_that_passed(
+    two_families,
+):
+    from keel.datasets.families import champion, model_files, model_from_files
+    from keel.datasets.modeling import families_markdown
+
+    spec, parts, fitted, judgements = two_families
+    test = parts["test"].head(200)
+    for family, model in fitted.items():
+        assert judgements[family].passed, (family, judgements[family].gates)
+        assert judgements[family].metrics["roc_auc"] > 0.68
+        # More months in arrears never lowers the score; a higher limit never raises it.
+        for feature, direction in (("max_delay_3m", 1), ("limit_bal", -1)):
+            scores = np.array(
+                [model.predict(test.assign(**{feature: value})) for value in (-2.0, 0.0, 2.0)]
+            )
+            assert (direction * np.diff(scores, axis=0) >= -1e-9).all(), (family, feature)
+        # The files written are the model judged: the same scores read back.
+        again = model_from_files(model_files(model))
+        assert again.family == family
+        np.testing.assert_allclose(again.predict(test), model.predict(test), rtol=1e-6)
+    aucs = {family: j.metrics["roc_auc"] for family, j in judgements.items()}
+    assert champion(judgements) == max(aucs, key=aucs.get)
+    report = families_markdown(judgements, champion(judgements))
+    assert f"## {champion(judgements)} (champion)" in report and "(challenger)" in report
+    for attribute in spec.protected_attributes:
+        assert f"### {attribute}: passed" in report
+    assert "| group | rows | positives | positive rate | flagged | AUC | TPR | FPR |" in report
+
+
+def test_a_family_that_fails_its_fairness_gate_is_not_registered(two_families):
+    from assets.datasets import registration
+    from keel.datasets.families import champion
+    from keel.datasets.modeling import families_markdown, judge
+
+    spec, parts, fitted, judged = two_families
+    judged = dict(judged)
+    # A policy no disparity meets (no gap at all allowed) fails whichever family it judges.
+    strict = dataclasses.replace(
+        spec,
+        gates={
+            **spec.gates,
+            "max_demographic_parity_difference": 0.0,
+            "max_equalized_odds_difference": 0.0,
+        },
+    )
+    best = max(judged, key=lambda family: judged[family].metrics["roc_auc"])
+    other = next(family for family in judged if family != best)
+    judged[best] = judge(strict, fitted[best], parts)
+    fairness = next(g for g in judged[best].gates if g["name"] == "fairness")
+    assert not fairness["passed"] and judged[best].metrics["roc_auc"] > 0.68
+    assert champion(judged) == other
+    record = {
+        "champion": champion(judged),
+        "families": {
+            family: {
+                "run_id": f"run-{family}",
+                "metrics": j.metrics,
+                "gates": j.gates,
+                "passed": j.passed,
+            }
+            for family, j in judged.items()
+        },
+    }
+    candidate = registration(record)
+    assert candidate["run_id"] == f"run-{other}" and all(candidate["gates"].values())
+    tags = candidate["extra_tags"]
+    assert tags["keel.champion_family"] == other
+    assert tags[f"keel.challenger.{best}.gates_passed"] == "false"
+    assert float(tags[f"keel.challenger.{best}.roc_auc"]) == pytest.approx(
+        judged[best].metrics["roc_auc"], rel=1e-5
+    )
+    report = families_markdown(judged, other)
+    assert f"## {best} (challenger)" in report and "**failed a gate**" in report
+    assert "### sex: failed" in report
+    # No family past its gates: nothing to register.
+    judged[other] = judge(strict, fitted[other], parts)
+    record["families"][other]["passed"] = judged[other].passed
+    record["champion"] = champion(judged)
+    assert record["champion"] is None
+    with pytest.raises(ValueError, match="no family passed every gate"):
+        registration(record)
+
+
+def daily_loans(tmp_path: Path, monkeypatch) -> tuple[Path, pd.DataFrame]:
+    """The scaffolded loans dataset made daily: one landing file per screening day."""
+    from click.testing import CliRunner
+
+    from keel.cli import cli
+
+    monkeypatch.setenv("KEEL_DATASETS_DIR", relative_to_dbt(tmp_path / "datasets"))
+    source = tmp_path / "applications.csv"
+    frame = write_screening_file(source, rows=600)
+    result = CliRunner().invoke(cli, ["dataset", "new", "loans", "--from", str(source)])
+    assert result.exit_code == 0, result.output
+    spec_file = tmp_path / "datasets" / "loans" / "dataset.yaml"
+    data = yaml.safe_load(spec_file.read_text())
+    data["source"] = {
+        "kind": "landing",
+        "path": "loans/{day}.csv",
+        "rename": data["source"]["rename"],
+    }
+    data.update(partitions="daily", first_day="2024-01-01")
+    data["dataset_checks"]["min_rows"] = 1
+    spec_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    return spec_file.parent, frame
+
+
+def test_a_daily_dataset_loads_scores_and_monitors_one_day_at_a_time(
+    tmp_path, monkeypatch, data_resources, keel_home
+):
+    import json
+
+    import dagster as dg
+
+    from assets.datasets import dataset_drift, dataset_landing_raw, dataset_scores
+    from assets.ingestion import validation_check
+    from keel.datasets.families import fit_lightgbm, model_files
+    from keel.datasets.modeling import split
+
+    folder, frame = daily_loans(tmp_path, monkeypatch)
+    spec = load_spec(folder)
+    frame["day"] = frame["screening_date"].dt.strftime("%Y-%m-%d")
+    days = frame["day"].value_counts()
+    day, other = days.index[0], days.index[1]
+    landing = keel_home.landing / "loans"
+    landing.mkdir(parents=True)
+    for name in (day, other):
+        frame[frame["day"] == name].drop(columns="day").to_csv(landing / f"{name}.csv", index=False)
+    raw = dataset_landing_raw(spec)
+    assert raw.partitions_def == dg.DailyPartitionsDefinition(start_date="2024-01-01")
+    assets = [raw, validation_check(raw, spec.raw_table)]
+    loaded = dg.materialize(assets, partition_key=day, resources=data_resources)
+    assert loaded.success
+    assert all(e.passed for e in loaded.get_asset_check_evaluations())
+    # A day whose file has not landed fails naming it, and loads nothing.
+    missing = "2025-06-30"
+    failed = dg.materialize(
+        assets, partition_key=missing, resources=data_resources, raise_on_error=False
+    )
+    assert not failed.success
+    assert str(landing / f"{missing}.csv") in str(failed.get_step_failure_events()[0])
+    with duckdb.connect(str(keel_home.warehouse)) as connection:
+        partitions = dict(
+            connection.execute(
+                f"select _partition, count(*) from raw.{spec.raw_table} group by 1"
+            ).fetchall()
+        )
+    assert partitions == {day: days[day]}
+    # The registered model scores one day's rows, and that day's drift is reported.
+    rows = frame.rename(columns={"Applicant ID": "applicant_id", "Income": "income"})
+    rows["event_timestamp"] = pd.to_datetime(rows["screening_date"], utc=True)
+    rows["observation_date"] = rows["event_timestamp"]
+    mart = keel_home.marts / spec.features_mart
+    mart.parent.mkdir(parents=True, exist_ok=True)
+    rows.drop(columns="defaulted").to_parquet(mart)
+    training = keel_home.artefacts / "training.parquet"
+    rows.to_parquet(training)
+    model = fit_lightgbm(spec, split(spec, rows))
+    models = keel_home.artefacts / "models" / spec.name
+    (models / "run-1").mkdir(parents=True)
+    files = model_files(model)
+    for name, data in files.items():
+        (models / "run-1" / name).write_bytes(data)
+    registered = {"run_id": "run-1", "files": sorted(files), "threshold": 0.5, "version": "1"}
+    registered.update(family="lightgbm", training_set=str(training))
+    (models / "registered.json").write_text(json.dumps(registered))
+    scores = dataset_scores(spec, raw)
+    drift = dataset_drift(spec, scores)
+    assert scores.partitions_def == drift.partitions_def == raw.partitions_def
+    run = dg.materialize([scores, drift], partition_key=day, resources=data_resources)
+    built = {
+        e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+        for e in run.get_asset_materialization_events()
+    }
+    assert built["loans/scores"]["rows"].value == days[day]
+    assert built["loans/drift"]["load"].value == day
+    scored = pd.read_parquet(keel_home.artefacts / "scores" / "loans" / f"{day}.parquet")
+    assert set(scored["applicant_id"]) == set(rows.loc[rows["day"] == day, "applicant_id"])

@@ -1,4 +1,4 @@
-"""A dataset's model: LightGBM on its training set, judged by its own gates and fairness policy.
+"""A dataset's models judged by its own gates and fairness policy, on the same held-out rows.
 
 The split follows the label's timing: rows ordered by the time their outcome became known,
 the earliest for training, so no training label postdates a validation one. A snapshot, where
@@ -12,50 +12,25 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 
 from keel.datasets.spec import DatasetSpec
 
+
+class Scorer(Protocol):
+    """A fitted model of any family (``keel.datasets.families.DatasetModel``)."""
+
+    def predict(self, rows: pd.DataFrame) -> np.ndarray: ...
+
+
 SHARES = (0.7, 0.15)  # train, validation; the rest is the test part
-LIGHTGBM_PARAMS = {
-    "objective": "binary",
-    "learning_rate": 0.05,
-    "num_leaves": 31,
-    "min_child_samples": 50,
-    "feature_fraction": 0.9,
-    "verbosity": -1,
-    "seed": 7,
-}
-MAX_ROUNDS = 400
 
 
 class DatasetModelError(ValueError):
     """A training set this module cannot fit or judge a model on."""
-
-
-@dataclass
-class DatasetModel:
-    """A fitted booster with the spec's feature order and category vocabularies."""
-
-    booster: Any
-    features: tuple[str, ...]
-    categories: dict[str, tuple[str, ...]]
-
-    def frame(self, rows: pd.DataFrame) -> pd.DataFrame:
-        """The model's inputs: numbers as floats, categories coded by the spec's vocabulary."""
-        columns = {}
-        for name in self.features:
-            if name in self.categories:
-                columns[name] = pd.Categorical(rows[name], categories=self.categories[name])
-            else:
-                columns[name] = pd.to_numeric(rows[name], errors="coerce").astype("float64")
-        return pd.DataFrame(columns, index=rows.index)
-
-    def predict(self, rows: pd.DataFrame) -> np.ndarray:
-        return self.booster.predict(self.frame(rows))
 
 
 @dataclass
@@ -101,31 +76,7 @@ def split(spec: DatasetSpec, frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return parts
 
 
-def fit(spec: DatasetSpec, parts: dict[str, pd.DataFrame]) -> DatasetModel:
-    """LightGBM with the spec's monotone directions, early-stopped on the validation part."""
-    import lightgbm as lgb
-
-    model = DatasetModel(None, spec.features, dict(spec.categorical_features))
-    label = spec.label.column
-    params = {
-        **LIGHTGBM_PARAMS,
-        "monotone_constraints": [spec.monotone.get(name, 0) for name in spec.features],
-    }
-    train = lgb.Dataset(model.frame(parts["train"]), parts["train"][label].to_numpy())
-    validation = lgb.Dataset(
-        model.frame(parts["validation"]), parts["validation"][label].to_numpy(), reference=train
-    )
-    model.booster = lgb.train(
-        params,
-        train,
-        num_boost_round=MAX_ROUNDS,
-        valid_sets=[validation],
-        callbacks=[lgb.early_stopping(30, verbose=False)],
-    )
-    return model
-
-
-def judge(spec: DatasetSpec, model: DatasetModel, parts: dict[str, pd.DataFrame]) -> Judgement:
+def judge(spec: DatasetSpec, model: Scorer, parts: dict[str, pd.DataFrame]) -> Judgement:
     """Quality and fairness on the test part against the dataset's gate policy."""
     from sklearn.metrics import roc_auc_score
 
@@ -154,6 +105,13 @@ def judge(spec: DatasetSpec, model: DatasetModel, parts: dict[str, pd.DataFrame]
         samples=policy.bootstrap_samples,
         confidence=policy.confidence,
     )
+    _add_group_auc(fairness, labels, scores, test[list(spec.protected_attributes)])
+    bounds = {
+        "demographic_parity_difference": policy.max_demographic_parity_difference,
+        "equalized_odds_difference": policy.max_equalized_odds_difference,
+    }
+    for result in fairness.values():
+        result["verdict"] = _verdict(result, bounds)
     quality = {
         "name": "minimum_quality",
         "passed": auc >= policy.min_roc_auc,
@@ -174,6 +132,29 @@ def judge(spec: DatasetSpec, model: DatasetModel, parts: dict[str, pd.DataFrame]
     )
 
 
+def _add_group_auc(
+    fairness: dict[str, Any], labels: np.ndarray, scores: np.ndarray, protected: pd.DataFrame
+) -> None:
+    """Each group's ROC AUC on its own rows (None with a single label value), in place."""
+    from sklearn.metrics import roc_auc_score
+
+    for attribute, result in fairness.items():
+        # The groups as the fairness report names them.
+        groups = protected[attribute].astype("string").fillna("(missing)").to_numpy()
+        for group in result["groups"]:
+            rows = groups == group["group"]
+            both = len(np.unique(labels[rows])) == 2
+            group["auc"] = float(roc_auc_score(labels[rows], scores[rows])) if both else None
+
+
+def _verdict(result: dict[str, Any], bounds: dict[str, float]) -> str:
+    """An attribute's verdict as the fairness gate decides it (the low end above a bound)."""
+    if result["intervals"] is None:
+        return "not judged"
+    breached = any(result["intervals"][name][0] > bound for name, bound in bounds.items())
+    return "failed" if breached else "passed"
+
+
 def fairness_markdown(judgement: Judgement) -> str:
     """One table per protected attribute, and its disparities with their intervals."""
     from keel.reporting import markdown_table
@@ -187,16 +168,17 @@ def fairness_markdown(judgement: Judgement) -> str:
                 g["positives"],
                 f"{g['positives'] / g['count']:.1%}" if g["count"] else "",
                 f"{g['selection_rate']:.1%}",
+                "" if g.get("auc") is None else f"{g['auc']:.3f}",
                 f"{g['tpr']:.1%}",
                 f"{g['fpr']:.1%}",
                 "yes" if g["judged"] else "too few",
             ]
             for g in result["groups"]
         ]
-        table = markdown_table(
-            ["group", "rows", "defaults", "default rate", "flagged", "TPR", "FPR", "judged"], rows
-        )
-        lines = [f"### {attribute}", "", table, ""]
+        header = ["group", "rows", "positives", "positive rate", "flagged", "AUC", "TPR", "FPR"]
+        table = markdown_table([*header, "judged"], rows)
+        verdict = result.get("verdict", "")
+        lines = [f"### {attribute}: {verdict}" if verdict else f"### {attribute}", "", table, ""]
         for name in ("demographic_parity_difference", "equalized_odds_difference"):
             if result[name] is None:
                 lines.append(f"- {name.replace('_', ' ')}: not judged (fewer than two groups)")
@@ -207,6 +189,20 @@ def fairness_markdown(judgement: Judgement) -> str:
     gate = next(g for g in judgement.gates if g["name"] == "fairness")
     verdict = "passed" if gate["passed"] else "**failed**"
     return "\n\n".join([f"Fairness gate {verdict}: {gate['detail']}.", *sections])
+
+
+def families_markdown(judgements: dict[str, Judgement], champion: str | None) -> str:
+    """Every family's fairness report under its own heading, the champion named."""
+    sections = []
+    for family, judgement in judgements.items():
+        role = "champion" if family == champion else "challenger"
+        auc = judgement.metrics["roc_auc"]
+        verdict = "passed every gate" if judgement.passed else "**failed a gate**"
+        heading = f"## {family} ({role}): ROC AUC {auc:.3f}, {verdict}"
+        sections.append(f"{heading}\n\n{fairness_markdown(judgement)}")
+    if champion is None:
+        sections.insert(0, "No family passed every gate: nothing is registered.")
+    return "\n\n".join(sections)
 
 
 def newest_rows(spec: DatasetSpec, features: pd.DataFrame) -> pd.DataFrame:
