@@ -24,8 +24,8 @@ GROUP = "features"
 FEAST_POOL = "feast"
 
 # The marts as dagster-dbt names them (its translator decides the keys, not this module).
-FEATURES_MART = get_asset_key_for_model([daily_dbt_models], "fct_account_features_daily")
-LABELS_MART = get_asset_key_for_model([daily_dbt_models], "fct_default_labels")
+FEATURES_MART = get_asset_key_for_model([daily_dbt_models], schema.FEATURES_MODEL)
+LABELS_MART = get_asset_key_for_model([daily_dbt_models], schema.LABELS_MODEL)
 
 
 class TrainingSetConfig(dg.Config):
@@ -157,7 +157,7 @@ def _complete_outcomes(spec: DatasetSpec, labels):
 def training_set(
     config: TrainingSetConfig, feature_store: FeatureStoreResource, artefacts: ArtefactStore
 ) -> dg.MaterializeResult:
-    """The lookback's labels joined point-in-time to default_risk_v1, named by content hash."""
+    """The lookback's labels joined point-in-time to the feature service, named by content hash."""
     return _training_set(
         feature_store,
         artefacts,

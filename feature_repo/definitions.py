@@ -95,9 +95,9 @@ account_daily_source = _mart_source(
 # row is at most one day old. Two days tolerate one late or missed daily run; after that a
 # training row gets nulls instead of silently reusing a value from before the outage.
 account_daily_fv = DeclaredFeatureView(
-    name="account_daily_fv",
+    name=schema.FEATURE_VIEW,
     entities=[account],
-    ttl=timedelta(days=2),
+    ttl=timedelta(days=schema.FEATURE_TTL_DAYS),
     schema=[Field(name=schema.ENTITY_KEY, dtype=Int64)]
     + [Field(name=name, dtype=Float64) for name in schema.DAILY_NUMERIC_FEATURES]
     + [Field(name=name, dtype=String) for name in schema.DAILY_CATEGORICAL_FEATURES],
@@ -108,6 +108,7 @@ account_daily_fv = DeclaredFeatureView(
 
 
 @on_demand_feature_view(
+    name=schema.ON_DEMAND_VIEW,
     sources=[account_daily_fv[list(RATIO_INPUTS)]],
     schema=[Field(name=name, dtype=Float64) for name in schema.ON_DEMAND_FEATURES],
     mode="pandas",

@@ -39,26 +39,26 @@ PROFILE_CONFIG_FILES = {
 }
 
 # The feature view that the daily online partitions write.
-DAILY_FEATURE_VIEW = "account_daily_fv"
+DAILY_FEATURE_VIEW = schema.FEATURE_VIEW
 
-# Inputs of the on-demand ratios; the divisors are floored at 1 so that a new or unused
-# account gets a finite ratio rather than a division by zero.
-RATIO_INPUTS = ("payments_30d", "spend_30d", "spend_7d", "balance", "credit_limit")
+# Inputs of the on-demand ratios, each once, in the order the ratios name them.
+RATIO_INPUTS = tuple(
+    dict.fromkeys(name for r in schema.ON_DEMAND_RATIOS for name in (r.numerator, r.denominator))
+)
 
 
 def account_ratios(columns: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The on-demand features of ``account_ratios_odfv``, computed from the daily features.
+    """The on-demand features of ``schema.ON_DEMAND_VIEW``, computed from the daily features.
 
-    Works on anything with the input columns (a DataFrame, a dict of lists or arrays), so the
-    feature view and the online fast path share one definition. Missing inputs give NaN.
+    Each is a ratio declared by the loop's dataset, its divisor floored (at 1) so that a new or
+    unused entity gets a finite ratio rather than a division by zero. Works on anything with
+    the input columns (a DataFrame, a dict of lists or arrays), so the feature view and the
+    online fast path share one definition. Missing inputs give NaN.
     """
-    payments_30d, spend_30d, spend_7d, balance, credit_limit = (
-        np.asarray(columns[name], dtype=np.float64) for name in RATIO_INPUTS
-    )
+    inputs = {name: np.asarray(columns[name], dtype=np.float64) for name in RATIO_INPUTS}
     return {
-        "payment_to_spend_30d": payments_30d / np.maximum(spend_30d, 1.0),
-        "spend_trend_7d_vs_30d": spend_7d / np.maximum(spend_30d * 7 / 30, 1.0),
-        "balance_to_limit": balance / np.maximum(credit_limit, 1.0),
+        ratio.name: ratio.compute(inputs[ratio.numerator], inputs[ratio.denominator])
+        for ratio in schema.ON_DEMAND_RATIOS
     }
 
 

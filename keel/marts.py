@@ -26,13 +26,13 @@ class MartExport:
 
 
 FEATURES_EXPORT = MartExport(
-    "fct_account_features_daily",
+    schema.FEATURES_MODEL,
     schema.FEATURES_MART,
     (schema.ENTITY_KEY, schema.EVENT_TIMESTAMP, schema.CREATED_TIMESTAMP, *schema.DAILY_FEATURES),
-    partition_column="feature_date",
+    partition_column=schema.FEATURES_DAY,
 )
 LABELS_EXPORT = MartExport(
-    "fct_default_labels",
+    schema.LABELS_MODEL,
     schema.LABELS_MART,
     (
         schema.ENTITY_KEY,
@@ -41,13 +41,9 @@ LABELS_EXPORT = MartExport(
         schema.LABEL,
         *schema.PROTECTED_ATTRIBUTES,
     ),
-    partition_column="label_date",
+    partition_column=schema.LABELS_DAY,
 )
-ACCOUNTS_EXPORT = MartExport(
-    "dim_accounts",
-    schema.ACCOUNTS_MART,
-    ("account_id", "opened_date", "age", "age_band", "sex", "region", "product", "credit_limit"),
-)
+ACCOUNTS_EXPORT = MartExport(schema.ENTITIES_MODEL, schema.ACCOUNTS_MART, schema.ENTITY_COLUMNS)
 DAILY_EXPORTS = (FEATURES_EXPORT, LABELS_EXPORT)
 STATIC_EXPORTS = (ACCOUNTS_EXPORT,)
 

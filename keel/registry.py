@@ -108,7 +108,7 @@ def _now() -> str:
 
 
 class ModelRegistry(ReleaseSteps, AccessSteps):
-    """The registered model ``keel-default-risk``: versions, approvals, aliases and audit trail.
+    """The registered model (``schema.REGISTERED_MODEL``): versions, approvals, aliases, audit.
 
     Every method that changes the registry runs under one cross-process lock, so parallel
     pipelines never meet SQLite's "database is locked" and never race on aliases. Use it as a

@@ -1,62 +1,62 @@
-"""Names shared by every stage: the entity, timestamps, features, label and protected groups.
+"""Names shared by every stage of the daily loop, read from the loop's dataset folder.
 
-The dbt marts produce these columns, Feast serves them, training and monitoring consume them.
-Changing a name here is a schema change for the whole loop.
+The dataset whose ``dataset.yaml`` says ``loop: daily`` (``keel.datasets.spec.loop_dataset``)
+names the entity, timestamps, features, label, protected groups, Feast objects, dbt marts and
+MLflow names; the dbt marts produce these columns, Feast serves them, training and monitoring
+consume them. Changing a name in that file is a schema change for the whole loop.
 """
 
-ENTITY = "account"
-ENTITY_KEY = "account_id"
-EVENT_TIMESTAMP = "event_timestamp"
-CREATED_TIMESTAMP = "created_timestamp"
-LABEL = "defaulted"
-LABEL_TIMESTAMP = "label_timestamp"
+from keel.datasets.spec import loop_dataset
 
-# The first day of the generated world: the generator's default start and the first daily
+_SPEC = loop_dataset()
+
+DATASET = _SPEC.name
+ENTITY = _SPEC.entity
+ENTITY_KEY = _SPEC.entity_key
+EVENT_TIMESTAMP = _SPEC.event_time
+# When a row was written (Feast's tie-break between two rows of one event time): every mart.
+CREATED_TIMESTAMP = "created_timestamp"
+LABEL = _SPEC.label.column
+# When a streamed label became known.
+LABEL_TIMESTAMP = _SPEC.label.known_at or _SPEC.label.observed_at
+
+# The first day of the loop's data: the generator's default start and the first daily
 # partition (ISO date).
-FIRST_DAY = "2026-01-01"
+FIRST_DAY = _SPEC.first_day or ""
 
 # Protected attributes travel with the labels (for fairness reports), never into the model.
-PROTECTED_ATTRIBUTES = ("age_band", "sex", "region")
+PROTECTED_ATTRIBUTES = _SPEC.protected_attributes
 
-# Columns of the daily feature mart `fct_account_features_daily` (one row per account per day,
-# stamped at the end of that day) that the feature view `account_daily_fv` serves.
-DAILY_NUMERIC_FEATURES = (
-    "spend_7d",
-    "spend_30d",
-    "spend_90d",
-    "payments_7d",
-    "payments_30d",
-    "payments_90d",
-    "transactions_7d",
-    "transactions_30d",
-    "active_days_30d",
-    "balance",
-    "utilisation",
-    "avg_utilisation_30d",
-    "max_utilisation_90d",
-    "missed_payments_30d",
-    "missed_payments_90d",
-    "credit_limit",
-    "tenure_days",
-)
-DAILY_CATEGORICAL_FEATURES = ("product", "main_channel_30d")
+# Columns of the daily features mart (one row per entity per day, stamped at the end of that
+# day) that the feature view ``FEATURE_VIEW`` serves.
+DAILY_NUMERIC_FEATURES = _SPEC.numeric_features
+DAILY_CATEGORICAL_FEATURES = tuple(_SPEC.categorical_features)
 DAILY_FEATURES = DAILY_NUMERIC_FEATURES + DAILY_CATEGORICAL_FEATURES
 
-# Computed at request time by the on-demand feature view `account_ratios_odfv`.
-ON_DEMAND_FEATURES = ("payment_to_spend_30d", "spend_trend_7d_vs_30d", "balance_to_limit")
+# Computed at request time by the on-demand feature view ``ON_DEMAND_VIEW``, one ratio each.
+ON_DEMAND_RATIOS = _SPEC.on_demand
+ON_DEMAND_FEATURES = _SPEC.on_demand_features
 
 MODEL_FEATURES = DAILY_FEATURES + ON_DEMAND_FEATURES
 CATEGORICAL_FEATURES = DAILY_CATEGORICAL_FEATURES
 NUMERIC_FEATURES = DAILY_NUMERIC_FEATURES + ON_DEMAND_FEATURES
+# Features whose rise never lowers the risk: the models are constrained to respect it.
+MONOTONE_INCREASING = tuple(f for f, direction in _SPEC.monotone.items() if direction == 1)
 
-FEATURE_SERVICE = "default_risk_v1"
+FEATURE_VIEW = _SPEC.feature_view
+# How long a feature row stays current in Feast: past it, a training row gets nulls.
+FEATURE_TTL_DAYS = _SPEC.feature_ttl_days
+ON_DEMAND_VIEW = _SPEC.on_demand_view
+FEATURE_SERVICE = _SPEC.feature_service
+EXPERIMENT = _SPEC.experiment
+REGISTERED_MODEL = _SPEC.registered_model
 
-# Categories the generator emits; anything else is an unknown category and is quarantined.
-PRODUCTS = ("classic", "gold", "platinum")
-CHANNELS = ("online", "pos", "atm", "branch")
-REGIONS = ("north", "south", "east", "west", "central")
-SEXES = ("F", "M")
-AGE_BANDS = ("18-25", "26-35", "36-50", "51-65", "66+")
+# Categories the source emits; anything else is an unknown category and is quarantined.
+PRODUCTS = _SPEC.vocabulary("product")
+CHANNELS = _SPEC.vocabulary("channel")
+REGIONS = _SPEC.vocabulary("region")
+SEXES = _SPEC.vocabulary("sex")
+AGE_BANDS = _SPEC.vocabulary("age_band")
 
 # Tags every training run carries in MLflow and every registered model version copies: the
 # lineage from a model back to its data, features, transformations and code.
@@ -73,9 +73,18 @@ LINEAGE_TAGS = (
     "keel.trained_by",
 )
 
+# The dbt models the loop reads: daily features, daily labels, the entity dimension.
+FEATURES_MODEL = _SPEC.features_model
+LABELS_MODEL = _SPEC.labels_model
+ENTITIES_MODEL = _SPEC.entities_model or ""
+ENTITY_COLUMNS = _SPEC.entity_columns
+# Each daily mart's day column: one Parquet file per value.
+FEATURES_DAY = _SPEC.mart_day_columns.get("features")
+LABELS_DAY = _SPEC.mart_day_columns.get("labels")
+
 # Where dbt lands the marts for Feast and other readers, relative to the marts folder
 # ($KEEL_HOME/marts): one Parquet file per daily partition, named YYYY-MM-DD.parquet.
 # Timestamps are UTC (`timestamp with time zone` in DuckDB, tz=UTC in Arrow).
-FEATURES_MART = "account_features_daily"  # one row per account per day
-LABELS_MART = "default_labels"  # one row per account per observation day; file = arrival day
-ACCOUNTS_MART = "accounts.parquet"  # one row per account: static and protected attributes
+FEATURES_MART = _SPEC.features_mart  # one row per entity per day
+LABELS_MART = _SPEC.labels_mart  # one row per entity per observation day; file = arrival day
+ACCOUNTS_MART = _SPEC.entities_mart  # one row per entity: static and protected attributes

@@ -158,7 +158,7 @@ def dbt_lineage(
     """Hash the dbt manifest and list the models that build ``marts`` and everything upstream.
 
     A model builds a mart when its name or alias is the mart's name or ends in ``_<mart>``
-    (``fct_account_features_daily``), or when its external location names the mart.
+    (``fct_<mart>``), or when its external location names the mart.
     """
     try:
         raw = Path(manifest_path).read_bytes()

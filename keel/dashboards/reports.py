@@ -4,7 +4,7 @@ The drift and performance assets record their full-data results in their materia
 metadata (the same results the retraining sensors read); a dataset folder's ``<name>/drift``
 asset records the PSI drift of each load. Each materialisation becomes one :class:`DailyReport`
 of its partition's day (an unpartitioned one: the day it was recorded); the dataset is the asset
-key's prefix (``taiwan/drift_report`` belongs to ``taiwan``), a ``dataset`` metadata entry when
+key's prefix (``loans/drift_report`` belongs to ``loans``), a ``dataset`` metadata entry when
 the key has none, else :data:`DEFAULT_DATASET`.
 """
 

@@ -6,6 +6,12 @@ protected attributes, the features (with vocabularies and monotone directions), 
 that must never become features, the validation rules with their reason codes, the bounds of
 the dataset-level checks, the gate bounds that differ from the defaults, and the names the
 model goes by. Every mistake is reported with the file and the key it sits under.
+
+One dataset drives the daily loop (generator, stream, serving, releases): the one whose
+``dataset.yaml`` says ``loop: daily``. A flag in the folder keeps the choice with the data it
+describes, so adding or swapping the loop's dataset is an edit of dataset folders alone;
+``loop_dataset`` finds it and ``keel.schema`` reads its names from it. The asset factories
+(``discover``) build every other folder.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass, field, fields
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,7 @@ import yaml
 from keel.gates import EvaluationError, GatePolicy
 from keel.registry_lineage import file_sha256
 from keel.settings import PROJECT_ROOT, datasets_dir
+from keel_edge.contract import Ratio
 
 # The shipped datasets; ``discover`` reads ``datasets_dir()`` (KEEL_DATASETS_DIR may move it).
 DATASETS_DIR = PROJECT_ROOT / "datasets"
@@ -28,6 +36,8 @@ DATASETS_DIR = PROJECT_ROOT / "datasets"
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 SPEC_FILE = "dataset.yaml"
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+# MLflow experiments and registered models may also carry hyphens (``team-risk``).
+MODEL_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 CRON = re.compile(r"^\s*(\S+\s+){4}\S+\s*$")
 # Raw columns are text; these are the types they are parsed to (and validated as).
 COLUMN_TYPES = {
@@ -44,6 +54,8 @@ LABEL_TIMINGS = ("stream", "retrospective")
 RULE_CHECKS = ("not_null", "between", "in_set", "unique")
 PERIODS = ("day", "month", "snapshot")
 MODEL_FAMILIES = ("lightgbm", "torch")
+LOOPS = ("daily",)
+MART_ROLES = ("features", "labels", "entities")
 
 
 class SpecError(ValueError):
@@ -140,6 +152,24 @@ class DatasetSpec:
     schedule: str | None = None
     # The model families trained and judged; the best that passes its gates is registered.
     families: tuple[str, ...] = MODEL_FAMILIES
+    # ``daily``: this dataset drives the daily loop (see the module docstring).
+    loop: str | None = None
+    # The first daily partition (ISO date) of a daily dataset.
+    first_day: str | None = None
+    # Feast names: the feature view of the features mart and the on-demand view of the ratios.
+    feature_view: str = ""
+    on_demand_view: str | None = None
+    # Features computed at request time from the mart's features (`keel_edge.contract.Ratio`).
+    on_demand: tuple[Ratio, ...] = ()
+    # Allowed values of raw columns that are not features (protected attributes, say).
+    vocabularies: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Where the marts land under the marts folder, when not ``<name>/<role>.parquet``; daily
+    # marts land one file per value of their day column.
+    mart_paths: dict[str, str] = field(default_factory=dict)
+    mart_day_columns: dict[str, str] = field(default_factory=dict)
+    # A dimension of the entity (static and protected attributes) landed whole, and its columns.
+    entities_model: str | None = None
+    entity_columns: tuple[str, ...] = ()
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -148,11 +178,26 @@ class DatasetSpec:
     @property
     def features_mart(self) -> str:
         """The features model as Parquet, relative to the marts folder."""
-        return f"{self.name}/features.parquet"
+        return self.mart_paths.get("features", f"{self.name}/features.parquet")
 
     @property
     def labels_mart(self) -> str:
-        return f"{self.name}/labels.parquet"
+        return self.mart_paths.get("labels", f"{self.name}/labels.parquet")
+
+    @property
+    def entities_mart(self) -> str:
+        return self.mart_paths.get("entities", f"{self.name}/entities.parquet")
+
+    @property
+    def on_demand_features(self) -> tuple[str, ...]:
+        return tuple(ratio.name for ratio in self.on_demand)
+
+    def vocabulary(self, column: str) -> tuple[str, ...]:
+        """The allowed values of ``column``: a categorical feature's or a declared vocabulary."""
+        values = self.categorical_features.get(column) or self.vocabularies.get(column)
+        if not values:
+            raise SpecError(f"dataset {self.name!r} declares no vocabulary for {column!r}")
+        return values
 
     @property
     def label_columns(self) -> tuple[str, ...]:
@@ -214,6 +259,8 @@ class _Reader:
 
     def choice(self, key: str, options: tuple[str, ...], default: Any = ...) -> str:
         value = self.get(key, str, default)
+        if value is None and default is None:
+            return value
         if value not in options:
             raise _fail(self._at(key), f"{value!r} is not one of {', '.join(options)}")
         return value
@@ -222,6 +269,12 @@ class _Reader:
         value = self.get(key, str, default)
         if value is not None and not NAME.match(value):
             raise _fail(self._at(key), f"{value!r} must be lower_snake_case")
+        return value
+
+    def model_name(self, key: str, default: Any = ...) -> str:
+        value = self.get(key, str, default)
+        if not MODEL_NAME.match(value):
+            raise _fail(self._at(key), f"{value!r} must be lower case: letters, digits, _ and -")
         return value
 
     def names(self, key: str, default: Any = ...) -> tuple[str, ...]:
@@ -337,6 +390,44 @@ def _dataset_checks(reader: _Reader) -> DatasetChecks:
     return checks
 
 
+def _ratios(items: Any, where: str) -> tuple[Ratio, ...]:
+    if not isinstance(items, list):
+        raise _fail(where, "expected a list of ratios")
+    ratios = []
+    for i, item in enumerate(items):
+        reader = _Reader(item, f"{where}[{i}]")
+        numbers = {
+            key: float(reader.get(key, (int, float), default))
+            for key, default in (("multiplier", 1.0), ("divisor", 1.0), ("floor", 1.0))
+        }
+        if numbers["divisor"] == 0:
+            raise _fail(reader._at("divisor"), "must not be 0")
+        ratio = Ratio(
+            reader.name("name"), reader.name("numerator"), reader.name("denominator"), **numbers
+        )
+        reader.done()
+        ratios.append(ratio)
+    return tuple(ratios)
+
+
+def _vocabularies(data: dict[str, Any], where: str) -> dict[str, tuple[str, ...]]:
+    for column, values in data.items():
+        if not isinstance(values, list) or not values:
+            raise _fail(f"{where}.{column}", "needs its list of values")
+    return {column: tuple(str(v) for v in values) for column, values in data.items()}
+
+
+def _first_day(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    # YAML reads an unquoted 2026-01-01 as a date.
+    text = value.isoformat() if isinstance(value, date) else str(value)
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError as error:
+        raise _fail(where, f"{value!r} is not an ISO date (YYYY-MM-DD)") from error
+
+
 def parse_spec(data: Any, folder: Path, where: str) -> DatasetSpec:
     """Build a spec from the parsed YAML ``data`` of ``folder``; ``where`` names it in errors."""
     top = _Reader(data, where)
@@ -361,6 +452,13 @@ def parse_spec(data: Any, folder: Path, where: str) -> DatasetSpec:
     for feature, vocabulary in categorical.items():
         if not isinstance(vocabulary, list) or not vocabulary:
             raise _fail(f"{where}.features.categorical.{feature}", "needs its list of categories")
+    on_demand = features.sub("on_demand", {})
+    mart_paths = marts.get("paths", dict, {})
+    day_columns = marts.get("day_columns", dict, {})
+    for section, values in (("paths", mart_paths), ("day_columns", day_columns)):
+        unknown = sorted(set(values) - set(MART_ROLES))
+        if unknown:
+            raise _fail(f"{where}.marts.{section}", f"{unknown} are not {', '.join(MART_ROLES)}")
     monotone = features.get("monotone", dict, {})
     for feature, direction in monotone.items():
         if direction not in (-1, 1):
@@ -395,17 +493,27 @@ def parse_spec(data: Any, folder: Path, where: str) -> DatasetSpec:
         dataset_checks=_dataset_checks(top.sub("dataset_checks")),
         gates=dict(gates),
         feature_service=model.name("feature_service", f"{name}_v1"),
-        experiment=model.name("experiment", name),
-        registered_model=model.name("registered_model", name),
-        # Every model of the folder's dbt/ by default, as dbt finds them.
+        experiment=model.model_name("experiment", name),
+        registered_model=model.model_name("registered_model", name),
+        # Every model of the folder's dbt/ (subfolders too) by default, as dbt finds them.
         dbt_models=marts.names("dbt_models", None)
-        or tuple(sorted(p.stem for p in (folder / "dbt").glob("*.sql"))),
+        or tuple(sorted(p.stem for p in (folder / "dbt").rglob("*.sql"))),
         features_model=marts.name("features"),
         labels_model=marts.name("labels"),
         schedule=top.get("schedule", str, None),
         families=model.names("families", list(MODEL_FAMILIES)),
+        loop=top.choice("loop", LOOPS, None),
+        first_day=_first_day(top.get("first_day", (str, date), None), f"{where}.first_day"),
+        feature_view=features.name("view", f"{name}_fv"),
+        on_demand_view=on_demand.name("view", None),
+        on_demand=_ratios(on_demand.get("ratios", list, []), f"{where}.features.on_demand.ratios"),
+        vocabularies=_vocabularies(top.get("vocabularies", dict, {}), f"{where}.vocabularies"),
+        mart_paths={k: str(v) for k, v in mart_paths.items()},
+        mart_day_columns={k: str(v) for k, v in day_columns.items()},
+        entities_model=marts.name("entities", None),
+        entity_columns=marts.names("entity_columns", []),
     )
-    for section in (entity, features, model, marts, top):
+    for section in (entity, features, on_demand, model, marts, top):
         section.done()
     _cross_check(spec, where)
     try:
@@ -436,11 +544,27 @@ def _cross_check(spec: DatasetSpec, where: str) -> None:
         raise _fail(f"{where}.source.row_number_as", "must name a declared column")
     if spec.schedule is not None and not CRON.match(spec.schedule):
         raise _fail(f"{where}.schedule", f"{spec.schedule!r} is not a five-field cron expression")
-    for model in (spec.features_model, spec.labels_model):
-        if spec.dbt_models and model not in spec.dbt_models:
+    for model in (spec.features_model, spec.labels_model, spec.entities_model):
+        if model and spec.dbt_models and model not in spec.dbt_models:
             raise _fail(f"{where}.marts", f"{model!r} is not one of marts.dbt_models")
     if spec.entity_key not in spec.columns:
         raise _fail(f"{where}.entity.key", f"{spec.entity_key!r} is not a declared column")
+    if spec.entities_model and not spec.entity_columns:
+        raise _fail(f"{where}.marts.entity_columns", "is required with marts.entities")
+    if spec.partitions == "daily" and spec.first_day is None:
+        raise _fail(f"{where}.first_day", "is required for daily partitions")
+    if spec.on_demand and not spec.on_demand_view:
+        raise _fail(f"{where}.features.on_demand.view", "is required with ratios")
+    for ratio in spec.on_demand:
+        missing = {ratio.numerator, ratio.denominator} - set(spec.numeric_features)
+        if missing:
+            raise _fail(
+                f"{where}.features.on_demand.{ratio.name}",
+                f"{', '.join(sorted(missing))} is not a numeric feature",
+            )
+    clash = set(spec.on_demand_features) & (set(spec.columns) | set(spec.features))
+    if clash:
+        raise _fail(f"{where}.features.on_demand", f"{', '.join(sorted(clash))} already exists")
     unknown = [f for f in spec.families if f not in MODEL_FAMILIES]
     if unknown or not spec.families or len(set(spec.families)) < len(spec.families):
         raise _fail(
@@ -463,6 +587,36 @@ def load_spec(folder: str | Path) -> DatasetSpec:
 
 
 def discover(root: str | Path | None = None) -> list[DatasetSpec]:
+    """The datasets the asset factories build: every one under ``root`` but the loop's."""
+    return [spec for spec in all_datasets(root) if spec.loop is None]
+
+
+def loop_dataset() -> DatasetSpec:
+    """The dataset that drives the daily loop (``loop: daily``): exactly one per folder.
+
+    Looked for in ``datasets_dir()``, then among the shipped datasets, so a datasets folder
+    moved elsewhere (a test's, say) need not copy it. Only its own file is checked here: a
+    broken folder beside it fails where the factories read it, not every import of Keel.
+    """
+    for root in dict.fromkeys((datasets_dir(), DATASETS_DIR)):
+        found = [path.parent for path in sorted(root.glob(f"*/{SPEC_FILE}")) if _is_loop(path)]
+        if len(found) > 1:
+            names = ", ".join(folder.name for folder in found)
+            raise SpecError(f"{root}: {names} each say loop: daily; only one dataset may")
+        if found:
+            return load_spec(found[0])
+    raise SpecError(f"no dataset under {DATASETS_DIR} says loop: daily")
+
+
+def _is_loop(path: Path) -> bool:
+    try:
+        data = yaml.load(path.read_text(), Loader=_LOADER)
+    except yaml.YAMLError:
+        return False
+    return isinstance(data, dict) and data.get("loop") == "daily"
+
+
+def all_datasets(root: str | Path | None = None) -> list[DatasetSpec]:
     """Every dataset under ``root`` (default ``datasets_dir()``), one folder each, by name."""
     root = Path(root) if root is not None else datasets_dir()
     if not root.is_dir():

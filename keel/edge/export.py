@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from keel_edge.contract import Contract, Ratio
+from keel import schema
+from keel_edge.contract import Contract
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,12 +33,9 @@ OUTPUT = "logit"
 # Rows (of the validation window) that calibrate the INT8 activation ranges, at most.
 CALIBRATION_ROWS = 20_000
 
-# `account_ratios_odfv` (keel.features.account_ratios) as contract data; a test holds them equal.
-ON_DEMAND_RATIOS = (
-    Ratio("payment_to_spend_30d", "payments_30d", "spend_30d"),
-    Ratio("spend_trend_7d_vs_30d", "spend_7d", "spend_30d", multiplier=7.0, divisor=30.0),
-    Ratio("balance_to_limit", "balance", "credit_limit"),
-)
+# The on-demand view's ratios (keel.features.account_ratios) as contract data: one definition,
+# the dataset's.
+ON_DEMAND_RATIOS = schema.ON_DEMAND_RATIOS
 
 
 def feature_contract(model: RiskModel) -> Contract:

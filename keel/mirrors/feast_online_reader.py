@@ -11,8 +11,8 @@ returns.
 
 Usage::
 
-    reader = OnlineFeatureReader(store, "default_risk_v1")
-    reader.get([1001, 1002])  # {"account_id": [1001, 1002], "spend_7d": [...], ...}
+    reader = OnlineFeatureReader(store, schema.FEATURE_SERVICE)
+    reader.get([1001, 1002])  # {schema.ENTITY_KEY: [1001, 1002], <feature>: [...], ...}
 
 Mirrors: feast==0.67.0 (FeatureStore.get_online_features and the Value proto's wire format)
 Parity test: test_features.py::test_online_values_equal_historical_values_for_1000_entities
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from keel import schema
 from keel.features import account_ratios
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 # Python twins of on-demand views: they take and return columns as lists or arrays. The on-demand
 # view calls the same function, so both paths compute the same floats.
 FAST_TRANSFORMS: dict[str, Callable[[Mapping[str, Any]], Mapping[str, Any]]] = {
-    "account_ratios_odfv": account_ratios,
+    schema.ON_DEMAND_VIEW: account_ratios,
 }
 
 _DOUBLE = struct.Struct("<d")
@@ -103,7 +104,7 @@ class OnlineFeatureReader:
 
     Args:
         store: The feature store whose registry and online store to read.
-        feature_service: Name of the feature service, e.g. ``default_risk_v1``.
+        feature_service: Name of the feature service, e.g. ``schema.FEATURE_SERVICE``.
         transforms: Python twins of on-demand views by name; views without one run their
             registered transformation through pandas (correct, slower).
     """

@@ -7,13 +7,15 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-EXPERIMENT_NAME = "keel-default-risk"
-REGISTERED_MODEL_NAME = "keel-default-risk"
+from keel import schema
+
+EXPERIMENT_NAME = schema.EXPERIMENT
+REGISTERED_MODEL_NAME = schema.REGISTERED_MODEL
 FAMILIES = ("lightgbm", "torch")
 
 
-# Domain knowledge the models must respect: more missed payments never lowers the risk.
-MONOTONE_INCREASING = ("missed_payments_30d", "missed_payments_90d")
+# Domain knowledge the models must respect, declared by the dataset (features.monotone).
+MONOTONE_INCREASING = schema.MONOTONE_INCREASING
 
 
 DEFAULT_LIGHTGBM_PARAMS: dict[str, Any] = {
