@@ -6,6 +6,7 @@ registry or the online store share the ``feast`` pool: Feast's file registry and
 store take one writer at a time.
 """
 
+import json
 import tempfile
 from datetime import date
 from pathlib import Path
@@ -116,13 +117,17 @@ def _training_set(
         )
         location = str(result.path)
     else:
+        from keel.storage import publish, write_pointer
+
         with tempfile.TemporaryDirectory() as scratch:
             result = build_training_set(
                 store, labels, Path(scratch), feature_service, entity_key, label
             )
-            for name in (result.path.name, "latest.json"):
-                target.joinpath(name).write_bytes((Path(scratch) / name).read_bytes())
-        location = str(target.joinpath(result.path.name))
+            pointer = json.loads((Path(scratch) / "latest.json").read_text())
+            # The set first, then the pointer that names it at its stored location.
+            uploaded = publish(result.path, target.joinpath(result.path.name))
+            write_pointer(target, {**pointer, "path": str(uploaded)})
+        location = str(uploaded)
     return dg.MaterializeResult(
         metadata={
             "dataset_version": dg.MetadataValue.text(result.dataset_version),

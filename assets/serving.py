@@ -145,6 +145,7 @@ def online_predictions(
 
     import numpy as np
 
+    from keel.files import atomic_write
     from keel.serving.live import online_frame
 
     day = context.partition_key
@@ -152,9 +153,7 @@ def online_predictions(
     target = artefacts.path("online_predictions", f"{day}.parquet")
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
-    scratch = target.with_name(f".{target.name}.tmp")
-    scratch.write_bytes(buffer.getvalue())
-    scratch.rename(target)
+    atomic_write(target, buffer.getvalue())
     latency = frame["latency_ms"].to_numpy(dtype=float)
     return dg.MaterializeResult(
         metadata={

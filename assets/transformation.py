@@ -86,7 +86,7 @@ def daily_dbt_models(
     with warehouse.connect() as connection:
         for export in DAILY_EXPORTS:
             if export.model in selected:
-                written = export_days(connection, export, Path(warehouse.marts_dir), days)
+                written = export_days(connection, export, warehouse.marts_dir, days)
                 context.log.info(f"{export.model}: {sum(written.values())} rows as Parquet")
 
 
@@ -113,7 +113,7 @@ def dbt_models(
     with warehouse.connect() as connection:
         for export in exports:
             if export.model in selected:
-                rows = export_table(connection, export, Path(warehouse.marts_dir))
+                rows = export_table(connection, export, warehouse.marts_dir)
                 context.log.info(f"{export.model}: {rows} rows as Parquet")
 
 

@@ -1,17 +1,15 @@
 """Keel's Feast objects: entities, sources over the dbt marts, feature views, feature services.
 
 `feast plan` and `feast apply` read this file from this folder; ``keel.features.apply_repo``
-applies the same objects from Python. Locally the sources are the Parquet marts under
-``$KEEL_HOME/marts``; with ``KEEL_PROFILE=production`` they are the same marts as BigQuery
-tables in the dataset named by ``KEEL_BIGQUERY_DATASET``.
+applies the same objects from Python. The sources are the Parquet marts that dbt's export
+writes: under ``$KEEL_HOME/marts``, or with ``KEEL_PROFILE=production`` under
+``KEEL_MARTS_DIR`` (a shared folder or ``s3://...``), both from ``keel.storage.marts_location``.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 from datetime import timedelta
-from pathlib import Path
 
 import pandas as pd
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
@@ -23,10 +21,9 @@ from feast.types import Float64, Int64, String
 from keel import schema
 from keel.datasets.spec import DatasetSpec, discover
 from keel.features import RATIO_INPUTS
-from keel.settings import KeelPaths, SettingsError, active_profile
+from keel.storage import marts_location
 
-MARTS = KeelPaths.current().marts
-PRODUCTION = active_profile() == "production"
+MARTS = marts_location()
 
 
 class DeclaredFeatureView(FeatureView):
@@ -49,28 +46,12 @@ class DeclaredFeatureView(FeatureView):
     __hash__ = FeatureView.__hash__
 
 
-def _mart_source(name: str, local_path: Path, table: str, description: str) -> DataSource:
-    """A Parquet mart locally, the same mart as a BigQuery table in production."""
-    if not PRODUCTION:
-        return FileSource(
-            name=name,
-            path=str(local_path),
-            file_format=ParquetFormat(),
-            timestamp_field=schema.EVENT_TIMESTAMP,
-            created_timestamp_column=schema.CREATED_TIMESTAMP,
-            description=description,
-        )
-    from feast import BigQuerySource
-
-    dataset = os.environ.get("KEEL_BIGQUERY_DATASET", "").strip()
-    if not dataset:
-        raise SettingsError(
-            "KEEL_PROFILE=production reads the marts from BigQuery: set KEEL_BIGQUERY_DATASET "
-            "to the dataset that holds them."
-        )
-    return BigQuerySource(
+def _mart_source(name: str, mart: str, description: str) -> DataSource:
+    """A Parquet mart under the marts location (a folder of daily files, or one file)."""
+    return FileSource(
         name=name,
-        table=f"{dataset}.{table}",
+        path=f"{MARTS}/{mart}",
+        file_format=ParquetFormat(),
         timestamp_field=schema.EVENT_TIMESTAMP,
         created_timestamp_column=schema.CREATED_TIMESTAMP,
         description=description,
@@ -86,8 +67,7 @@ account = Entity(
 
 account_daily_source = _mart_source(
     "account_daily_source",
-    MARTS / schema.FEATURES_MART,
-    "fct_account_features_daily",
+    schema.FEATURES_MART,
     "dbt mart fct_account_features_daily: one row per account per day, stamped at day end.",
 )
 
@@ -138,9 +118,7 @@ def dataset_objects(spec: DatasetSpec) -> dict[str, object]:
         value_type=ValueType.INT64 if integer_key else ValueType.STRING,
         description=f"The {spec.entity} of dataset {spec.name}.",
     )
-    source = _mart_source(
-        f"{spec.name}_source", MARTS / spec.features_mart, spec.features_model, spec.description
-    )
+    source = _mart_source(f"{spec.name}_source", spec.features_mart, spec.description)
     view = DeclaredFeatureView(
         name=f"{spec.name}_fv",
         entities=[entity],

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -33,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from keel.files import replace_durably
 from keel.schema import AGE_BANDS, CHANNELS, FIRST_DAY, PRODUCTS, REGIONS, SEXES
 
 DRIFT_KINDS = ("covariate", "label", "concept", "schema", "malformed")
@@ -390,9 +392,13 @@ def split_late_rows(config: GeneratorConfig, day: date, table: pa.Table):
 def write_table(table: pa.Table, path: Path) -> Path:
     """Write Parquet atomically: a reader never sees half a file, a crash leaves none."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, temporary, compression="zstd")
-    temporary.replace(path)
+    # A scratch name of this writer's own: two workers generating one day never meet.
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, temporary, compression="zstd")
+        replace_durably(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     return path
 
 
@@ -402,20 +408,23 @@ def write_landing_file(table: pa.Table, folder: Path, stem: str, file_format: st
         raise GeneratorConfigError(f"landing format must be one of {LANDING_FORMATS}")
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{stem}.{file_format}"
-    temporary = folder / f".{stem}.{file_format}.tmp"
-    if file_format == "parquet":
-        pq.write_table(table, temporary)
-    elif file_format == "csv":
-        import pyarrow.csv as pacsv
+    temporary = folder / f".{stem}.{file_format}.{uuid.uuid4().hex}.tmp"
+    try:
+        if file_format == "parquet":
+            pq.write_table(table, temporary)
+        elif file_format == "csv":
+            import pyarrow.csv as pacsv
 
-        pacsv.write_csv(table, temporary)
-    else:
-        frame = table.to_pandas()
-        for column in frame.columns:
-            if str(frame[column].dtype).startswith(("datetime", "object")):
-                frame[column] = frame[column].astype(str).where(frame[column].notna(), None)
-        frame.to_json(temporary, orient="records", lines=True, date_format="iso")
-    temporary.replace(target)
+            pacsv.write_csv(table, temporary)
+        else:
+            frame = table.to_pandas()
+            for column in frame.columns:
+                if str(frame[column].dtype).startswith(("datetime", "object")):
+                    frame[column] = frame[column].astype(str).where(frame[column].notna(), None)
+            frame.to_json(temporary, orient="records", lines=True, date_format="iso")
+        replace_durably(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
     return target
 
 

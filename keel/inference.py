@@ -69,12 +69,15 @@ def entity_rows(marts_dir: str | Path, day: date) -> pd.DataFrame:
     """The accounts that have features on ``day``, as Feast entity rows at the end of the day."""
     import pyarrow.parquet as pq
 
-    path = Path(marts_dir) / schema.FEATURES_MART / f"{day.isoformat()}.parquet"
+    from keel.storage import location
+
+    path = location(marts_dir, schema.FEATURES_MART, f"{day.isoformat()}.parquet")
     if not path.exists():
         raise InferenceError(
             f"no features for {day} ({path} is missing): materialise the daily dbt models first"
         )
-    accounts = pq.read_table(path, columns=[schema.ENTITY_KEY]).column(schema.ENTITY_KEY)
+    with path.open("rb") as handle:
+        accounts = pq.read_table(handle, columns=[schema.ENTITY_KEY]).column(schema.ENTITY_KEY)
     ids = np.unique(accounts.to_numpy())
     return pd.DataFrame(
         {schema.ENTITY_KEY: ids, schema.EVENT_TIMESTAMP: pd.Timestamp(day_end(day))}

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-import uuid
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +10,8 @@ import duckdb
 
 from keel import schema
 from keel.datasets.spec import DatasetSpec
-from keel.files import replace_durably
 from keel.sql import quote_identifier, quote_literal
+from keel.storage import is_local, local_path, location, publish, scratch_folder
 
 
 @dataclass(frozen=True)
@@ -68,19 +67,20 @@ DAYS_PER_COPY = 30
 
 
 def export_days(
-    connection: duckdb.DuckDBPyConnection, export: MartExport, marts: Path, days: list[str]
+    connection: duckdb.DuckDBPyConnection, export: MartExport, marts: str | Path, days: list[str]
 ) -> dict[str, int]:
     """Write ``<marts>/<target>/<day>.parquet`` for each day; returns rows per day written.
 
-    A few scans write the days into a scratch folder; each file then replaces its predecessor
-    with an atomic rename, and a day left without rows loses its stale file.
+    ``marts`` is a folder or an object-store URL (keel.storage). A few scans write the days
+    into a scratch folder of this writer's own; each file then replaces its predecessor whole
+    (a rename, or one upload), and a day left without rows loses its stale file.
     """
-    folder = marts / export.target
-    scratch = marts / f".scratch-{uuid.uuid4().hex}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = location(marts, export.target)
+    if is_local(folder):
+        local_path(folder).mkdir(parents=True, exist_ok=True)
     ordered = sorted(days)
     day_column = quote_identifier(export.partition_column)
-    try:
+    with scratch_folder(location(marts)) as scratch:
         connection.execute("set timezone = 'UTC'")
         for first in range(0, len(ordered), DAYS_PER_COPY):
             chunk = ordered[first : first + DAYS_PER_COPY]
@@ -99,7 +99,7 @@ def export_days(
             produced = sorted((scratch / f"__day={day}").glob("*.parquet"))
             target = folder / f"{day}.parquet"
             if not produced:
-                target.unlink(missing_ok=True)
+                _remove(target)
                 continue
             if len(produced) > 1:
                 # DuckDB starts a new file when it has too many open: merge them into one.
@@ -110,25 +110,31 @@ def export_days(
                     f"hive_partitioning = false)) to {quote_literal(merged)} (format parquet)"
                 )
                 produced = [merged]
-            replace_durably(produced[0], target)
-            written[day] = _row_count(connection, target)
+            written[day] = _row_count(connection, produced[0])
+            publish(produced[0], target)
         return written
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def export_table(connection: duckdb.DuckDBPyConnection, export: MartExport, marts: Path) -> int:
+def export_table(
+    connection: duckdb.DuckDBPyConnection, export: MartExport, marts: str | Path
+) -> int:
     """Write a whole model to ``<marts>/<target>`` (a single Parquet file), atomically."""
-    target = marts / export.target
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = location(marts, export.target)
     connection.execute("set timezone = 'UTC'")
-    connection.execute(
-        f"copy (select {_columns(export)} from {quote_identifier(export.model)}) "
-        f"to {quote_literal(temporary)} (format parquet)"
-    )
-    replace_durably(temporary, target)
-    return _row_count(connection, target)
+    with scratch_folder(location(marts)) as scratch:
+        temporary = scratch / target.name
+        connection.execute(
+            f"copy (select {_columns(export)} from {quote_identifier(export.model)}) "
+            f"to {quote_literal(temporary)} (format parquet)"
+        )
+        rows = _row_count(connection, temporary)
+        publish(temporary, target)
+    return rows
+
+
+def _remove(target) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
 
 
 def _row_count(connection: duckdb.DuckDBPyConnection, path: Path) -> int:

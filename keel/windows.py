@@ -20,7 +20,13 @@ if TYPE_CHECKING:
 def _dataset(source: str | Path) -> ds.Dataset:
     import pyarrow.dataset as ds
 
-    return ds.dataset(str(source), format="parquet")
+    from keel.storage import is_local, location
+
+    if is_local(source):
+        return ds.dataset(str(source), format="parquet")
+    # An object store through the same client (and settings) as every other file.
+    remote = location(source)
+    return ds.dataset(remote.path, format="parquet", filesystem=remote.fs)
 
 
 def _statistics_max(dataset: ds.Dataset, column: str) -> tuple[object, bool]:

@@ -164,17 +164,40 @@ class StreamResource(dg.ConfigurableResource):
 
 
 class ArtefactStore(dg.ConfigurableResource):
-    """Where files that are not tables go: a local folder, or s3:// gs:// abfs:// in production."""
+    """Where files that are not tables go: a local folder or an object store (``s3://b/prefix``).
+
+    Models, reports, training sets and predictions, all through ``keel.storage``: writes are
+    whole or nothing on both kinds of root, and readers follow ``latest.json`` pointers.
+    """
 
     root: str
 
     def path(self, *parts: str) -> UPath:
-        from upath import UPath
+        """The location of ``parts`` under the root; a local one gets its parent folder."""
+        from keel.storage import is_local, local_path, location
 
-        target = UPath(self.root).joinpath(*parts)
-        if target.protocol in ("", "file", "local"):
-            Path(target.path).parent.mkdir(parents=True, exist_ok=True)
+        target = location(self.root, *parts)
+        if is_local(target):
+            local_path(target).parent.mkdir(parents=True, exist_ok=True)
         return target
+
+    def write(self, data: bytes | str, *parts: str) -> UPath:
+        """Write ``data`` (text as UTF-8) at ``parts``, atomically; returns its location."""
+        from keel.files import atomic_write
+
+        return atomic_write(self.path(*parts), data)
+
+    def read_pointer(self, *parts: str) -> dict[str, Any]:
+        """The record of the ``latest.json`` pointer in the folder ``parts``."""
+        from keel.storage import read_pointer
+
+        return read_pointer(self.path(*parts))
+
+    def write_pointer(self, record: Mapping[str, Any], *parts: str) -> UPath:
+        """Make ``record`` the ``latest.json`` pointer of the folder ``parts``."""
+        from keel.storage import write_pointer
+
+        return write_pointer(self.path(*parts), record)
 
 
 class FeatureStoreResource(dg.ConfigurableResource):

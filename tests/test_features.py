@@ -19,7 +19,7 @@ import pytest
 from bench.pit_join import FIRST_DAY, write_synthetic_marts
 from keel import features, schema
 from keel.datasets.spec import DATASETS_DIR, load_spec
-from keel.settings import FEATURE_REPO_DIR
+from keel.settings import FEATURE_REPO_DIR, SettingsError
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 SKIP_REDIS = (
@@ -190,33 +190,36 @@ def test_store_config_fills_keel_home_and_names_missing_variables(keel_home, mon
     config = features.store_config("feature_store.yaml")
     assert config.registry.path == f"{keel_home.feast}/registry.db"
     assert config.online_store.path == f"{keel_home.feast}/online_store.db"
-    for name in ("KEEL_FEAST_REGISTRY_URL", "KEEL_FEAST_REDIS", "KEEL_BIGQUERY_PROJECT"):
+    for name in ("KEEL_FEAST_REGISTRY_URL", "KEEL_FEAST_REDIS"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(features.FeatureStoreError, match="KEEL_FEAST_REGISTRY_URL"):
         features.store_config("feature_store.production.yaml")
 
 
-def test_production_profile_reads_redis_sql_registry_and_bigquery(keel_home, monkeypatch):
+def test_production_profile_reads_redis_sql_registry_and_the_shared_marts(keel_home, monkeypatch):
     monkeypatch.setenv("KEEL_FEAST_REGISTRY_URL", "postgresql://keel:secret@db:5432/feast")
     monkeypatch.setenv("KEEL_FEAST_REDIS", "redis:6379,password=secret")
-    monkeypatch.setenv("KEEL_BIGQUERY_PROJECT", "keel-prod")
-    monkeypatch.setenv("KEEL_BIGQUERY_DATASET", "marts")
-    monkeypatch.setenv("KEEL_BIGQUERY_LOCATION", "EU")
     config = features.store_config("feature_store.production.yaml")
     assert config.registry.registry_type == "sql"
     assert config.registry.path.startswith("postgresql+psycopg://keel:secret@db")
     assert config.online_store.type == "keel.mirrors.feast_online_stores.KeelRedisOnlineStore"
     assert config.online_store.connection_string == "redis:6379,password=secret"
-    assert config.offline_store.type == "bigquery"
-    assert config.offline_store.project_id == "keel-prod"
+    assert config.offline_store.type == "keel.mirrors.feast_offline_duckdb.KeelDuckDBOfflineStore"
     monkeypatch.setenv("KEEL_PROFILE", "production")
-    contents = features.repo_contents("keel")
-    tables = {s.table for s in contents.data_sources if hasattr(s, "table")}
-    assert {"marts.fct_account_features_daily", f"marts.{TAIWAN.features_model}"} <= tables
+    monkeypatch.setenv("KEEL_MARTS_DIR", "s3://bucket/keel/marts/")
+    sources = features.repo_contents("keel").data_sources
+    paths = {s.path for s in sources if hasattr(s, "path")}
+    assert {
+        f"s3://bucket/keel/marts/{schema.FEATURES_MART}",
+        f"s3://bucket/keel/marts/{TAIWAN.features_mart}",
+    } <= paths
+    monkeypatch.delenv("KEEL_MARTS_DIR")
+    with pytest.raises(SettingsError, match="KEEL_MARTS_DIR"):
+        features.repo_contents("keel")
 
 
 def test_sql_registry_on_postgres_with_redis_serves_the_same_features(keel_home, marts, cleanup):
-    """The production registry and online store, for real; offline stays local (no BigQuery)."""
+    """The production registry and online store, for real, over marts in the data folder."""
     redis_client()
     project = f"t{uuid.uuid4().hex[:10]}"
     cleanup(project)
@@ -225,15 +228,8 @@ def test_sql_registry_on_postgres_with_redis_serves_the_same_features(keel_home,
         variables={
             "KEEL_FEAST_REGISTRY_URL": postgres_url(),
             "KEEL_FEAST_REDIS": f"{REDIS_HOST}:{REDIS_PORT}",
-            "KEEL_BIGQUERY_PROJECT": "unused",
-            "KEEL_BIGQUERY_DATASET": "unused",
-            "KEEL_BIGQUERY_LOCATION": "EU",
         },
-        overrides={
-            "project": project,
-            "provider": "local",
-            "offline_store": {"type": "keel.mirrors.feast_offline_duckdb.KeelDuckDBOfflineStore"},
-        },
+        overrides={"project": project},
     )
     try:
         features.apply_repo(store)

@@ -88,7 +88,11 @@ class _ViewPlan:
 
 
 def _source_path(config: RepoConfig, source: FileSource) -> str:
-    return FileSource.get_uri_for_file_path(config.repo_path, source.path)
+    path = FileSource.get_uri_for_file_path(config.repo_path, source.path)
+    # An object store has no folders to read: a folder of daily files is a glob there.
+    if "://" in path and not path.endswith(".parquet") and "*" not in path:
+        path = f"{path.rstrip('/')}/*.parquet"
+    return path
 
 
 def _can_plan(view: FeatureView) -> bool:
@@ -229,9 +233,11 @@ class AsofRetrievalJob(RetrievalJob):
         full_feature_names: bool,
         metadata: RetrievalMetadata,
         config: RepoConfig,
+        object_store: bool = False,
     ) -> None:
         super().__init__()
         self._sql = sql
+        self._object_store = object_store
         self._entity_df = entity_df
         self._on_demand_views = on_demand_views
         self._full_feature_names = full_feature_names
@@ -263,6 +269,11 @@ class AsofRetrievalJob(RetrievalJob):
             connection.execute(f"SET threads = {int(offline.threads)}")
         if getattr(offline, "memory_limit", None):
             connection.execute(f"SET memory_limit = {_literal(offline.memory_limit)}")
+        if self._object_store:
+            # Sources on s3://: httpfs from its wheel, credentials from the AWS variables.
+            from keel.storage import duckdb_object_store
+
+            duckdb_object_store(connection)
         return connection
 
     def _to_arrow_internal(self, timeout: int | None = None) -> pa.Table:
@@ -399,4 +410,5 @@ class KeelDuckDBOfflineStore(DuckDBOfflineStore):
             full_feature_names=full_feature_names,
             metadata=metadata,
             config=config,
+            object_store=any("://" in plan.path for plan in plans),
         )
