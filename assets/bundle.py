@@ -11,7 +11,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.evaluation import DEFAULT_SPLIT_DAYS, ModelGovernance, materialisation_metadata
-from assets.registry import GROUP, REGISTERED_MODEL_KEY
+from assets.registry import GROUP, REGISTERED_MODEL_KEY, step_identity
 from orchestration.resources import ArtefactStore, MlflowResource
 
 BUNDLE_KEY = dg.AssetKey("model_bundle")
@@ -46,7 +46,6 @@ class BundleConfig(dg.Config):
     int8_max_abs_diff: float = Field(default=_DEFAULT_INT8_MAX_ABS_DIFF, gt=0)
     int8_max_auc_drop: float = Field(default=_DEFAULT_INT8_MAX_AUC_DROP, ge=0)
     timed_rows: int = Field(default=200, ge=10, description="Timed single-row predictions.")
-    published_by: str = Field(default="keel-pipeline", description="Actor in the audit trail.")
 
 
 def _version(context: dg.AssetExecutionContext, config: BundleConfig) -> str:
@@ -170,7 +169,7 @@ def model_bundle(
         timings = bundle_timings(folder, frame, config.timed_rows) if report["passed"] else {}
         published = False
         if report["passed"]:
-            publish_bundle(registry, version, folder, report, sizes, config.published_by)
+            publish_bundle(registry, version, folder, report, sizes, step_identity())
             published = True
     finally:
         registry.close()

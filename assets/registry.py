@@ -4,6 +4,10 @@ The maths lives in ``keel.registry``. ``registered_model`` re-reads the gate res
 evaluation it registers, because blocking checks only stop steps of the same run: a separate
 run (a sensor, a manual launch) must not register a candidate that failed its gates. The
 summary file is trusted only if its sha256 is the one the evaluation recorded in Dagster.
+
+Registry steps act as the identity of the process that runs them (``KEEL_API_KEY``, else the
+OS user in the local profile; `keel.access`), never as a name typed into run config: its roles
+decide, and four-eyes compares it with the version's trainer.
 """
 
 import hashlib
@@ -18,6 +22,7 @@ from assets.evaluation import EVALUATION_KEY, materialisation_metadata
 from orchestration.resources import MlflowResource, ModelGovernance
 
 if TYPE_CHECKING:
+    from keel.access import Identity
     from keel.registry import AuditRecord, ModelRegistry
 
 GROUP = "registry"
@@ -26,10 +31,19 @@ AUDIT_ROWS_SHOWN = 25
 
 
 class RegistrationConfig(dg.Config):
-    """Who registers, and why."""
+    """Why the version is registered (who registers is the step's identity)."""
 
-    registered_by: str = Field(default="keel-pipeline", description="Actor in the audit trail.")
     reason: str = Field(default="", description="Why, for the audit trail.")
+
+
+def step_identity() -> "Identity":
+    """The identity a registry step acts as: its process's (the one the run launcher checked)."""
+    from keel.access import AccessError, authenticate
+
+    try:
+        return authenticate()
+    except AccessError as error:
+        raise dg.Failure(f"no identity to act as: {error}") from error
 
 
 def audit_table(records: list["AuditRecord"]) -> dg.TableMetadataValue:
@@ -105,20 +119,26 @@ def registered_model(
     histogram = challenger.get("score_histogram")
     # The canary guardrail compares live scores with these held-out ones.
     extra_tags = {TAG_SCORE_HISTOGRAM: json.dumps(histogram)} if histogram else None
+    from keel.access import AccessError
+
+    identity = step_identity()
     mlflow.configure()
     with governance.registry(mlflow) as registry:
-        info = registry.register(
-            challenger["details"]["run_id"],
-            flat_metrics(evaluation),
-            gates,
-            actor=config.registered_by,
-            auto_approve=governance.auto_approve,
-            model_uri=challenger["uri"],
-            evaluation_report=str(metadata.get("report", "")),
-            reason=config.reason,
-            promote=governance.release == "direct",
-            extra_tags=extra_tags,
-        )
+        try:
+            info = registry.register(
+                challenger["details"]["run_id"],
+                flat_metrics(evaluation),
+                gates,
+                actor=identity,
+                auto_approve=governance.auto_approve,
+                model_uri=challenger["uri"],
+                evaluation_report=str(metadata.get("report", "")),
+                reason=config.reason,
+                promote=governance.release == "direct",
+                extra_tags=extra_tags,
+            )
+        except AccessError as error:
+            raise dg.Failure(str(error)) from error
         state = registry_state(registry)
     context.log.info(
         f"version {info.version} ({'new' if info.created else 'already registered'}): "
@@ -163,7 +183,6 @@ class RegistryActionConfig(dg.Config):
         default="",
         description="Version number or alias; for switch the slot (blue/green, default the idle).",
     )
-    actor: str = Field(description="Who acts; the model's trainer may not approve it.")
     reason: str = Field(default="", description="Why; required for reject and rollback.")
 
 
@@ -180,16 +199,17 @@ def apply_registry_action(
     needs_no_version = (RegistryAction.rollback, RegistryAction.switch, RegistryAction.canary_stop)
     if config.action not in needs_no_version and not config.version:
         raise dg.Failure(f"{config.action.value} needs a version (a number or an alias)")
+    identity = step_identity()
     mlflow.configure()
     try:
         with governance.registry(mlflow) as registry:
             if config.action == RegistryAction.rollback:
-                info = registry.rollback(config.actor, config.reason)
+                info = registry.rollback(identity, config.reason)
             elif config.action in (RegistryAction.switch, RegistryAction.canary_stop):
-                info = _release_action(registry, config)
+                info = _release_action(registry, config, identity)
             else:
                 act = getattr(registry, config.action.value)
-                info = act(config.version, config.actor, config.reason)
+                info = act(config.version, identity, config.reason)
             record = registry.audit_records(limit=1)[-1]
             state = registry_state(registry)
     except RegistryError as error:
@@ -216,14 +236,14 @@ def apply_registry_action(
     )
 
 
-def _release_action(registry: "ModelRegistry", config: RegistryActionConfig):
+def _release_action(registry: "ModelRegistry", config: RegistryActionConfig, identity: "Identity"):
     """A blue-green switch or a canary stop; returns the champion's VersionInfo."""
     from keel.serving.release import ReleaseError, stop_canary, switch
 
     try:
         if config.action == RegistryAction.switch:
-            switch(registry, config.actor, config.reason, to_slot=config.version or None)
-        elif stop_canary(registry, config.actor, config.reason or "stopped by hand") is None:
+            switch(registry, identity, config.reason, to_slot=config.version or None)
+        elif stop_canary(registry, identity, config.reason or "stopped by hand") is None:
             raise dg.Failure("no canary is running")
     except ReleaseError as error:
         raise dg.Failure(str(error)) from error
@@ -232,7 +252,7 @@ def _release_action(registry: "ModelRegistry", config: RegistryActionConfig):
 
 @dg.job(tags={"keel/stage": "registry"})
 def registry_action() -> None:
-    """Approve, reject, promote or roll back a model version (config: action, version, actor)."""
+    """Approve, reject, promote or roll back a model version (config: action, version, reason)."""
     apply_registry_action()
 
 

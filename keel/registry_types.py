@@ -54,8 +54,10 @@ class RegistryConfig:
         audit_key_file: A file holding it, created with mode 0600 on first use; empty means
             ``registry-audit.key`` next to a SQLite audit database. A Postgres audit log
             needs one of the two.
-        require_identity: Refuse actors that are free text: every change then needs an
-            authenticated `keel.access.Identity` carrying the change's role.
+        require_identity: Take no free-text actor: every change acts as an authenticated
+            `keel.access.Identity` carrying its role (a name given as text becomes the
+            process's identity). None follows the profile (on in team and production,
+            `keel.access.identity.IDENTITY_REQUIRED`).
     """
 
     tracking_uri: str
@@ -66,7 +68,7 @@ class RegistryConfig:
     lock_timeout_s: float = 300.0
     audit_key: str = field(default="", repr=False)
     audit_key_file: str = ""
-    require_identity: bool = False
+    require_identity: bool | None = None
 
     @classmethod
     def local(cls, paths: KeelPaths | None = None) -> RegistryConfig:

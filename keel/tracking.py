@@ -10,7 +10,6 @@ code (which checks the weights' sha256) and never unpickles anything.
 from __future__ import annotations
 
 import functools
-import getpass
 import hashlib
 import importlib.metadata
 import json
@@ -204,15 +203,26 @@ def collect_lineage(
     code_commit: str = "",
     manifest_path: Path | None = None,
 ) -> Lineage:
-    """Gather a run's lineage; ``trained_by`` defaults to the OS user."""
+    """Gather a run's lineage; the trainer is the authenticated identity (`keel.access`).
+
+    ``trained_by`` names it only where it is that identity, or, in the local profile, as an
+    unverified name; an empty one is the identity's (``KEEL_API_KEY``, else the OS user).
+    """
+    from keel.access import AccessError
+    from keel.access.store import acting_name
+
     if not dataset_version:
         raise LineageError("the training set's dataset_version is empty")
+    try:
+        trainer = acting_name(trained_by)
+    except AccessError as error:
+        raise LineageError(f"no trainer for the run: {error}") from error
     return Lineage(
         dataset_version=dataset_version,
         training_set_path=training_set_path,
         dagster_data_version=dagster_data_version,
         feature_service=feature_service,
-        trained_by=trained_by or getpass.getuser(),
+        trained_by=trainer,
         code=code_version(commit=code_commit),
         dbt=dbt_lineage(manifest_path or DBT_MANIFEST),
     )

@@ -146,20 +146,85 @@ def test_each_role_is_allowed_and_refused_on_the_registry_with_audit_records(
     assert registry.verify_audit().intact
 
 
-def test_a_registry_that_requires_identities_refuses_free_text(
+def test_a_registry_that_requires_identities_acts_as_the_process_never_a_typed_name(
     config,  # noqa: F811
     keel_home,
     store,
+    monkeypatch,
 ):
     from dataclasses import replace
 
+    # One default: the team and production profiles require identities, the local one not.
+    with ModelRegistry(config) as default:
+        for profile, required in (("local", False), ("team", True), ("production", True)):
+            monkeypatch.setenv("KEEL_PROFILE", profile)
+            assert default.identities_required() is required
+    monkeypatch.setenv("KEEL_PROFILE", "local")
+
     run = training_run(config, keel_home, "a", trained_by="tara")
+    keys = {
+        name: store.add(name, roles)
+        for name, roles in (
+            ("vic", ["viewer"]),
+            ("tara", ["trainer", "approver"]),
+            ("alice", ["approver"]),
+        )
+    }
     with ModelRegistry(replace(config, require_identity=True)) as strict:
-        with pytest.raises(AccessDenied, match="not an authenticated identity"):
+        # A typed name is a label: the viewer running the process may not register as "tara".
+        monkeypatch.setenv("KEEL_API_KEY", keys["vic"])
+        with pytest.raises(AccessDenied, match=r"vic \(roles: viewer\) may not register"):
             strict.register(run, METRICS, GATES, "tara")
-        assert [(r.action, r.actor) for r in strict.audit_records()] == [("denied", "tara")]
-        tara = store.check(store.add("tara", ["trainer"]))
-        assert strict.register(run, METRICS, GATES, tara).created
+        denied = strict.audit_records()[-1]
+        assert (denied.action, denied.actor) == ("denied", "vic")
+        assert denied.details["identity"]["label"] == "tara"
+
+        monkeypatch.setenv("KEEL_API_KEY", keys["tara"])
+        assert strict.register(run, METRICS, GATES, "keel-pipeline").created
+        registered = strict.audit_records()[-1]
+        assert (registered.action, registered.actor) == ("register", "tara")
+        # Four-eyes compares identities: tara cannot approve her own version by typing "alice".
+        with pytest.raises(ApprovalError, match="tara trained version 1"):
+            strict.approve("1", "alice", "looks fine")
+        monkeypatch.setenv("KEEL_API_KEY", keys["alice"])
+        assert strict.approve("1", "tara", "report read").approval_status == "approved"
+        assert strict.audit_records()[-1].actor == "alice"
+
+        # With no identity at all (production takes keys only) a change is refused and recorded.
+        monkeypatch.delenv("KEEL_API_KEY")
+        monkeypatch.setenv("KEEL_PROFILE", "production")
+        with pytest.raises(AccessDenied, match="'alice' is not an authenticated identity"):
+            strict.reject("1", "alice", "no")
+        assert strict.audit_records()[-1].details["identity"] == {"name": "alice", "method": "none"}
+        assert strict.verify_audit().intact
+
+
+def test_a_trainer_name_is_the_authenticated_identity_where_identities_are_required(
+    keel_home, store, monkeypatch
+):
+    from keel.tracking import LineageError, collect_lineage
+
+    def lineage(trained_by: str = ""):
+        return collect_lineage(
+            dataset_version="d1",
+            training_set_path="train.parquet",
+            dagster_data_version="d1",
+            feature_service="risk",
+            trained_by=trained_by,
+        )
+
+    monkeypatch.delenv("KEEL_API_KEY", raising=False)
+    monkeypatch.setenv("USER", "somebody-else")
+    assert lineage().trained_by == os_user()  # the real OS user, not $USER
+    assert lineage("alice").trained_by == "alice"  # local profile: kept, unverified
+    monkeypatch.setenv("KEEL_PROFILE", "team")
+    monkeypatch.setenv("KEEL_API_KEY", store.add("tara", ["trainer"]))
+    assert lineage().trained_by == "tara" and lineage("tara").trained_by == "tara"
+    with pytest.raises(LineageError, match=r"tara \(api_key:.*\) may not act as 'alice'"):
+        lineage("alice")
+    monkeypatch.delenv("KEEL_API_KEY")
+    with pytest.raises(LineageError, match="acts only with an API key"):
+        lineage()
 
 
 def test_serving_refuses_a_key_without_the_role_and_logs_it(store):
@@ -302,3 +367,104 @@ def test_registry_cli_acts_as_the_caller_and_refuses_one_without_a_role(
     assert approve.exit_code == 1 and "vic (roles: viewer) may not approve" in approve.output
     wrong = runner.invoke(keel_cli.cli, ["registry", "audit"], env={"KEEL_API_KEY": "keel_x_y"})
     assert wrong.exit_code == 1 and "not a valid key" in wrong.output
+
+
+def _people(store: KeyStore) -> dict[str, str]:
+    roles = {"vic": ["viewer"], "tara": ["trainer"], "alice": ["approver"], "dan": ["deployer"]}
+    return {name: store.add(name, person_roles) for name, person_roles in roles.items()}
+
+
+def test_the_release_cli_acts_as_the_caller_and_refuses_roles_without_deploy(
+    registry,  # noqa: F811
+    config,  # noqa: F811
+    keel_home,
+    store,
+    monkeypatch,
+):
+    import json
+
+    from keel import cli as keel_cli
+
+    keys = _people(store)
+    tara, alice = store.check(keys["tara"]), store.check(keys["alice"])
+    registry.register(training_run(config, keel_home, "a", trained_by="tara"), METRICS, GATES, tara)
+    registry.approve("1", alice, "report read")
+    fields = ("tracking_uri", "registry_uri", "lock_file")
+    monkeypatch.setenv("KEEL_SERVE_REGISTRY", json.dumps({f: getattr(config, f) for f in fields}))
+    runner = CliRunner()
+
+    def release(who: str, *args: str):
+        env = {"KEEL_API_KEY": keys[who]} if who else {}
+        return runner.invoke(keel_cli.cli, ["release", *args], env=env)
+
+    for who in ("vic", "tara", "alice"):
+        refused = release(who, "shadow", "1", "--reason", "try")
+        assert refused.exit_code == 1 and f"{who} (roles: " in refused.output
+        assert "may not deploy on version 1" in refused.output
+        denied = registry.audit_records()[-1]
+        assert (denied.action, denied.actor) == ("denied", who)
+        assert denied.details["permission"] == "deploy"
+        assert denied.details["identity"]["method"].startswith("api_key:")
+    assert registry.client.get_registered_model(registry.name).aliases.get("shadow") is None
+
+    shown = release("vic", "status")  # reading needs no release role
+    assert shown.exit_code == 0 and json.loads(shown.output)["shadow"] is None
+    started = release("dan", "shadow", "1")
+    assert started.exit_code == 0 and "shadow_set by dan" in started.output
+    # A name typed on the command line is not accepted: the caller is the key's owner.
+    spoofed = release("vic", "shadow", "--stop", "--actor", "dan")
+    assert spoofed.exit_code == 2 and "No such option '--actor'" in spoofed.output
+    unknown = runner.invoke(
+        keel_cli.cli, ["release", "shadow", "--stop"], env={"KEEL_API_KEY": "keel_x_y"}
+    )
+    assert unknown.exit_code == 1 and "not a valid key" in unknown.output
+    # In the local profile the OS user acts (an admin until the first grant).
+    monkeypatch.delenv("KEEL_API_KEY", raising=False)
+    stopped = release("", "shadow", "--stop")
+    assert stopped.exit_code == 0 and f"shadow_clear by {os_user()}" in stopped.output
+    actions = [(r.action, r.actor) for r in registry.audit_records()]
+    assert actions[-2:] == [("shadow_set", "dan"), ("shadow_clear", os_user())]
+    assert registry.verify_audit().intact
+
+
+def test_an_edge_bundle_is_published_only_by_a_deployer_and_refusals_upload_nothing(
+    registry,  # noqa: F811
+    config,  # noqa: F811
+    keel_home,
+    store,
+    tmp_path,
+):
+    import json
+
+    from keel.edge.publish import PublishError, publish_bundle
+
+    keys = _people(store)
+    person = {name: store.check(key) for name, key in keys.items()}
+    run_id = training_run(config, keel_home, "a", trained_by="tara")
+    registry.register(run_id, METRICS, GATES, person["tara"])
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    (folder / "model_fp32.onnx").write_bytes(b"onnx bytes")
+    manifest = {"kind": "keel-edge-bundle", "format": 1, "model": {"version": "1"}, "files": {}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    parity = {"passed": True, "variants": {"fp32": {"max_abs_diff": 1e-7, "auc_change": 0.0}}}
+    sizes = {"fp32": 10}
+
+    def uploaded() -> list[str]:
+        return [a.path for a in registry.client.list_artifacts(run_id, "edge_bundle")]
+
+    for name in ("vic", "tara", "alice"):
+        with pytest.raises(RegistryAccessDenied, match=f"{name} .* may not attach_bundle"):
+            publish_bundle(registry, "1", folder, parity, sizes, person[name])
+        denied = registry.audit_records()[-1]
+        assert (denied.action, denied.actor, denied.to_version) == ("denied", name, "1")
+        assert uploaded() == []
+    with pytest.raises(PublishError, match="authenticated identity, not 'dan'"):
+        publish_bundle(registry, "1", folder, parity, sizes, "dan")
+    tags = publish_bundle(registry, "1", folder, parity, sizes, person["dan"])
+    assert uploaded() == ["edge_bundle/v1"]
+    version_tags = registry.client.get_model_version(registry.name, "1").tags
+    assert version_tags["keel.bundle.manifest_sha256"] == tags["keel.bundle.manifest_sha256"]
+    attached = registry.audit_records()[-1]
+    assert (attached.action, attached.actor) == ("attach_bundle", "dan")
+    assert attached.details["identity"]["roles"] == ["deployer"]

@@ -411,7 +411,9 @@ def _checks(result) -> dict[str, bool]:
     }
 
 
-def test_evaluation_gates_registration_and_registry_action_job(keel_home, trained_runs):
+def test_evaluation_gates_registration_and_registry_action_job(
+    keel_home, trained_runs, monkeypatch
+):
     from assets.evaluation import ModelGovernance, challenger_evaluation
     from assets.registry import registered_model, registry_action
     from keel.registry import ModelRegistry, RegistryConfig
@@ -488,8 +490,16 @@ def test_evaluation_gates_registration_and_registry_action_job(keel_home, traine
     registered = second.asset_materializations_for_node("registered_model")[0].metadata
     assert registered["version"].value == 2 and registered["approval_status"].value == "pending"
 
+    # The job acts as the identity of its process: each person's API key in turn.
+    from keel.access import KeyStore, default_store_path
+
+    keys = KeyStore(default_store_path())
+    roles = {"alice": ["approver"], "bob": ["approver", "deployer"], "carol": ["deployer"]}
+    api_keys = {name: keys.add(name, person_roles) for name, person_roles in roles.items()}
+
     def act(action: str, actor: str, version: str = "", reason: str = "test"):
-        config = {"action": action, "version": version, "actor": actor, "reason": reason}
+        config = {"action": action, "version": version, "reason": reason}
+        monkeypatch.setenv("KEEL_API_KEY", api_keys[actor])
         return registry_action.execute_in_process(
             run_config={"ops": {"apply_registry_action": {"config": config}}},
             resources=manual,

@@ -199,10 +199,16 @@ def test_blue_green_switch_from_the_cli_is_instant_and_the_job_switches_back(
     fields = ("tracking_uri", "registry_uri", "lock_file")
     registry_json = json.dumps({name: getattr(registry_copy, name) for name in fields})
     monkeypatch.setenv("KEEL_SERVE_REGISTRY", registry_json)
+    # The CLI and the job act as authenticated identities: "ops" runs the CLI.
+    from keel.access import KeyStore
+
+    keys = KeyStore(tmp_path / "access.db")
+    monkeypatch.setenv("KEEL_ACCESS_FILE", str(keys.path))
+    monkeypatch.setenv("KEEL_API_KEY", keys.add("ops", ["deployer"]))
     runner = CliRunner()
 
     def keel(*args: str) -> str:
-        result = runner.invoke(keel_cli.cli, ["release", *args, "--actor", "ops"])
+        result = runner.invoke(keel_cli.cli, ["release", *args])
         assert result.exit_code == 0, result.output
         return result.output
 
@@ -224,13 +230,10 @@ def test_blue_green_switch_from_the_cli_is_instant_and_the_job_switches_back(
     # Switching back from the Dagster registry_action job.
     from assets.registry import registry_action
 
+    monkeypatch.setenv("KEEL_API_KEY", keys.add("dagster-ops", ["deployer"]))
     run = registry_action.execute_in_process(
         run_config={
-            "ops": {
-                "apply_registry_action": {
-                    "config": {"action": "switch", "actor": "dagster-ops", "reason": "back"}
-                }
-            }
+            "ops": {"apply_registry_action": {"config": {"action": "switch", "reason": "back"}}}
         },
         resources=dagster_resources(registry_copy, tmp_path),
     )
@@ -247,7 +250,7 @@ def test_blue_green_switch_from_the_cli_is_instant_and_the_job_switches_back(
     ]
     assert registry.audit_records(limit=1)[-1].actor == "dagster-ops"
     assert registry.champion() == champion
-    refused = runner.invoke(keel_cli.cli, ["release", "canary", champion, "--actor", "ops"])
+    refused = runner.invoke(keel_cli.cli, ["release", "canary", champion])
     assert refused.exit_code == 1 and "champion already" in refused.output
 
 

@@ -2,15 +2,27 @@
 
 Every public registry change names its actor. An `Identity` must carry the change's
 permission; a refusal is appended to the registry's chained audit log (action ``denied``)
-before the error is raised, so attempts are on the record too. A plain string is free text:
-refused when the registry requires identities, else recorded as unverified.
+before the error is raised, so attempts are on the record too.
+
+A plain string is not an identity. Where identities are required (the team and production
+profiles, `keel.access.identity.IDENTITY_REQUIRED`, or ``RegistryConfig.require_identity``)
+it is only a label: the change is checked and recorded as the identity of the process that
+makes it (its ``KEEL_API_KEY``, see `keel.access.authenticate`), the label kept beside it;
+a process with no identity is refused. Elsewhere (the local profile) the name is recorded as
+unverified.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from keel.access.identity import AccessDenied, Identity, denial
+from keel.access.identity import (
+    AccessDenied,
+    AccessError,
+    Identity,
+    denial,
+    identities_required,
+)
 from keel.registry_types import ApprovalError
 
 DENIED = "denied"
@@ -23,24 +35,41 @@ class RegistryAccessDenied(AccessDenied, ApprovalError):
 class AccessSteps:
     """Authorisation of registry changes (mixed into ModelRegistry)."""
 
+    def identities_required(self) -> bool:
+        """The registry's setting, else the active profile's default."""
+        setting = getattr(self.config, "require_identity", None)
+        return identities_required() if setting is None else bool(setting)
+
     def _authorize(self, actor: Identity | str, permission: str, target: str | None) -> str:
         """The name to record for ``actor`` once it may do ``permission`` on ``target``."""
         acting = self.__dict__.setdefault("_acting", {})
-        if isinstance(actor, Identity):
-            if not actor.allows(permission):
-                why = denial(actor, permission, f"version {target}" if target else "")
-                self._refuse(actor.name, permission, target, why, actor.describe())
-            acting[actor.name] = actor.describe()
-            return actor.name
-        name = str(actor or "").strip()
-        if getattr(self.config, "require_identity", False):
+        label = ""
+        if not isinstance(actor, Identity):
+            label = str(actor or "").strip()
+            if not self.identities_required():
+                acting[label] = {"name": label, "method": "unverified"}
+                return label
+            actor = self._process_identity(label, permission, target)
+        described = {**actor.describe(), **({"label": label} if label else {})}
+        if not actor.allows(permission):
+            why = denial(actor, permission, f"version {target}" if target else "")
+            self._refuse(actor.name, permission, target, why, described)
+        acting[actor.name] = described
+        return actor.name
+
+    def _process_identity(self, label: str, permission: str, target: str | None) -> Identity:
+        """The identity a change labelled ``label`` acts as: this process's, or a refusal."""
+        from keel.access.store import authenticate
+
+        try:
+            return authenticate()
+        except AccessError as error:
             why = (
-                f"{name or 'an unnamed actor'!r} is not an authenticated identity: act with an "
-                "API key (KEEL_API_KEY) or as your OS user in the local profile"
+                f"{label or 'an unnamed actor'!r} is not an authenticated identity and this "
+                f"process has none: {error}"
             )
-            self._refuse(name or "-", permission, target, why, {"name": name, "method": "none"})
-        acting[name] = {"name": name, "method": "unverified"}
-        return name
+            self._refuse(label or "-", permission, target, why, {"name": label, "method": "none"})
+            raise  # _refuse raises; this line only satisfies the type checker
 
     def _refuse(
         self, name: str, permission: str, target: str | None, why: str, identity: dict[str, Any]

@@ -36,11 +36,25 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "approve": frozenset({"approver"}),
     "reject": frozenset({"approver"}),
     "promote": frozenset({"deployer"}),
-    "rollback": frozenset({"deployer"}),
+    # Serving's release key rolls back too (``keel serve``'s /v1/admin/rollback).
+    "rollback": frozenset({"deployer", "deploy"}),
     "deploy": frozenset({"deployer", "deploy"}),
     "attach_bundle": frozenset({"deployer"}),
     "admin": frozenset(),
 }
+
+
+# Whether a profile's registry takes only authenticated identities: the one default that
+# `keel.registry.RegistryConfig` and the trainer tag follow. The local profile is one person's
+# machine and records a name given as text as unverified.
+IDENTITY_REQUIRED = {"local": False, "team": True, "production": True}
+
+
+def identities_required(profile: str | None = None) -> bool:
+    """Whether ``profile`` (default: the active one) acts only as authenticated identities."""
+    from keel.settings import active_profile
+
+    return IDENTITY_REQUIRED[profile or active_profile()]
 
 
 class AccessError(RuntimeError):

@@ -240,3 +240,25 @@ def authenticate(store: KeyStore | None = None, key: str | None = None) -> Ident
             "(create one with `keel access keys add`)"
         )
     return store.os_user_identity()
+
+
+def acting_name(claimed: str = "", store: KeyStore | None = None) -> str:
+    """The name a step records as its actor (a trainer, a publisher): its identity's.
+
+    Where identities are required (`keel.access.identity.identities_required`) a ``claimed``
+    name other than the authenticated identity's is refused: nobody trains or publishes in
+    someone else's name, so four-eyes holds. In the local profile a claimed name is kept as
+    given (unverified), and an empty one is the authenticated identity's.
+    """
+    from keel.access.identity import AccessDenied, identities_required
+
+    claimed = claimed.strip()
+    if claimed and not identities_required():
+        return claimed
+    identity = authenticate(store)
+    if claimed and claimed != identity.name:
+        raise AccessDenied(
+            f"{identity.name} ({identity.method}) may not act as {claimed!r}: a step records "
+            "the identity that runs it"
+        )
+    return identity.name

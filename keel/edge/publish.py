@@ -4,6 +4,9 @@ The bundle is logged as artefacts of the version's training run (``edge_bundle/v
 and the version gets ``keel.bundle.*`` tags: where the bundle is, the manifest's sha256 (which
 pins every file through the manifest's own hashes), its variants, sizes and parity figures.
 The registry appends an ``attach_bundle`` record to its audit trail.
+
+The publisher is an authenticated identity (`keel.access`) with the ``deployer`` role, checked
+before anything is uploaded; a refusal is recorded in the registry's audit trail.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from keel.access import Identity
     from keel.registry import ModelRegistry
 
 ARTIFACT_PATH = "edge_bundle"
@@ -49,20 +53,30 @@ def publish_bundle(
     folder: str | Path,
     parity: Mapping[str, Any],
     sizes: Mapping[str, int],
-    actor: str,
+    publisher: Identity | None = None,
 ) -> dict[str, str]:
-    """Attach a bundle to ``version``; refuses one whose parity report did not pass.
+    """Attach a bundle to ``version`` as ``publisher``; refuses one whose parity did not pass.
 
-    Returns the tags set on the version.
+    ``publisher`` defaults to the caller's identity (`keel.access.authenticate`); a name
+    given as text is refused. Returns the tags set on the version.
     """
+    from keel.access import Identity, authenticate
     from keel_edge import MANIFEST_FILE, manifest_sha256
 
+    publisher = authenticate() if publisher is None else publisher
+    if not isinstance(publisher, Identity):
+        raise PublishError(
+            f"the publisher must be an authenticated identity, not {publisher!r}: act with "
+            "an API key (KEEL_API_KEY) or as your OS user in the local profile"
+        )
     if not parity.get("passed"):
         raise PublishError(f"version {version}'s bundle failed its parity check: not published")
     folder = Path(folder)
     manifest_hash = manifest_sha256(folder)
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     number = registry.resolve(version)
+    # Checked (and a refusal audited) before any artefact is uploaded to the version's run.
+    registry._authorize(publisher, "attach_bundle", number)
     if str(manifest["model"].get("version")) != number:
         raise PublishError(
             f"the bundle in {folder} was built for version {manifest['model'].get('version')}, "
@@ -74,7 +88,7 @@ def publish_bundle(
     tags = bundle_tags(f"runs:/{run_id}/{artifact_path}", manifest_hash, sizes, parity)
     registry.attach_bundle(
         number,
-        actor,
+        publisher,
         tags,
         {"manifest_sha256": manifest_hash, "files": manifest["files"], "parity": parity},
     )

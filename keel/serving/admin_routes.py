@@ -108,7 +108,7 @@ def start_canary(body: CanaryRequest, request: Request, principal: Deployer) -> 
         lambda registry: start(
             registry,
             body.version,
-            principal.owner,
+            principal,
             share=body.share,
             policy=GuardrailPolicy(**limits),
             reason=body.reason,
@@ -121,7 +121,7 @@ def stop_canary(body: RollbackRequest, request: Request, principal: Deployer) ->
     """Take the canary off traffic now."""
     from keel.serving.release import stop_canary as stop
 
-    return _act(request, lambda registry: stop(registry, principal.owner, body.reason))
+    return _act(request, lambda registry: stop(registry, principal, body.reason))
 
 
 @router.post("/canary/evaluate")
@@ -130,9 +130,7 @@ def evaluate_canary(request: Request, principal: Deployer) -> dict[str, Any]:
     from keel.serving.release import evaluate_release
 
     log_dir = request.app.state.service.settings.resolved_log_dir()
-    return _act(
-        request, lambda registry: evaluate_release(registry, log_dir, actor=principal.owner)
-    )
+    return _act(request, lambda registry: evaluate_release(registry, log_dir, actor=principal))
 
 
 @router.post("/shadow")
@@ -140,9 +138,7 @@ def set_shadow(body: ShadowRequest, request: Request, principal: Deployer) -> di
     """Let a version score every request off the response path (null stops it)."""
     from keel.serving.release import set_shadow as shadow
 
-    return _act(
-        request, lambda registry: shadow(registry, body.version, principal.owner, body.reason)
-    )
+    return _act(request, lambda registry: shadow(registry, body.version, principal, body.reason))
 
 
 @router.post("/slots/{slot}")
@@ -153,7 +149,7 @@ def assign_slot(
     from keel.serving.release import assign_slot as assign
 
     return _act(
-        request, lambda registry: assign(registry, slot, body.version, principal.owner, body.reason)
+        request, lambda registry: assign(registry, slot, body.version, principal, body.reason)
     )
 
 
@@ -162,9 +158,7 @@ def switch(body: SwitchRequest, request: Request, principal: Deployer) -> dict[s
     """Make the idle slot live in one step; call again to switch back."""
     from keel.serving.release import switch as flip
 
-    return _act(
-        request, lambda registry: flip(registry, principal.owner, body.reason, body.to_slot)
-    )
+    return _act(request, lambda registry: flip(registry, principal, body.reason, body.to_slot))
 
 
 @router.post("/rollback")
@@ -172,7 +166,7 @@ def rollback(body: RollbackRequest, request: Request, principal: Deployer) -> di
     """Give the champion alias back to the version that held it before."""
 
     def roll_back(registry: Any) -> Any:
-        registry.rollback(principal.owner, body.reason)
+        registry.rollback(principal, body.reason)
         return registry.audit_records(limit=1)[-1]
 
     return _act(request, roll_back)

@@ -1,36 +1,40 @@
 """``keel release``: canary, shadow and blue-green releases of the models ``keel serve`` runs.
 
 The registry is the one ``keel serve`` follows (KEEL_SERVE_REGISTRY, else the local profile's).
-Every command writes an audit record (``keel registry audit``); running workers follow the
-aliases within their poll interval.
+Whoever runs a command acts as their authenticated identity (`keel.access.authenticate`): the
+API key in ``KEEL_API_KEY``, else, in the local profile, the OS user. Releasing needs the
+``deployer`` role; a refusal is recorded in the audit trail too. Every command writes an audit
+record (``keel registry audit``); running workers follow the aliases within their poll
+interval.
 """
 
 from __future__ import annotations
 
-import getpass
 import json
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-actor_option = click.option(
-    "--actor", default=getpass.getuser, show_default="you", help="Who acts, for the audit trail."
-)
 reason_option = click.option("--reason", default="", help="Why, for the audit trail.")
 
 
-def _run(action: Callable[[Any], Any]) -> Any:
-    """Run ``action(registry)`` on the serving registry; refusals become one-line errors."""
+def _run(action: Callable[[Any, Any], Any]) -> Any:
+    """Run ``action(registry, identity)`` on the serving registry as the caller.
+
+    Refusals (no identity, no role, a workflow rule) become one-line errors.
+    """
+    from keel.access import AccessError, authenticate
     from keel.registry import ModelRegistry, RegistryError
     from keel.serving.guardrails import GuardrailError
     from keel.serving.release import ReleaseError
     from keel.serving.settings import ServeSettings
 
     try:
+        identity = authenticate()
         with ModelRegistry(ServeSettings.from_env().registry_config()) as registry:
-            return action(registry)
-    except (RegistryError, ReleaseError, GuardrailError) as error:
+            return action(registry, identity)
+    except (AccessError, RegistryError, ReleaseError, GuardrailError) as error:
         raise click.ClickException(str(error)) from error
 
 
@@ -54,7 +58,11 @@ def status() -> None:
     """What the registry deploys: champion, canary (share, policy), shadow, slots."""
     from keel.serving.release import release_state
 
-    state = _run(release_state)
+    def read(registry: Any, identity: Any) -> Any:
+        identity.require("read", "the release state")
+        return release_state(registry)
+
+    state = _run(read)
     click.echo(json.dumps(state.to_dict(), indent=2))
 
 
@@ -66,7 +74,6 @@ def status() -> None:
 @click.option("--promote-after-requests", type=int, default=None)
 @click.option("--promote-after-minutes", type=float, default=None)
 @click.option("--auto-approve", is_flag=True, help="Approve a gated version by policy first.")
-@actor_option
 @reason_option
 def canary(
     version: str,
@@ -76,7 +83,6 @@ def canary(
     promote_after_requests: int | None,
     promote_after_minutes: float | None,
     auto_approve: bool,
-    actor: str,
     reason: str,
 ) -> None:
     """Send a sticky share of entities to VERSION; the guardrails promote or roll it back."""
@@ -90,7 +96,7 @@ def canary(
         "promote_after_minutes": promote_after_minutes,
     }
 
-    def start(registry: Any) -> Any:
+    def start(registry: Any, actor: Any) -> Any:
         policy = GuardrailPolicy(**{k: v for k, v in limits.items() if v is not None})
         return start_canary(
             registry, version, actor, share, policy, auto_approve=auto_approve, reason=reason
@@ -100,24 +106,22 @@ def canary(
 
 
 @release.command("canary-stop")
-@actor_option
 @click.option("--reason", required=True, help="Why the canary stops.")
-def canary_stop(actor: str, reason: str) -> None:
+def canary_stop(reason: str) -> None:
     """Take the running canary off traffic now."""
     from keel.serving.release import stop_canary
 
-    _echo_record(_run(lambda registry: stop_canary(registry, actor, reason)))
+    _echo_record(_run(lambda registry, actor: stop_canary(registry, actor, reason)))
 
 
 @release.command("evaluate")
-@actor_option
-def evaluate(actor: str) -> None:
+def evaluate() -> None:
     """Judge the running canary on the prediction log now: roll back, promote or keep it."""
     from keel.serving.release import evaluate_release
     from keel.serving.settings import ServeSettings
 
     log_dir = ServeSettings.from_env().resolved_log_dir()
-    outcome = _run(lambda registry: evaluate_release(registry, log_dir, actor=actor))
+    outcome = _run(lambda registry, actor: evaluate_release(registry, log_dir, actor=actor))
     click.echo(f"{outcome.action}: {outcome.verdict.summary() if outcome.verdict else ''}")
     if outcome.record is not None:
         _echo_record(outcome.record)
@@ -126,35 +130,32 @@ def evaluate(actor: str) -> None:
 @release.command("shadow")
 @click.argument("version", required=False)
 @click.option("--stop", is_flag=True, help="Stop the shadow.")
-@actor_option
 @reason_option
-def shadow(version: str | None, stop: bool, actor: str, reason: str) -> None:
+def shadow(version: str | None, stop: bool, reason: str) -> None:
     """Let VERSION score every request off the response path (or --stop)."""
     from keel.serving.release import set_shadow
 
     if bool(version) == stop:
         raise click.UsageError("give a VERSION or --stop")
-    _echo_record(_run(lambda registry: set_shadow(registry, version, actor, reason)))
+    _echo_record(_run(lambda registry, actor: set_shadow(registry, version, actor, reason)))
 
 
 @release.command("slot")
 @click.argument("slot", type=click.Choice(["blue", "green"]))
 @click.argument("version")
-@actor_option
 @reason_option
-def slot(slot: str, version: str, actor: str, reason: str) -> None:
+def slot(slot: str, version: str, reason: str) -> None:
     """Load VERSION into the idle blue-green SLOT (every worker warms it)."""
     from keel.serving.release import assign_slot
 
-    _echo_record(_run(lambda registry: assign_slot(registry, slot, version, actor, reason)))
+    _echo_record(_run(lambda registry, actor: assign_slot(registry, slot, version, actor, reason)))
 
 
 @release.command("switch")
 @click.option("--to", "to_slot", type=click.Choice(["blue", "green"]), default=None)
-@actor_option
 @reason_option
-def switch(to_slot: str | None, actor: str, reason: str) -> None:
+def switch(to_slot: str | None, reason: str) -> None:
     """Make the idle slot live in one step; run it again to switch back."""
     from keel.serving.release import switch as flip
 
-    _echo_record(_run(lambda registry: flip(registry, actor, reason, to_slot)))
+    _echo_record(_run(lambda registry, actor: flip(registry, actor, reason, to_slot)))
