@@ -169,6 +169,10 @@ def dataset_model(spec: DatasetSpec) -> dg.AssetsDefinition:
                     f"roc_auc_{family}": dg.MetadataValue.float(r["metrics"]["roc_auc"])
                     for family, r in records.items()
                 },
+                **{
+                    f"gates_passed_{family}": dg.MetadataValue.bool(r["passed"])
+                    for family, r in records.items()
+                },
                 "all_gates_passed": dg.MetadataValue.bool(chosen is not None),
                 "gates": dg.MetadataValue.md(gates),
                 "fairness": dg.MetadataValue.md(fairness),

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from keel.datasets.spec import DATASETS_DIR, SpecError, discover, load_spec
+from keel.datasets.spec import DATASETS_DIR, SpecError, discover, load_spec, loop_dataset
 from keel.settings import DBT_PROJECT_DIR
 from tests.conftest import REPO_ROOT
 
@@ -24,6 +24,21 @@ TAIWAN_DIR = DATASETS_DIR / "taiwan_credit"
 def relative_to_dbt(folder: Path) -> str:
     """A datasets folder as KEEL_DATASETS_DIR takes it: relative to the dbt project."""
     return os.path.relpath(folder, DBT_PROJECT_DIR)
+
+
+def with_shipped_datasets(folder: Path) -> Path:
+    """A datasets folder holding copies of the shipped ones (their data files aside).
+
+    The dbt project reads its models from the one datasets folder: a moved folder without
+    the shipped datasets would lose the models the rest of the graph is built on.
+    """
+    for shipped in sorted(DATASETS_DIR.glob("*/dataset.yaml")):
+        shutil.copytree(shipped.parent, folder / shipped.parent.name, ignore=_data_files)
+    return folder
+
+
+def _data_files(directory: str, names: list[str]) -> list[str]:
+    return ["data"] if "data" in names else []
 
 
 def spec_copy(tmp_path: Path, edit) -> Path:
@@ -66,6 +81,11 @@ def test_the_shipped_datasets_load_with_their_checked_source():
         (lambda d: d["marts"].update(labels="fct_other"), r"'fct_other' is not one of marts"),
         (lambda d: d.update(name="other"), r"must match the folder name"),
         (lambda d: d.update(schedule="daily"), r"schedule: 'daily' is not a five-field cron"),
+        (
+            lambda d: d["model"].update(families=["lightgbm", "xgboost"]),
+            r"model\.families: \['lightgbm', 'xgboost'\] must list some of lightgbm, torch",
+        ),
+        (lambda d: d["model"].update(families=["torch", "torch"]), r"torch, each once"),
     ],
 )
 def test_a_bad_spec_is_refused_naming_the_file_and_key(tmp_path, edit, message):
@@ -275,12 +295,10 @@ def test_dataset_new_refuses_a_file_without_a_key_and_leaves_nothing(tmp_path, m
 THIRD_DATASET_RUN = """
 import json
 import dagster as dg
-from assets.features import feast_registry
 from orchestration.definitions import defs
-from orchestration.profiles import resources_for
 
 instance = dg.DagsterInstance.ephemeral()
-assert dg.materialize([feast_registry], resources=resources_for("local"), instance=instance).success
+# A fresh data folder: the dataset's job applies its Feast objects itself.
 run = defs.resolve_job_def("loans").execute_in_process(instance=instance, raise_on_error=False)
 checks = {
     f"{e.asset_key.to_user_string()} {e.check_name}": e.passed
@@ -307,9 +325,12 @@ def test_a_third_dataset_from_a_file_reaches_a_registered_model(tmp_path, venv_b
 
     source = tmp_path / "applications.csv"
     frame = write_screening_file(source)
+    # dbt reads one datasets folder: the daily loop's dataset comes along, as in datasets/.
+    loop = loop_dataset().folder
+    shutil.copytree(loop, tmp_path / "datasets" / loop.name, ignore=shutil.ignore_patterns("data"))
     env = {
         **os.environ,
-        "KEEL_DATASETS_DIR": relative_to_dbt(tmp_path / "datasets"),
+        "KEEL_DATASETS_DIR": relative_to_dbt(with_shipped_datasets(tmp_path / "datasets")),
         "DBT_TARGET_PATH": str(tmp_path / "dbt-target"),
         "KEEL_HOME": str(tmp_path / "home"),
         "KEEL_PROFILE": "local",
@@ -337,7 +358,13 @@ def test_a_third_dataset_from_a_file_reaches_a_registered_model(tmp_path, venv_b
     assert result["checks"]["loans/model gates"]
     registered = result["built"]["loans/registered_model"]
     assert registered["registered_model"] == "loans" and registered["version"] == "1"
-    assert result["built"]["loans/model"]["roc_auc"] > 0.7
+    # Both families trained and judged; the registered one is the better of those that passed.
+    model = result["built"]["loans/model"]
+    aucs = {family: model[f"roc_auc_{family}"] for family in ("lightgbm", "torch")}
+    assert min(aucs.values()) > 0.7, aucs
+    passed = [family for family in aucs if model[f"gates_passed_{family}"]]
+    assert registered["family"] == model["champion"] == max(passed, key=aucs.get)
+    assert result["built"]["loans/scores"]["family"] == registered["family"]
     # Scoring needs no label: every applicant of the load is scored, the unlabelled ones too.
     scores = result["built"]["loans/scores"]
     assert scores["rows"] == len(frame) and scores["version"] == "1"
@@ -360,12 +387,10 @@ def test_taiwan_goes_from_its_csv_to_a_registered_model_with_a_fairness_report(
 ):
     import dagster as dg
 
-    from assets.features import feast_registry
     from orchestration.definitions import defs
 
     spec = load_spec(TAIWAN_DIR)
     instance = dg.DagsterInstance.ephemeral()
-    assert dg.materialize([feast_registry], resources=data_resources, instance=instance).success
     here = dg.Definitions(
         assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs, resources=data_resources
     )
@@ -387,13 +412,17 @@ def test_taiwan_goes_from_its_csv_to_a_registered_model_with_a_fairness_report(
     model = built["taiwan_credit/model"]
     assert 0.70 <= model["roc_auc"].value < 0.9
     report = model["fairness"].value
+    for family in ("lightgbm", "torch"):
+        assert 0.70 <= model[f"roc_auc_{family}"].value < 0.9
+        assert f"## {family} (" in report
     for attribute in spec.protected_attributes:
-        assert f"### {attribute}" in report
+        assert f"### {attribute}: " in report
     for group in ("| F |", "| M |", "| university |", "| married |", "| 26-35 |"):
         assert group in report
     registered = built["taiwan_credit/registered_model"]
     assert registered["registered_model"].value == spec.registered_model
     assert registered["version"].value == "1"
+    assert registered["family"].value == model["champion"].value
     assert built["taiwan_credit/scores"]["rows"].value == 30_000
     assert built["taiwan_credit/drift"]["drifted_features"].value == 0
 
