@@ -91,7 +91,24 @@ def raw_table(name: str) -> RawTable:
 
 
 def ensure_schemas(connection: duckdb.DuckDBPyConnection) -> None:
-    """Create the raw, quarantine and validation tables if they are missing."""
+    """Create the raw, quarantine and validation tables if they are missing.
+
+    On a warehouse that several workers share (the team profile's lake), another worker may
+    create the same schema or table between our check and our commit: we look again.
+    """
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            _create_schemas(connection)
+            return
+        except duckdb.TransactionException as error:
+            if "another transaction" not in str(error) or attempt == CREATE_ATTEMPTS - 1:
+                raise
+
+
+CREATE_ATTEMPTS = 5
+
+
+def _create_schemas(connection: duckdb.DuckDBPyConnection) -> None:
     for schema in (RAW_SCHEMA, QUARANTINE_SCHEMA, VALIDATION_SCHEMA):
         connection.execute(f"create schema if not exists {schema}")
     for table in raw_tables():

@@ -135,9 +135,19 @@ def team_resources(paths: KeelPaths) -> dict[str, Any]:
 
     Its Dagster instance (Postgres) and executor (Celery workers) are what differ most.
     """
+    from keel.lake import lake_catalog, lake_data_path
+
     local = local_resources(paths)
     return {
         **local,
+        # DuckLake: catalog in Postgres (KEEL_LAKE_CATALOG), Parquet under KEEL_LAKE_DATA_PATH
+        # (default: the shared data folder's lake/); marts land as Parquet as in the local one.
+        "warehouse": WarehouseResource(
+            catalog=lake_catalog(),
+            data_path=lake_data_path(paths.home),
+            extension_dir=str(paths.home / "duckdb_extensions"),
+            marts_dir=str(paths.marts),
+        ),
         # Feast: SQL registry on Postgres and Redis online store that every worker shares;
         # the offline store reads the marts' Parquet in the shared data folder.
         "feature_store": FeatureStoreResource(

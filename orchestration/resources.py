@@ -34,29 +34,94 @@ _GATES = GatePolicy()
 _RETRAIN = RetrainPolicy()
 # The dbt variable profiles.yml reads the warehouse path from.
 WAREHOUSE_VAR = "keel_warehouse"
+# ... and, for the team target, the lake's catalog, data path and extension folder.
+LAKE_CATALOG_VAR = "keel_lake_catalog"
+LAKE_DATA_PATH_VAR = "keel_lake_data_path"
+LAKE_EXTENSIONS_VAR = "keel_lake_extensions"
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """The DuckDB warehouse (file, or MotherDuck ``md:...``) and where its marts land as Parquet."""
+    """The warehouse, and where its marts land as Parquet.
 
-    database: str
+    Two kinds, one API: a DuckDB file (``database``, the local profile), or a DuckLake
+    (``catalog`` + ``data_path``, the team profile) whose catalog is a Postgres database and
+    whose tables are Parquet files under a folder every worker mounts or an ``s3://`` URL.
+    ``connect()`` gives a connection whose default catalog is the warehouse either way, so
+    ``raw.account_activity`` means the same table in both (see keel.lake).
+    """
+
+    # DuckDB file of the local profile; leave empty for a lake.
+    database: str = ""
+    # The lake's catalog: a Postgres connection string (``postgresql://user@host/keel_lake``).
+    catalog: str = ""
+    # The lake's data: a shared folder or an object store URL; the catalog records it.
+    data_path: str = ""
+    # Where DuckDB installs the lake's extensions from their packages (empty: a temp folder).
+    extension_dir: str = ""
     marts_dir: str
     # DuckDB otherwise caches up to 80% of the machine's memory; past this it spills to disk.
     memory_limit: str = "2GB"
+
+    @property
+    def is_lake(self) -> bool:
+        return bool(self.catalog)
+
+    def _checked(self) -> None:
+        if bool(self.database) == bool(self.catalog):
+            raise ValueError(
+                "WarehouseResource takes a DuckDB file (database) or a lake (catalog and "
+                f"data_path), exactly one: got database={self.database!r}, "
+                f"catalog={self.catalog!r}"
+            )
+        if self.catalog and not self.data_path:
+            raise ValueError("WarehouseResource: a lake (catalog) needs a data_path")
+
+    def extension_folder(self) -> Path:
+        from keel.lake import default_extension_dir
+
+        return Path(self.extension_dir) if self.extension_dir else default_extension_dir()
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         import duckdb
 
-        if not self.database.startswith("md:"):
+        self._checked()
+        if self.is_lake:
+            from keel.lake import connect
+
+            connection = connect(
+                self.catalog,
+                self.data_path,
+                self.extension_folder(),
+                read_only=read_only,
+                memory_limit=self.memory_limit,
+            )
+        else:
             Path(self.database).parent.mkdir(parents=True, exist_ok=True)
-        connection = duckdb.connect(
-            self.database, read_only=read_only, config={"memory_limit": self.memory_limit}
-        )
+            connection = duckdb.connect(
+                self.database, read_only=read_only, config={"memory_limit": self.memory_limit}
+            )
         try:
             yield connection
         finally:
             connection.close()
+
+    def dbt_target(self) -> str:
+        """The output of dbt_project/profiles.yml that runs on this warehouse."""
+        return "team" if self.is_lake else "local"
+
+    def dbt_vars(self) -> dict[str, str]:
+        """The dbt variables profiles.yml reads this warehouse's location from."""
+        self._checked()
+        if not self.is_lake:
+            return {WAREHOUSE_VAR: self.database}
+        from keel.lake import data_location
+
+        return {
+            LAKE_CATALOG_VAR: self.catalog,
+            LAKE_DATA_PATH_VAR: data_location(self.data_path),
+            LAKE_EXTENSIONS_VAR: str(self.extension_folder()),
+        }
 
 
 class DriftScenarioConfig(dg.Config):
@@ -360,9 +425,10 @@ class ModelGovernance(dg.ConfigurableResource):
 class KeelDbtCliResource(DbtCliResource):
     """dagster-dbt's CLI resource, run on a given warehouse, without two start-up costs.
 
-    The warehouse's path travels in each invocation's ``--vars`` (profiles.yml reads
-    ``keel_warehouse``), so nothing is set in the process environment: two steps on two
-    warehouses in one process cannot cross.
+    The warehouse's location travels in each invocation's ``--vars`` and ``--target``
+    (profiles.yml reads ``keel_warehouse``, or the ``keel_lake_*`` variables for a lake), so
+    nothing is set in the process environment: two steps on two warehouses in one process
+    cannot cross.
 
     Before each invocation dagster-dbt runs ``dbt --version`` in a subprocess and loads dbt's
     macros in-process for an adapter that only ``fetch_row_counts`` and
@@ -387,5 +453,6 @@ class KeelDbtCliResource(DbtCliResource):
         **kwargs: Any,
     ) -> DbtCliInvocation:
         """``dbt args`` on ``warehouse``, with ``variables`` as further dbt ``--vars``."""
-        dbt_vars = {WAREHOUSE_VAR: warehouse.database, **(variables or {})}
-        return self.cli([*args, "--vars", json.dumps(dbt_vars)], **kwargs)
+        dbt_vars = {**warehouse.dbt_vars(), **(variables or {})}
+        target = ["--target", warehouse.dbt_target()]
+        return self.cli([*args, *target, "--vars", json.dumps(dbt_vars)], **kwargs)
