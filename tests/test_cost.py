@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -100,6 +101,91 @@ def test_two_runs_of_different_sizes_cost_in_proportion_to_their_measured_resour
         result = cost_observations(_sensor_context(instance, keel_home))
         observed = [e.metadata["cost"].value for e in result.asset_events]
         assert observed == pytest.approx([first["cost"], second["cost"]])
+
+
+_CHILD = """
+import sys, time
+seconds, megabytes, path = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+held = bytearray(megabytes * 2**20)
+held[::4096] = b"x" * len(held[::4096])  # touched, so it is resident
+with open(path, "wb") as out:
+    out.write(bytes(20 * 2**20))
+end = time.process_time() + seconds
+while time.process_time() < end:
+    pass
+time.sleep(0.6)  # held long enough to be sampled
+"""
+
+
+@dg.asset(config_schema={"seconds": float, "megabytes": int})
+def runs_a_child(context) -> dg.MaterializeResult:
+    """A step whose work happens in a subprocess, as dbt's does: the parent only waits."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    config = context.op_config
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    target = f"{context.instance.root_directory}/child-{context.run_id}.bin"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(config["seconds"]), str(config["megabytes"]), target]
+    )
+    _, exit_status, usage = os.wait4(child.pid, 0)  # the child's own usage, as the kernel kept it
+    child.returncode = os.waitstatus_to_exitcode(exit_status)
+    assert child.returncode == 0
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    status = Path("/proc/self/status").read_text().splitlines()
+    rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+    return dg.MaterializeResult(
+        metadata={
+            "parent_rss_bytes": rss,
+            "child_cpu_s": usage.ru_utime + usage.ru_stime,
+            "child_peak_bytes": usage.ru_maxrss * 1024,
+            "parent_cpu_s": (after.ru_utime + after.ru_stime) - (own.ru_utime + own.ru_stime),
+        }
+    )
+
+
+def test_a_step_that_works_in_a_subprocess_is_costed_with_its_child(keel_home):
+    def run(instance, seconds: float, megabytes: int):
+        result = dg.materialize(
+            [runs_a_child],
+            instance=instance,
+            run_config={
+                "ops": {"runs_a_child": {"config": {"seconds": seconds, "megabytes": megabytes}}}
+            },
+        )
+        measured = result.asset_materializations_for_node("runs_a_child")[0].metadata
+        row = next(r for r in CostStore().rows() if r["run_id"] == result.run_id)
+        return {name: value.value for name, value in measured.items()}, row
+
+    with dg.instance_for_test(overrides=HANDLER_CONFIG) as instance:
+        _, light_row = run(instance, 0.3, 10)
+        heavy, heavy_row = run(instance, 1.5, 300)
+    # The parent barely worked: the step's CPU is its child's, as the kernel counted it.
+    assert heavy["parent_cpu_s"] < 0.5 < 1.4 < heavy["child_cpu_s"]
+    assert heavy["child_cpu_s"] <= heavy_row["cpu_s"] < heavy["child_cpu_s"] + 0.5
+    assert heavy_row["cpu_s"] - light_row["cpu_s"] > 1.0
+    # The child's 20 MB written and its 300 MB resident count with the step.
+    assert heavy_row["bytes_written"] >= 20 * MB and light_row["bytes_written"] >= 20 * MB
+    # Parent and child were resident together: the step's peak holds both.
+    assert heavy["child_peak_bytes"] > 300 * MB
+    both = heavy["parent_rss_bytes"] + heavy["child_peak_bytes"]
+    assert heavy_row["peak_memory_bytes"] > 0.9 * both
+    assert heavy_row["cost"] > light_row["cost"]
+
+
+def test_gpu_seconds_are_wall_time_per_device_used_and_none_without_cuda():
+    # Recorded peaks per device: one device used bills the wall time, two bill it twice.
+    assert measure.gpu_seconds(12.5, [0, 3 * MB]) == 12.5
+    assert measure.gpu_seconds(12.5, [MB, 3 * MB]) == 25.0
+    assert measure.gpu_seconds(12.5, [0, 0]) == 0.0
+    assert measure.gpu_seconds(12.5, []) == 0.0  # no CUDA: a CPU machine records none
+    # Children's high-water mark tells about the step only when it rose during it.
+    assert measure.children_peak(0, 500 * MB, 500 * MB) == 0
+    assert measure.children_peak(0, 500 * MB, 700 * MB) == 700 * MB
+    assert measure.children_peak(900 * MB, 500 * MB, 700 * MB) == 900 * MB
 
 
 def test_a_failed_step_is_costed_and_totals_per_asset_and_day(keel_home):
