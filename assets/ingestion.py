@@ -74,7 +74,7 @@ def _load_generated_days(
     extracts = {}
     for key in context.partition_keys:
         day = generate_day(
-            config, date.fromisoformat(key), Path(sources.generated_dir), Path(sources.landing_dir)
+            config, date.fromisoformat(key), Path(sources.generated_dir), sources.landing_dir
         )
         extracts[key] = day.activity if table is ACCOUNT_ACTIVITY else day.labels
     with warehouse.connect() as connection:
@@ -113,9 +113,13 @@ def raw_landed_activity(
 ):
     """Activity records from files dropped into the landing folder (CSV, Parquet, JSON lines)."""
     from keel.ingestion import LANDED_ACTIVITY, landing_file, load_partition
+    from keel.storage import duckdb_object_store, is_local
 
     rows = {}
     with warehouse.connect() as connection:
+        if not is_local(sources.landing_dir):
+            # The landing folder is on an object store: DuckDB reads the file where it lies.
+            duckdb_object_store(connection)
         for key in context.partition_keys:
             source = landing_file(sources.landing_dir, key)
             rows[key] = load_partition(connection, LANDED_ACTIVITY, key, source)

@@ -402,10 +402,21 @@ def write_table(table: pa.Table, path: Path) -> Path:
     return path
 
 
-def write_landing_file(table: pa.Table, folder: Path, stem: str, file_format: str) -> Path:
-    """Drop rows into the landing folder as CSV, Parquet or JSON lines, atomically."""
+def write_landing_file(table: pa.Table, folder: Path | str, stem: str, file_format: str):
+    """Drop rows into the landing folder as CSV, Parquet or JSON lines, atomically.
+
+    ``folder`` may be on an object store (``s3://...``): the file is written locally, then
+    uploaded whole.
+    """
     if file_format not in LANDING_FORMATS:
         raise GeneratorConfigError(f"landing format must be one of {LANDING_FORMATS}")
+    from keel.storage import is_local, location, publish, scratch_folder
+
+    if not is_local(folder):
+        with scratch_folder(folder) as scratch:
+            written = write_landing_file(table, scratch, stem, file_format)
+            return publish(written, location(folder, written.name))
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{stem}.{file_format}"
     temporary = folder / f".{stem}.{file_format}.{uuid.uuid4().hex}.tmp"

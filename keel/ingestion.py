@@ -328,9 +328,13 @@ def landing_file(landing_dir: str | Path, partition: str) -> Path:
     """The file a landing partition key names, refused unless it is a plain name in the folder.
 
     Anyone who can add a dynamic partition chooses the key, so ``../`` or a link must not
-    reach a file outside the landing folder, nor a hidden writer's scratch file.
+    reach a file outside the landing folder, nor a hidden writer's scratch file. The folder
+    may be on an object store (``s3://...``, a ``UPath`` is returned), which has no links.
     """
-    folder = Path(landing_dir).resolve()
+    from keel.storage import is_local, location
+
+    remote = not is_local(landing_dir)
+    folder = location(landing_dir) if remote else Path(landing_dir).resolve()
     name = str(partition)
     if (
         name in ("", ".", "..")
@@ -340,6 +344,8 @@ def landing_file(landing_dir: str | Path, partition: str) -> Path:
         raise IngestionError(
             f"landing partition {partition!r} is not a file name inside {folder}: refused"
         )
+    if remote:
+        return folder / name
     path = folder / name
     if path.resolve().parent != folder:
         raise IngestionError(f"landing file {path} leads outside {folder} (a link): refused")

@@ -171,6 +171,19 @@ def list_files(folder: Any, suffix: str = "") -> list[UPath]:
     )
 
 
+def file_signature(path: Any) -> str:
+    """A text that changes whenever the file at ``path`` is rewritten.
+
+    Locally its modification time (ns) and size; on an object store its ETag and size.
+    """
+    if is_local(path):
+        stat = local_path(path).stat()
+        return f"{stat.st_mtime_ns}:{stat.st_size}"
+    info = path.fs.info(path.path)
+    tag = info.get("ETag") or info.get("LastModified") or ""
+    return f"{str(tag).strip(chr(34))}:{info.get('size')}"
+
+
 def write_pointer(folder: Any, record: Mapping[str, Any], name: str = POINTER) -> Any:
     """Point readers at the newest version: ``folder/latest.json`` holds ``record``, atomically.
 

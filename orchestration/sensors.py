@@ -17,18 +17,18 @@ IN_FLIGHT = [
 ]
 
 
-def landing_files(folder: Path) -> dict[str, str]:
+def landing_files(folder: Path | str) -> dict[str, str]:
     """Files ready in the landing folder, each with a signature that changes when it is rewritten.
 
     Hidden files are writers' temporary files (written, then renamed into place), so they are
-    never picked up half-written.
+    never picked up half-written; on an object store a file appears only once it is whole.
     """
-    if not folder.exists():
-        return {}
+    from keel.storage import file_signature, list_files
+
     return {
-        path.name: f"{path.stat().st_mtime_ns}:{path.stat().st_size}"
-        for path in sorted(folder.iterdir())
-        if path.is_file() and path.suffix in LANDING_SUFFIXES and not path.name.startswith(".")
+        path.name: file_signature(path)
+        for path in list_files(folder)
+        if path.suffix in LANDING_SUFFIXES
     }
 
 
@@ -46,7 +46,7 @@ def landing_file_sensor(context: dg.SensorEvaluationContext, sources: SourcesRes
     which Dagster never launches twice.
     """
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    current = landing_files(Path(sources.landing_dir))
+    current = landing_files(sources.landing_dir)
     fresh = {name: signature for name, signature in current.items() if seen.get(name) != signature}
     cursor = json.dumps(current, sort_keys=True)
     if not fresh:

@@ -366,3 +366,67 @@ def test_training_set_from_marts_on_s3_with_the_production_feature_store(
     assert len(frame) == 120
     assert frame["spend_30d"].notna().any()
     assert json.loads(location(pointer["path"]).with_name("latest.json").read_text()) == pointer
+
+
+# -- Ingestion reads the landing folder where it lies -----------------------------------------
+
+
+def test_landing_files_on_s3_are_sensed_and_loaded(bucket, tmp_path):
+    import dagster as dg
+    import pyarrow as pa
+
+    from assets.ingestion import LANDING_PARTITIONS, raw_landed_activity
+    from keel.generator import write_landing_file
+    from orchestration.resources import SourcesResource, WarehouseResource
+    from orchestration.sensors import landing_files
+
+    landing = f"{bucket}/keel/landing"
+    rows = pa.table(
+        {
+            "account_id": [7, 8, 9],
+            "activity_date": ["2026-01-02"] * 3,
+            "n_transactions": [2, 0, 1],
+            "spend_amount": [12.5, 0.0, 3.0],
+            "payment_amount": [0.0, 0.0, 1.0],
+            "balance": [300.25, 10.0, 0.0],
+            "missed_payment": [False, False, True],
+            "channel": ["pos", "online", "pos"],
+        }
+    )
+    written = write_landing_file(rows, landing, "partner_2026-01-02", "csv")
+    assert str(written) == f"{landing}/partner_2026-01-02.csv"
+    sensed = landing_files(landing)
+    assert list(sensed) == ["partner_2026-01-02.csv"]
+    name = "partner_2026-01-02.csv"
+
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(LANDING_PARTITIONS.name, [name])
+    warehouse = WarehouseResource(
+        database=str(tmp_path / "warehouse.duckdb"), marts_dir=str(tmp_path / "marts")
+    )
+    result = dg.materialize(
+        [raw_landed_activity],
+        resources={
+            "sources": SourcesResource(
+                generated_dir=str(tmp_path / "generated"), landing_dir=landing
+            ),
+            "warehouse": warehouse,
+        },
+        partition_key=name,
+        instance=instance,
+    )
+    assert result.success
+    with warehouse.connect(read_only=True) as connection:
+        loaded = connection.execute(
+            "select account_id, spend_amount, _source_file from raw.landed_activity "
+            "where _partition = ? order by _row_number",
+            [name],
+        ).fetchall()
+    assert loaded == [
+        ("7", "12.5", str(written)),
+        ("8", "0", str(written)),
+        ("9", "3", str(written)),
+    ]
+    # A rewritten file gets a new signature, so the sensor asks for it again.
+    write_landing_file(rows.slice(0, 2), landing, "partner_2026-01-02", "csv")
+    assert landing_files(landing)[name] != sensed[name]
