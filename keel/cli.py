@@ -150,6 +150,25 @@ def demo(accounts: int, history_days: int, days: int, drift_day: int, no_release
     click.echo("  audit trail  .venv/bin/keel registry audit")
 
 
+@cli.group()
+def profile() -> None:
+    """Deployment profiles: check that a profile's settings describe one working deployment."""
+
+
+@profile.command("check")
+def profile_check() -> None:
+    """Check the production profile's variables: all set, and its parts agree on locations."""
+    from orchestration.profile_check import check_production
+
+    problems = check_production()
+    if problems:
+        click.echo("the production profile cannot run:")
+        for problem in problems:
+            click.echo(f"- {problem}")
+        raise SystemExit(1)
+    click.echo("the production profile is complete and consistent")
+
+
 cli.add_command(registry)
 cli.add_command(dashboards)
 cli.add_command(serve)

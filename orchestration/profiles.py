@@ -7,6 +7,7 @@ from typing import Any
 import dagster as dg
 
 from keel.settings import FEATURE_REPO_DIR, KeelPaths, active_profile
+from keel.storage import MARTS_ENV
 from orchestration.dbt import DBT_EXECUTABLE, dbt_project
 from orchestration.resources import (
     ArtefactStore,
@@ -72,37 +73,39 @@ def local_resources(paths: KeelPaths) -> dict[str, Any]:
 
 
 def production_resources() -> dict[str, Any]:
-    """Production profile: hosted warehouse and object storage, secrets from the environment."""
+    """Production profile: one DuckLake, one shared store, services by URL, secrets from the env.
+
+    The lake's catalog is a Postgres database and its data, the marts, the landing files and
+    every artefact live on one store (a bucket, or a folder every machine mounts);
+    ``orchestration.profile_check`` refuses settings where these parts disagree.
+    """
     return {
-        # MotherDuck database (md:NAME, token in MOTHERDUCK_TOKEN); marts on object storage.
+        # DuckLake: catalog in Postgres, tables as Parquet under the data path (keel.lake); the
+        # marts land as Parquet under KEEL_MARTS_DIR, where Feast's offline store reads them.
         "warehouse": WarehouseResource(
-            database=dg.EnvVar("KEEL_WAREHOUSE"), marts_dir=dg.EnvVar("KEEL_MARTS_DIR")
+            catalog=dg.EnvVar("KEEL_LAKE_CATALOG"),
+            data_path=dg.EnvVar("KEEL_LAKE_DATA_PATH"),
+            marts_dir=dg.EnvVar(MARTS_ENV),
         ),
-        # Source locations on shared storage.
+        # Source files on the shared store: the landing folder is what ingestion reads.
         "sources": SourcesResource(
             generated_dir=dg.EnvVar("KEEL_GENERATED_DIR"),
             landing_dir=dg.EnvVar("KEEL_LANDING_DIR"),
         ),
+        # The same dbt models; the warehouse picks the lake's target.
         "dbt": dbt_resource(),
-        # Object store URL such as s3://bucket/keel.
+        # Models, reports, training sets and predictions: s3://bucket/prefix or a shared folder.
         "artefacts": ArtefactStore(root=dg.EnvVar("KEEL_ARTEFACT_ROOT")),
-        # Feast: BigQuery offline store, Redis online store, SQL registry on Postgres.
+        # Feast: DuckDB offline store over the marts, Redis online store, SQL registry on Postgres.
         "feature_store": FeatureStoreResource(
             repo_path=str(FEATURE_REPO_DIR),
             config_file="feature_store.production.yaml",
-            marts=dg.EnvVar("KEEL_MARTS_DIR"),
+            marts=dg.EnvVar(MARTS_ENV),
             variables={
-                name: dg.EnvVar(name)
-                for name in (
-                    "KEEL_FEAST_REGISTRY_URL",
-                    "KEEL_FEAST_REDIS",
-                    "KEEL_BIGQUERY_PROJECT",
-                    "KEEL_BIGQUERY_DATASET",
-                    "KEEL_BIGQUERY_LOCATION",
-                )
+                name: dg.EnvVar(name) for name in ("KEEL_FEAST_REGISTRY_URL", "KEEL_FEAST_REDIS")
             },
         ),
-        # An MLflow server backed by Postgres and object storage.
+        # An MLflow server backed by Postgres, its artefacts on the shared store.
         "mlflow": MlflowResource(
             tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
             registry_uri=dg.EnvVar("MLFLOW_REGISTRY_URI"),

@@ -26,7 +26,8 @@ def test_unknown_profile_is_refused(monkeypatch):
 
 
 PRODUCTION_SETTINGS = {
-    "KEEL_WAREHOUSE": "md:keel_prod",
+    "KEEL_LAKE_CATALOG": "postgresql://keel@db/keel_lake",
+    "KEEL_LAKE_DATA_PATH": "s3://bucket/keel/lake/",
     "KEEL_MARTS_DIR": "s3://bucket/keel/marts",
     "KEEL_ARTEFACT_ROOT": "s3://bucket/keel",
     "MLFLOW_TRACKING_URI": "https://mlflow.example.com",
@@ -41,8 +42,14 @@ def resolved_settings(
     warehouse: WarehouseResource, artefacts: ArtefactStore, mlflow: MlflowResource
 ) -> dict:
     """What the resources hold once Dagster has resolved their configuration."""
+    # A DuckDB file (local) or a lake (production): the settings of the kind in use.
+    kind = (
+        {"KEEL_WAREHOUSE": warehouse.database}
+        if warehouse.database
+        else {"KEEL_LAKE_CATALOG": warehouse.catalog, "KEEL_LAKE_DATA_PATH": warehouse.data_path}
+    )
     return {
-        "KEEL_WAREHOUSE": warehouse.database,
+        **kind,
         "KEEL_MARTS_DIR": warehouse.marts_dir,
         "KEEL_ARTEFACT_ROOT": artefacts.root,
         "MLFLOW_TRACKING_URI": mlflow.tracking_uri,
@@ -76,15 +83,15 @@ def test_production_resources_read_their_settings_from_the_environment(keel_home
     # Dagster resolves each EnvVar when the run starts: the step sees the variable's value.
     assert _resolve("production") == PRODUCTION_SETTINGS
 
-    monkeypatch.setenv("KEEL_WAREHOUSE", "md:keel_other")
-    assert _resolve("production")["KEEL_WAREHOUSE"] == "md:keel_other"
+    monkeypatch.setenv("KEEL_LAKE_CATALOG", "postgresql://keel@db/other_lake")
+    assert _resolve("production")["KEEL_LAKE_CATALOG"] == "postgresql://keel@db/other_lake"
 
 
 def test_a_missing_production_setting_stops_the_run_and_names_the_variable(keel_home, monkeypatch):
     for name, value in PRODUCTION_SETTINGS.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.delenv("KEEL_WAREHOUSE")
-    with pytest.raises(dg.DagsterInvalidConfigError, match="KEEL_WAREHOUSE"):
+    monkeypatch.delenv("KEEL_LAKE_CATALOG")
+    with pytest.raises(dg.DagsterInvalidConfigError, match="KEEL_LAKE_CATALOG"):
         _resolve("production")
 
 
