@@ -3,6 +3,7 @@
 import dagster as dg
 from dagster_dbt import build_dbt_asset_selection
 
+from assets.datasets import partitions as dataset_partitions
 from assets.partitions import DAILY_PARTITIONS
 from assets.transformation import daily_dbt_models, dbt_models, dbt_unit_tests
 from keel.datasets.spec import DatasetSpec, discover
@@ -54,6 +55,8 @@ def dataset_job(spec: DatasetSpec):
             f"Load and validate {spec.name}, build its marts and training set, train, gate and "
             "register its model, score the load and report its drift."
         ),
+        # A daily dataset's job runs one day: its raw, scores and drift are partitioned by day.
+        partitions_def=dataset_partitions(spec),
     )
 
 

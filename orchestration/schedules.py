@@ -20,9 +20,21 @@ weekly_retrain_schedule = dg.ScheduleDefinition(
 )
 
 
-def dataset_schedule(spec: DatasetSpec, job) -> dg.ScheduleDefinition:
-    """The dataset's job on the cadence its dataset.yaml names."""
-    return dg.ScheduleDefinition(job=job, cron_schedule=spec.schedule, name=f"{spec.name}_schedule")
+def dataset_schedule(spec: DatasetSpec, job):
+    """The dataset's job on the cadence its dataset.yaml names (a daily one: the day before)."""
+    name = f"{spec.name}_schedule"
+    if job.partitions_def is None:
+        return dg.ScheduleDefinition(job=job, cron_schedule=spec.schedule, name=name)
+    # A daily job runs each day once it is over, at the minute and hour the cron names.
+    minute, hour = spec.schedule.split()[:2]
+    if not (minute.isdigit() and hour.isdigit()):
+        raise ValueError(
+            f"dataset {spec.name!r} is daily: its schedule {spec.schedule!r} must name the "
+            "minute and hour its day's run starts (e.g. '0 6 * * *')"
+        )
+    return dg.build_schedule_from_partitioned_job(
+        job, name=name, minute_of_hour=int(minute), hour_of_day=int(hour)
+    )
 
 
 # A dataset folder with a `schedule` runs its job on it; a file that never changes needs none.

@@ -26,21 +26,6 @@ def relative_to_dbt(folder: Path) -> str:
     return os.path.relpath(folder, DBT_PROJECT_DIR)
 
 
-def with_shipped_datasets(folder: Path) -> Path:
-    """A datasets folder holding copies of the shipped ones (their data files aside).
-
-    The dbt project reads its models from the one datasets folder: a moved folder without
-    the shipped datasets would lose the models the rest of the graph is built on.
-    """
-    for shipped in sorted(DATASETS_DIR.glob("*/dataset.yaml")):
-        shutil.copytree(shipped.parent, folder / shipped.parent.name, ignore=_data_files)
-    return folder
-
-
-def _data_files(directory: str, names: list[str]) -> list[str]:
-    return ["data"] if "data" in names else []
-
-
 def spec_copy(tmp_path: Path, edit) -> Path:
     """A copy of the Taiwan spec and dbt models (not its data) in a like-named folder, edited."""
     folder = tmp_path / "taiwan_credit"
@@ -330,7 +315,7 @@ def test_a_third_dataset_from_a_file_reaches_a_registered_model(tmp_path, venv_b
     shutil.copytree(loop, tmp_path / "datasets" / loop.name, ignore=shutil.ignore_patterns("data"))
     env = {
         **os.environ,
-        "KEEL_DATASETS_DIR": relative_to_dbt(with_shipped_datasets(tmp_path / "datasets")),
+        "KEEL_DATASETS_DIR": relative_to_dbt(tmp_path / "datasets"),
         "DBT_TARGET_PATH": str(tmp_path / "dbt-target"),
         "KEEL_HOME": str(tmp_path / "home"),
         "KEEL_PROFILE": "local",
@@ -663,6 +648,8 @@ def test_a_daily_dataset_loads_scores_and_monitors_one_day_at_a_time(
     from assets.ingestion import validation_check
     from keel.datasets.families import fit_lightgbm, model_files
     from keel.datasets.modeling import split
+    from orchestration.jobs import dataset_job
+    from orchestration.schedules import dataset_schedule
 
     folder, frame = daily_loans(tmp_path, monkeypatch)
     spec = load_spec(folder)
@@ -674,7 +661,16 @@ def test_a_daily_dataset_loads_scores_and_monitors_one_day_at_a_time(
     for name in (day, other):
         frame[frame["day"] == name].drop(columns="day").to_csv(landing / f"{name}.csv", index=False)
     raw = dataset_landing_raw(spec)
-    assert raw.partitions_def == dg.DailyPartitionsDefinition(start_date="2024-01-01")
+    days_since = dg.DailyPartitionsDefinition(start_date="2024-01-01")
+    assert raw.partitions_def == days_since
+    # Its job runs one day, and a schedule runs the day just over.
+    job = dataset_job(dataclasses.replace(spec, schedule="0 6 * * *"))
+    assert job.partitions_def == days_since
+    schedule = dataset_schedule(dataclasses.replace(spec, schedule="0 6 * * *"), job)
+    tick = dg.build_schedule_context(
+        scheduled_execution_time=pd.Timestamp("2024-03-05 06:00", tz="UTC").to_pydatetime()
+    )
+    assert [r.partition_key for r in schedule.evaluate_tick(tick).run_requests] == ["2024-03-04"]
     assets = [raw, validation_check(raw, spec.raw_table)]
     loaded = dg.materialize(assets, partition_key=day, resources=data_resources)
     assert loaded.success
