@@ -15,12 +15,14 @@ Parity test: test_streaming_mirror.py::test_numeric_rows_write_what_the_store_wr
 from __future__ import annotations
 
 import json
+import math
+import struct
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from feast.feature_view import FeatureView
 from feast.infra.key_encoding_utils import serialize_entity_key
-from feast.infra.online_stores.sqlite import _table_id
+from feast.infra.online_stores.sqlite import _table_id, adapt_datetime_epoch
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.repo_config import RepoConfig
@@ -31,6 +33,9 @@ Kind = Literal["double", "int64"]
 
 _NAIVE_EPOCH = datetime(1970, 1, 1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A stored double is its Value proto: the double_val field's tag, then 8 little-endian bytes.
+_DOUBLE_TAG = b"\x29"
+_DOUBLE = struct.Struct("<d")
 
 
 class NumericRowWriter:
@@ -51,11 +56,23 @@ class NumericRowWriter:
             )
         if config.online_store.vector_enabled:
             raise ValueError("KeelSqliteOnlineStore does not store vectors")
+        unknown = {kind for kind in features.values()} - {"double", "int64"}
+        if unknown:
+            raise ValueError(f"numeric rows hold double and int64 values, not {sorted(unknown)}")
+        if ValueProto(double_val=-1.5).SerializeToString() != _DOUBLE_TAG + _DOUBLE.pack(-1.5):
+            raise RuntimeError("Feast's Value proto changed; update the numeric writer's tag.")
         self.connection = store._get_conn(config)
         self.join_key = join_key
         self.features = list(features.items())
+        self.names = [name for name, _ in self.features]
+        self.doubles = [kind == "double" for _, kind in self.features]
         self.version = config.entity_key_serialization_version
         self.keys: dict[int, bytes] = {}
+        # Small counts repeat: their serialised protos are cached.
+        self.int_values: dict[int, bytes] = {}
+        # Keel's entity row as the store's json.dumps writes it: a float's and an int's repr
+        # are their JSON (non-finite floats go through json.dumps itself).
+        self.entity_json = "{" + ",".join(f"{json.dumps(n)}:%r" for n in self.names) + "}"
         table_id = _table_id(
             config.project, view, config.registry.enable_online_feature_view_versioning
         )
@@ -73,38 +90,41 @@ class NumericRowWriter:
             self.keys[entity] = key
         return key
 
+    def int_value(self, value: int) -> bytes:
+        raw = self.int_values.get(value)
+        if raw is None:
+            raw = ValueProto(int64_val=value).SerializeToString()
+            if len(self.int_values) < 100_000:
+                self.int_values[value] = raw
+        return raw
+
     def write(self, rows: list[tuple], created: datetime) -> None:
         """Write ``(entity, event_us, *values)`` rows, values in the order of ``features``.
 
-        ``created`` is the write time of them all (tz-aware); float64 values must be floats.
+        ``created`` is the write time of them all (tz-aware). The timestamps go in as the
+        store's SQLite adapter turns its naive datetimes into numbers, once per entity.
         """
         created_naive = created.astimezone(UTC).replace(tzinfo=None)
+        created_s = adapt_datetime_epoch(created_naive)
         created_us = (created - _EPOCH) // timedelta(microseconds=1)
-        names = [name for name, _ in self.features]
+        names, doubles, pack, int_value = self.names, self.doubles, _DOUBLE.pack, self.int_value
+        template = self.entity_json
         feature_rows, entities = [], []
+        append, add_entity = feature_rows.append, entities.append
         for entity, event_us, *values in rows:
             key = self.key(entity)
-            event_naive = _NAIVE_EPOCH + timedelta(microseconds=event_us)
-            for (name, kind), value in zip(self.features, values, strict=True):
-                proto = (
-                    ValueProto(double_val=value)
-                    if kind == "double"
-                    else ValueProto(int64_val=value)
-                )
-                feature_rows.append(
-                    (
-                        key,
-                        name,
-                        proto.SerializeToString(),
-                        str(value),
-                        event_naive,
-                        created_naive,
-                        event_us,
-                        created_us,
-                    )
-                )
-            features = json.dumps(dict(zip(names, values, strict=True)), separators=(",", ":"))
-            entities.append((key, event_us, created_us, features))
+            event_s = adapt_datetime_epoch(_NAIVE_EPOCH + timedelta(microseconds=event_us))
+            values = [
+                float(v) if double else int(v) for v, double in zip(values, doubles, strict=True)
+            ]
+            for name, double, value in zip(names, doubles, values, strict=True):
+                raw = _DOUBLE_TAG + pack(value) if double else int_value(value)
+                append((key, name, raw, str(value), event_s, created_s, event_us, created_us))
+            if all(math.isfinite(v) for v in values):
+                features = template % tuple(values)
+            else:
+                features = json.dumps(dict(zip(names, values, strict=True)), separators=(",", ":"))
+            add_entity((key, event_us, created_us, features))
         with self.connection:
             self.connection.executemany(self.upsert, feature_rows)
             self.connection.executemany(self.upsert_entity, entities)

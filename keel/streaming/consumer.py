@@ -1,11 +1,15 @@
 """``keel stream consume``: a durable JetStream consumer that keeps the streaming features current.
 
-Per batch of messages, in this order: log the new events (one SQLite transaction, duplicates
-recognised by event id), recompute the touched accounts' windows from the log, write them to
-Feast's online store (newest wins on event time, then write time) and append them as Parquet to
-the push source's offline files, commit the log, and only then acknowledge the batch. A process
-killed anywhere in between leaves the batch unacknowledged, JetStream delivers it again, and
-the recomputation from the log gives the same values: nothing lost, nothing counted twice.
+Each batch of messages goes through two stages, each in a worker thread. First the log: the new
+events go into the SQLite log (duplicates recognised by event id), the touched accounts' windows
+are recomputed from it and the log commits. Then the stores: the windows go to Feast's online
+store (newest wins on event time, then write time) and, as Parquet, to the push source's
+offline files, and only then is the batch acknowledged. While one batch is in the stores the
+next one is logged, and the one after travels from JetStream.
+
+A process killed anywhere leaves every batch not yet in the stores unacknowledged; JetStream
+delivers it again and each of its accounts is recomputed from the log, whether its events are
+new to the log or not: nothing lost, nothing counted twice.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import asyncio
 import time
 import uuid
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_threads
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -66,6 +72,8 @@ class ConsumeStats:
     seconds: float = 0.0
     busy_s: float = 0.0  # from the start to the last batch acknowledged
     freshness_s: deque = field(default_factory=lambda: deque(maxlen=FRESHNESS_WINDOW))
+    # The figures as of the last batch in the stores, for the log stage to record.
+    latest_freshness: dict = field(default_factory=dict)
 
     def freshness(self) -> dict[str, float | None]:
         if not self.freshness_s:
@@ -207,21 +215,38 @@ def _proto_rows(windows: list[tuple], written_at: datetime) -> list[tuple]:
     return rows
 
 
-def process(log: EventLog, writer: FeatureWriter, msgs: list, stats: ConsumeStats) -> None:
-    """Log, recompute, write and commit one batch (the caller acknowledges it afterwards)."""
+@dataclass
+class LoggedBatch:
+    """A batch through the log stage: what the store stage writes and then acknowledges."""
+
+    msgs: list
+    first_seq: int
+    last_seq: int
+    windows: list[tuple]  # EventLog.windows rows of the accounts the batch touched
+    published: list[float]  # publish times of its events, for freshness
+
+
+def log_batch(log: EventLog, msgs: list, stats: ConsumeStats) -> LoggedBatch:
+    """Log one batch's new events, recompute the touched accounts' windows, commit the log.
+
+    Every account a message names is recomputed, also when its event is a duplicate: a batch
+    delivered again after a crash before its acknowledgement reaches the stores that way.
+    """
     events, published, accounts = [], [], set()
+    # A message's metadata is parsed from its reply subject on every access: once each.
+    seqs = [msg.metadata.sequence.stream for msg in msgs]
     newest = log.newest_us()
+    too_late = None if newest is None else newest - HORIZON_US
     log.begin()
     try:
-        for msg in msgs:
-            seq = msg.metadata.sequence.stream
+        for msg, seq in zip(msgs, seqs, strict=True):
             try:
                 event = decode(msg.data)
             except EventError as error:
                 log.reject(seq, msg.data, str(error))
                 stats.rejected += 1
                 continue
-            if newest is not None and event["event_us"] < newest - HORIZON_US:
+            if too_late is not None and event["event_us"] < too_late:
                 log.reject(seq, msg.data, "too late: over two days behind the newest event logged")
                 stats.rejected += 1
                 continue
@@ -232,34 +257,40 @@ def process(log: EventLog, writer: FeatureWriter, msgs: list, stats: ConsumeStat
             if event.get("published_at") is not None:
                 published.append(event["published_at"])
         new = log.add(events)
-        stats.new_events += new
-        stats.duplicates += len(events) - new
-        if accounts:
-            windows = log.windows(sorted(accounts))
-            seqs = [msg.metadata.sequence.stream for msg in msgs]
-            table = writer.write(windows, min(seqs), max(seqs))
-            # Servable means readable through the online store, so read one value back.
-            expected = table.slice(table.num_rows - 1).to_pylist()[0]
-            got = writer.read_back(expected[schema.ENTITY_KEY])
-            if any(got[name] != expected[name] for name in FEATURES):
-                stats.readback_mismatches += 1
-            servable = time.time()
-            stats.freshness_s.extend(servable - at for at in published)
+        windows = log.windows(sorted(accounts)) if accounts else []
         if stats.batches % 100 == 0:
             log.forget_unreachable()
         log.set_progress(
-            {
-                "last_stream_seq": max(msg.metadata.sequence.stream for msg in msgs),
-                "last_batch_at": time.time(),
-                **stats.freshness(),
-            }
+            {"last_stream_seq": max(seqs), "last_batch_at": time.time(), **stats.latest_freshness}
         )
         log.commit()
     except BaseException:
         log.rollback()
         raise
-    stats.messages += len(msgs)
+    stats.new_events += new
+    stats.duplicates += len(events) - new
+    return LoggedBatch(msgs, min(seqs), max(seqs), windows, published)
+
+
+def store_batch(writer: FeatureWriter, batch: LoggedBatch, stats: ConsumeStats) -> None:
+    """Write a logged batch's windows online and offline, read one back; then it may be acked."""
+    if batch.windows:
+        table = writer.write(batch.windows, batch.first_seq, batch.last_seq)
+        # Servable means readable through the online store, so read one value back.
+        expected = table.slice(table.num_rows - 1).to_pylist()[0]
+        got = writer.read_back(expected[schema.ENTITY_KEY])
+        if any(got[name] != expected[name] for name in FEATURES):
+            stats.readback_mismatches += 1
+        servable = time.time()
+        stats.freshness_s.extend(servable - at for at in batch.published)
+        stats.latest_freshness = stats.freshness()
+    stats.messages += len(batch.msgs)
     stats.batches += 1
+
+
+def process(log: EventLog, writer: FeatureWriter, msgs: list, stats: ConsumeStats) -> None:
+    """Both stages of one batch, one after the other (the caller acknowledges it afterwards)."""
+    store_batch(writer, log_batch(log, msgs, stats), stats)
 
 
 async def acknowledge_all(nc, msgs: list) -> None:
@@ -292,14 +323,30 @@ async def consume(
     log = EventLog(settings.state_path)
     writer = FeatureWriter(store, settings.offline_dir)
     nc = await nats.connect(settings.url)
+    # Two workers: one batch in the log stage while the one before it is in the store stage.
+    workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="keel-stream")
+    threads: list[Future] = []
     started = time.perf_counter()
     idle_since = time.monotonic()
-    fetching = working = None
+    logged_batches = 0
+    fetching = storing = None
+
+    def in_thread(function, *args):
+        thread = workers.submit(function, *args)
+        threads[:] = [t for t in threads if not t.done()] + [thread]
+        return asyncio.wrap_future(thread)
+
+    async def store_and_acknowledge(batch: LoggedBatch) -> None:
+        await in_thread(store_batch, writer, batch, stats)
+        if acknowledge:
+            await acknowledge_all(nc, batch.msgs)
+        stats.busy_s = time.perf_counter() - started
+
     try:
         sub = await durable_subscription(nc.jetstream(), settings)
         fetching = asyncio.ensure_future(sub.fetch(settings.batch, timeout=0.5))
         while not (stop is not None and stop.is_set()):
-            if max_batches is not None and stats.batches >= max_batches:
+            if max_batches is not None and logged_batches >= max_batches:
                 break
             if max_events is not None and stats.new_events >= max_events:
                 break
@@ -307,7 +354,7 @@ async def consume(
                 msgs = await fetching
             except (TimeoutError, NatsTimeout):
                 msgs = None
-            # The next batch travels while this one is written (its acks wait for the commit).
+            # The next batch travels while this one is logged (its acks wait for the stores).
             fetching = asyncio.ensure_future(sub.fetch(settings.batch, timeout=0.5))
             if msgs is None:
                 if idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
@@ -315,19 +362,22 @@ async def consume(
                 continue
             if not msgs:  # a fetch that met only status messages
                 continue
-            # In a thread, so the event loop receives the next batch meanwhile.
-            working = asyncio.ensure_future(asyncio.to_thread(process, log, writer, msgs, stats))
-            await working
-            if acknowledge:
-                await acknowledge_all(nc, msgs)
-            stats.busy_s = time.perf_counter() - started
+            # Logged while the batch before it goes to the stores and is acknowledged.
+            batch = await in_thread(log_batch, log, msgs, stats)
+            logged_batches += 1
+            if storing is not None:
+                await storing  # batches reach the stores in stream order
+            storing = asyncio.ensure_future(store_and_acknowledge(batch))
             # Idle counts from the end of the last batch: a slow batch is not a quiet stream.
             idle_since = time.monotonic()
+        if storing is not None:
+            await storing
     finally:
         stats.seconds = time.perf_counter() - started
-        if working is not None and not working.done():
-            # Cancelled mid-batch: the thread still holds the log; let it commit or roll back.
-            await asyncio.wait([working])
+        # Stopped or cancelled mid-batch: a thread may still hold the log; let it commit or
+        # roll back before the log closes. Its batch stays unacknowledged and comes back.
+        wait_for_threads(threads)
+        workers.shutdown()
         await _give_back(nc, fetching)
         await nc.close()
         log.close()
