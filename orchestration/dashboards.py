@@ -1,4 +1,8 @@
-"""The sensor that feeds the Evidently dashboards with each new drift and performance report."""
+"""The sensor that feeds the Evidently dashboards with each new monitoring report.
+
+Drift and performance reports, a dataset folder's load drift and scores, and the RAG
+monitoring: a project per dataset (the asset key's prefix), ``rag`` for the RAG service.
+"""
 
 import json
 
@@ -10,7 +14,10 @@ from orchestration.resources import ArtefactStore
 @dg.sensor(
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Adds each new drift and performance report to the Evidently dashboards.",
+    description=(
+        "Adds each new drift, performance, scores and RAG monitoring report to the Evidently "
+        "dashboards (a project per dataset)."
+    ),
 )
 def monitoring_dashboards(context: dg.SensorEvaluationContext, artefacts: ArtefactStore):
     """Feed the Evidently workspace (a project per dataset) from the reports' metadata."""

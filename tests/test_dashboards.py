@@ -106,10 +106,13 @@ def test_the_sensor_feeds_a_project_per_dataset_with_a_snapshot_per_report_and_d
 
     # Every panel of the dashboard draws figures the snapshots hold.
     dashboard = workspace.get_dashboard(default.id)
-    assert {tab.title for tab in dashboard.tabs} == {"Drift", "Data quality", "Performance"}
+    tabs = {"Drift", "Data quality", "Performance"}
+    assert {tab.title for tab in dashboard.tabs} == tabs
     titles = {panel.title for panel in dashboard.panels}
-    # Each panel whose figures the reports hold: all but the dataset folders' load PSI.
-    assert {p.title for p in PANELS if p.figures[0][0] != "max_psi"} | {FEATURE_PANEL} == titles
+    # Each panel of those tabs whose figures the reports hold: all but a folder's load PSI.
+    assert {p.title for p in PANELS if p.tab in tabs and p.figures[0][0] != "max_psi"} | {
+        FEATURE_PANEL
+    } == titles
     held = {
         result.metric_value_location.metric.params["column"]
         for s in snapshots
@@ -272,3 +275,110 @@ for _ in range(300):
     assert f"http://127.0.0.1:{port}" in said[0]
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5)
+
+
+def _recorded(key: dg.AssetKey, day: str) -> dg.AssetMaterialization:
+    """A materialisation of ``key`` with the metadata entries its asset records for ``day``."""
+    n = DAYS.index(day)
+    kind = key.path[-1]
+    if kind == "drift":  # a dataset folder's PSI drift of a load
+        metadata = {
+            "drifted_features": dg.MetadataValue.int(n),
+            "drift_share": dg.MetadataValue.float(n / 8),
+            "max_psi": dg.MetadataValue.float(0.05 + 0.1 * n),
+            "features": dg.MetadataValue.md("| feature | PSI | drifted |"),
+            "load": dg.MetadataValue.text(day),
+        }
+    elif kind == "scores":  # a dataset folder's scores of a load
+        metadata = {
+            "rows": dg.MetadataValue.int(1_000 + n),
+            "load": dg.MetadataValue.text(day),
+            "mean_score": dg.MetadataValue.float(0.2 + 0.01 * n),
+            "flagged_share": dg.MetadataValue.float(0.1 + 0.02 * n),
+            "version": dg.MetadataValue.text("1"),
+            "family": dg.MetadataValue.text("lightgbm"),
+            "path": dg.MetadataValue.path(f"/scores/{day}.parquet"),
+        }
+    else:  # rag_monitoring: a day of questions to the RAG service
+        assert kind == "rag_monitoring", key
+        metadata = {
+            "questions": dg.MetadataValue.int(40 + n),
+            "unanswered_share": dg.MetadataValue.float(0.05 * n),
+            "cache_hit_rate": dg.MetadataValue.float(0.5),
+            "drift_distance": dg.MetadataValue.float(0.01 * n),
+            "drift_model_auc": dg.MetadataValue.float(0.5 + 0.05 * n),
+        }
+    return dg.AssetMaterialization(asset_key=key, partition=day, metadata=metadata)
+
+
+def test_every_dataset_folder_and_the_rag_monitoring_get_a_project_fed_with_their_reports(
+    tmp_path, daily_results
+):
+    from evidently.ui.workspace import Workspace
+
+    import assets.datasets as folders
+    from assets.rag import rag_monitoring
+
+    # Every dataset folder the project discovers, by its drift and scores assets' key prefix.
+    keys = [asset.key for asset in folders.DATASET_DRIFT + folders.DATASET_SCORES]
+    datasets = sorted({key.path[0] for key in keys})
+    assert datasets and all(len(key.path) == 2 for key in keys)
+    instance = dg.DagsterInstance.ephemeral()
+    drift, _ = daily_results
+    for day in DAYS[:2]:
+        report_drift(instance, "drift_report", day, drift[day])
+        for key in [*keys, rag_monitoring.key]:
+            instance.report_runless_asset_event(_recorded(key, day))
+    tick = _tick(instance, tmp_path, None)
+    assert not tick.skip_reason.skip_message.startswith("0 snapshots")
+
+    path = workspace_dir(tmp_path)
+    workspace = Workspace(str(path))
+    projects = {project.name: project for project in workspace.list_projects()}
+    assert set(projects) == {*datasets, "rag", DEFAULT_DATASET}
+    for name in datasets:
+        project = projects[name]
+        stamped = sorted(
+            (run.metadata["report"], run.metadata["day"])
+            for run in (workspace.get_run(project.id, i) for i in workspace.list_runs(project.id))
+        )
+        assert stamped == sorted((r, d) for r in ("drift", "scores") for d in DAYS[:2]), name
+        assert _series(path, project.id, "max_psi") == pytest.approx([0.05, 0.15])
+        assert _series(path, project.id, "mean_score") == pytest.approx([0.2, 0.21])
+        assert _series(path, project.id, "scored_rows") == pytest.approx([1_000, 1_001])
+        titles = {panel.title for panel in workspace.get_dashboard(project.id).panels}
+        assert {"Mean score and share flagged", "Rows scored per load"} <= titles
+        assert "Largest population stability index of a feature" in titles
+    rag = projects["rag"]
+    assert len(workspace.list_runs(rag.id)) == 2
+    assert _series(path, rag.id, "question_drift_model_auc") == pytest.approx([0.5, 0.55])
+    assert _series(path, rag.id, "questions") == pytest.approx([40, 41])
+    assert {panel.title for panel in workspace.get_dashboard(rag.id).panels} == {
+        "Questions asked",
+        "Unanswered share and cache hit rate",
+        "Drift of the questions from the corpus",
+    }
+    # The main model's reports stay in their own project, apart from the folders'.
+    assert len(workspace.list_runs(projects[DEFAULT_DATASET].id)) == 2
+
+
+def test_a_scores_or_rag_report_without_its_figures_is_named_not_fed(tmp_path):
+    instance = dg.DagsterInstance.ephemeral()
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset_key=["cards", "scores"], partition=DAYS[0], metadata={})
+    )
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key="rag_monitoring", partition=DAYS[0], metadata={"questions": 3}
+        )
+    )
+    from keel.dashboards import reports_from_instance
+
+    batch = reports_from_instance(instance)
+    assert batch.reports == []
+    assert [problem.split(" (event")[0] for problem in batch.problems] == [
+        f"cards/scores {DAYS[0]}",
+        f"rag_monitoring {DAYS[0]}",
+    ]
+    assert "no flagged_share, mean_score, rows" in batch.problems[0]
+    assert "no cache_hit_rate, drift_distance" in batch.problems[1]

@@ -2,10 +2,12 @@
 
 The drift and performance assets record their full-data results in their materialisation
 metadata (the same results the retraining sensors read); a dataset folder's ``<name>/drift``
-asset records the PSI drift of each load. Each materialisation becomes one :class:`DailyReport`
-of its partition's day (an unpartitioned one: the day it was recorded); the dataset is the asset
-key's prefix (``loans/drift_report`` belongs to ``loans``), a ``dataset`` metadata entry when
-the key has none, else :data:`DEFAULT_DATASET`.
+asset records the PSI drift of each load and its ``<name>/scores`` asset the scores of each
+load; ``rag_monitoring`` records a day of questions to the RAG service. Each materialisation
+becomes one :class:`DailyReport` of its partition's day (an unpartitioned one: the day it was
+recorded); the dataset is the asset key's prefix (``loans/drift_report`` and ``loans/drift``
+belong to ``loans``), ``rag`` for the RAG monitoring, a ``dataset`` metadata entry when the key
+has no prefix, else :data:`DEFAULT_DATASET`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from typing import Any
 
 # The monitoring assets' names (the last part of their keys) and the report each one writes.
 REPORT_ASSETS = {"drift_report": "drift", "performance_report": "performance"}
-# A dataset folder's drift of each load (PSI per feature), keyed <dataset>/drift.
+# A dataset folder's assets (keyed <dataset>/<name>) and the report each one writes: the
+# drift of each load (PSI per feature) and its scores.
 LOAD_DRIFT_ASSET = "drift"
+FOLDER_ASSETS = {LOAD_DRIFT_ASSET: "drift", "scores": "scores"}
+# Unprefixed monitoring assets of a fixed project: asset -> (report, project).
+PROJECT_ASSETS = {"rag_monitoring": ("rag", "rag")}
 DEFAULT_DATASET = "default"
 FEATURE_SCORE_PREFIX = "drift_score."
 
@@ -49,9 +55,11 @@ class DailyReport:
 
 
 def dataset_of(asset_path: Sequence[str], metadata: Mapping[str, Any]) -> str:
-    """The dataset a monitoring asset reports on: its key's prefix, else its metadata."""
+    """The dataset a monitoring asset reports on: its key's prefix, else its project or metadata."""
     if len(asset_path) > 1:
         return "/".join(asset_path[:-1])
+    if asset_path[-1] in PROJECT_ASSETS:
+        return PROJECT_ASSETS[asset_path[-1]][1]
     return str(metadata.get("dataset") or DEFAULT_DATASET)
 
 
@@ -121,11 +129,47 @@ def load_drift_figures(metadata: Mapping[str, Any]) -> dict[str, float]:
     return figures
 
 
+def _figures(metadata: Mapping[str, Any], names: Mapping[str, str], what: str) -> dict[str, float]:
+    """The figures ``names`` maps (metadata entry -> figure) that are finite numbers."""
+    missing = sorted(name for name in names if name not in metadata)
+    if missing:
+        raise ReportMetadataError(f"{what} metadata has no {', '.join(missing)}")
+    figures = {}
+    for entry, figure in names.items():
+        value = float(metadata[entry])
+        if math.isfinite(value):
+            figures[figure] = value
+    return figures
+
+
+# Metadata entry -> figure, of a dataset folder's scores and of the RAG monitoring.
+SCORE_FIGURES = {
+    "rows": "scored_rows",
+    "mean_score": "mean_score",
+    "flagged_share": "flagged_share",
+}
+RAG_FIGURES = {
+    "questions": "questions",
+    "unanswered_share": "unanswered_share",
+    "cache_hit_rate": "cache_hit_rate",
+    "drift_distance": "question_drift_distance",
+    "drift_model_auc": "question_drift_model_auc",
+}
+
+
+def report_kind(asset_path: Sequence[str]) -> str | None:
+    """The report the asset of this key writes (drift, performance, scores, rag), or None."""
+    name = asset_path[-1]
+    if len(asset_path) > 1 and name in FOLDER_ASSETS:
+        return FOLDER_ASSETS[name]
+    if len(asset_path) == 1 and name in PROJECT_ASSETS:
+        return PROJECT_ASSETS[name][0]
+    return REPORT_ASSETS.get(name)
+
+
 def is_report_asset(asset_path: Sequence[str]) -> bool:
     """Whether the asset of this key writes one of the reports the dashboards plot."""
-    return asset_path[-1] in REPORT_ASSETS or (
-        len(asset_path) > 1 and asset_path[-1] == LOAD_DRIFT_ASSET
-    )
+    return report_kind(asset_path) is not None
 
 
 def daily_report(
@@ -149,8 +193,12 @@ def daily_report(
         day = datetime.fromtimestamp(recorded_at, UTC).date().isoformat()
     else:
         raise ReportMetadataError(f"{name} was materialised without a day")
-    report = REPORT_ASSETS.get(asset_path[-1], "drift")
-    if asset_path[-1] == LOAD_DRIFT_ASSET:
+    report = str(report_kind(asset_path))
+    if report == "scores":
+        figures = _figures(metadata, SCORE_FIGURES, "a load's scores")
+    elif report == "rag":
+        figures = _figures(metadata, RAG_FIGURES, "the RAG monitoring's")
+    elif len(asset_path) > 1 and asset_path[-1] == LOAD_DRIFT_ASSET:
         figures = load_drift_figures(metadata)
     elif report == "drift":
         figures = drift_figures(metadata)

@@ -25,7 +25,9 @@ METRIC = "DailyFigure"
 
 # Stable ids: a dashboard written again keeps its tabs' and panels' ids, so an open page stays.
 _IDS = uuid.UUID("6f1c2d4e-8a5b-4c3d-9e7f-0a1b2c3d4e5f")
-PROJECT_DESCRIPTION = "Keel monitoring of {dataset}: daily drift, data quality and performance"
+PROJECT_DESCRIPTION = (
+    "Keel monitoring of {dataset}: its daily drift, quality, scores and performance"
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,15 @@ PANELS = (
           (("brier", "Brier score"), ("expected_calibration_error", "expected calibration error"))),
     Panel("Performance", "Labelled predictions", "bar",
           (("labelled_predictions", "labelled"), ("positives", "positives"))),
+    Panel("Scores", "Mean score and share flagged", "line",
+          (("mean_score", "mean score"), ("flagged_share", "share flagged")), size="full"),
+    Panel("Scores", "Rows scored per load", "bar", (("scored_rows", "rows"),)),
+    Panel("Questions", "Questions asked", "bar", (("questions", "questions"),)),
+    Panel("Questions", "Unanswered share and cache hit rate", "line",
+          (("unanswered_share", "unanswered"), ("cache_hit_rate", "cache hits"))),
+    Panel("Questions", "Drift of the questions from the corpus", "line",
+          (("question_drift_distance", "embedding distance"),
+           ("question_drift_model_auc", "domain classifier AUC")), size="full"),
 )  # fmt: skip
 FEATURE_PANEL = "Drift score per feature (the test Evidently picks for each)"
 
