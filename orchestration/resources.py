@@ -22,7 +22,12 @@ from keel.monitoring_policy import (
     DEFAULT_MIN_AUC,
     RetrainPolicy,
 )
-from keel.streaming.consumer import DEFAULT_DURABLE, DEFAULT_STREAM, DEFAULT_URL
+from keel.streaming.consumer import (
+    DEFAULT_DURABLE,
+    DEFAULT_STREAM,
+    DEFAULT_SUBJECT,
+    DEFAULT_URL,
+)
 
 if TYPE_CHECKING:
     import duckdb
@@ -212,6 +217,7 @@ class StreamResource(dg.ConfigurableResource):
 
     url: str = DEFAULT_URL
     stream: str = DEFAULT_STREAM
+    subject: str = DEFAULT_SUBJECT
     durable: str = DEFAULT_DURABLE
     # The folder of the consumer's log (<durable>.sqlite), as `keel stream consume` keeps it.
     state_dir: str

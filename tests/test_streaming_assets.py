@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from datetime import date
 
 import dagster as dg
 import pytest
@@ -147,3 +148,69 @@ def test_keel_stream_publish_stores_a_day_once_and_status_reads_the_backlog(keel
             await nc.close()
 
         asyncio.run(delete())
+
+
+def test_a_days_events_are_published_as_a_stream_once_however_often_the_asset_runs(
+    small_sources, tmp_path
+):
+    import nats
+    from nats.js.api import StorageType, StreamConfig
+
+    from assets.streaming import stream_day_events
+    from keel.streaming.events import DUPLICATE_WINDOW_S, day_events
+
+    suffix = uuid.uuid4().hex[:10]
+    stream = StreamResource(
+        url=NATS_URL,
+        stream=f"KEEL_DAY_{suffix}",
+        subject=f"keel.day.{suffix}",
+        state_dir=str(tmp_path),
+    )
+
+    async def stream_call(call):
+        nc = await nats.connect(NATS_URL)
+        try:
+            return await call(nc.jetstream())
+        finally:
+            await nc.close()
+
+    # A stream made before, with JetStream's default two-minute memory of message ids.
+    config = StreamConfig(
+        name=stream.stream,
+        subjects=[stream.subject],
+        storage=StorageType.FILE,
+        duplicate_window=120.0,
+    )
+    asyncio.run(stream_call(lambda js: js.add_stream(config)))
+    resources = {"sources": small_sources, "stream": stream}
+    try:
+        first = dg.materialize([stream_day_events], resources=resources, partition_key="2026-01-06")
+        # A backfill over that day and the next: one run, the first day recognised by its ids.
+        both = dg.materialize(
+            [stream_day_events],
+            resources=resources,
+            tags={
+                "dagster/asset_partition_range_start": "2026-01-06",
+                "dagster/asset_partition_range_end": "2026-01-07",
+            },
+        )
+        info = asyncio.run(stream_call(lambda js: js.stream_info(stream.stream)))
+    finally:
+        asyncio.run(stream_call(lambda js: js.delete_stream(stream.stream)))
+
+    generator = small_sources.generator_config()
+    sixth = len(day_events(generator, date(2026, 1, 6)))
+    seventh = len(day_events(generator, date(2026, 1, 7)))
+    (published,) = first.asset_materializations_for_node("stream_day_events")
+    assert published.metadata["stored"].value == sixth > 0
+    assert published.metadata["already_published"].value == 0
+    materialized = both.asset_materializations_for_node("stream_day_events")
+    assert sorted(m.partition for m in materialized) == ["2026-01-06", "2026-01-07"]
+    per_day = materialized[0].metadata["per_day"].value
+    assert per_day == {
+        "2026-01-06": {"events": sixth, "stored": 0},
+        "2026-01-07": {"events": seventh, "stored": seventh},
+    }
+    # The stream holds every event once, and now remembers ids for a day.
+    assert info.state.messages == sixth + seventh
+    assert info.config.duplicate_window == DUPLICATE_WINDOW_S

@@ -74,32 +74,17 @@ def publish(
     """Publish the generator's transactions of each day, in time order."""
     from keel.generator import GeneratorConfig, recorded_config
     from keel.settings import KeelPaths
-    from keel.streaming.events import day_events, ensure_stream
-    from keel.streaming.events import publish as publish_events
+    from keel.streaming.events import publish_days
 
     config = recorded_config(KeelPaths.current().generated) or GeneratorConfig()
     overrides = {k: v for k, v in {"accounts": accounts, "seed": seed}.items() if v is not None}
     config = GeneratorConfig.from_dict({**json.loads(config.to_json()), **overrides})
-
-    async def run() -> dict:
-        import nats
-
-        nc = await nats.connect(url)
-        try:
-            js = nc.jetstream()
-            await ensure_stream(js, stream_name, subject)
-            counts = {}
-            for day in days:
-                events = day_events(config, date.fromisoformat(day))
-                counts[day] = {
-                    "events": len(events),
-                    "stored": await publish_events(js, subject, events, rate),
-                }
-            return counts
-        finally:
-            await nc.close()
-
-    click.echo(json.dumps(asyncio.run(run()), indent=2))
+    try:
+        chosen = [date.fromisoformat(day) for day in days]
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--day") from None
+    counts = asyncio.run(publish_days(url, stream_name, subject, config, chosen, rate))
+    click.echo(json.dumps(counts, indent=2))
 
 
 @stream.command()

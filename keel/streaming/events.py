@@ -4,14 +4,16 @@ The generator gives one activity row per account per day (transaction count and 
 day's stream splits each row into its transactions, at seeded random instants of the day and
 with the day's spend shared between them, so the same seed gives the same events in the same
 order. Each event's id (day and position) rides as JetStream's ``Nats-Msg-Id``, so publishing
-a day again within the stream's duplicate window stores nothing twice.
+a day again within the stream's duplicate window (a day on the streams made here) stores
+nothing twice; later, the consumer's log still knows the ids of the last three days, and sets
+aside events over two days behind its newest, so none is counted twice either way.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import TYPE_CHECKING
 
@@ -27,6 +29,9 @@ if TYPE_CHECKING:
 # A random stream of the generator's seed that its own streams (0-6) never use.
 _EVENT_TIMES = 101
 REQUIRED = ("id", "account_id", "event_us", "cents")
+# How long JetStream remembers a message id: a day's events published again within it are not
+# stored again (JetStream's default is two minutes).
+DUPLICATE_WINDOW_S = 24 * 3_600.0
 
 
 class EventError(ValueError):
@@ -122,14 +127,29 @@ def decode(body: bytes) -> dict:
 
 
 async def ensure_stream(js: JetStreamContext, stream: str, subject: str) -> None:
-    """Create the stream that holds ``subject`` unless it exists; file storage survives restarts."""
+    """Create the stream that holds ``subject`` unless it exists; file storage survives restarts.
+
+    A stream that remembers message ids for less than ``DUPLICATE_WINDOW_S`` gets that window.
+    """
     from nats.js.api import StorageType, StreamConfig
     from nats.js.errors import NotFoundError
 
     try:
-        await js.stream_info(stream)
+        info = await js.stream_info(stream)
     except NotFoundError:
-        await js.add_stream(StreamConfig(name=stream, subjects=[subject], storage=StorageType.FILE))
+        await js.add_stream(
+            StreamConfig(
+                name=stream,
+                subjects=[subject],
+                storage=StorageType.FILE,
+                duplicate_window=DUPLICATE_WINDOW_S,
+            )
+        )
+        return
+    window = info.config.duplicate_window or 0
+    max_age = info.config.max_age or 0
+    if window < DUPLICATE_WINDOW_S and (not max_age or max_age >= DUPLICATE_WINDOW_S):
+        await js.update_stream(replace(info.config, duplicate_window=DUPLICATE_WINDOW_S))
 
 
 async def publish(
@@ -165,3 +185,34 @@ async def _settle(window: list) -> int:
         stored += not ack.duplicate
     window.clear()
     return stored
+
+
+async def publish_days(
+    url: str,
+    stream: str,
+    subject: str,
+    config: GeneratorConfig,
+    days: list[date],
+    rate: float | None = None,
+) -> dict[str, dict[str, int]]:
+    """Publish the generator's transactions of each day, days in the order given.
+
+    Returns per day (ISO) the events generated and how many JetStream stored; the rest it
+    recognised by their ids as published before.
+    """
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, stream, subject)
+        counts = {}
+        for day in days:
+            events = day_events(config, day)
+            counts[day.isoformat()] = {
+                "events": len(events),
+                "stored": await publish(js, subject, events, rate),
+            }
+        return counts
+    finally:
+        await nc.close()
