@@ -66,7 +66,7 @@ team-status:
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/sqlfluff lint dbt_project/models
+	$(BIN)/sqlfluff lint datasets
 
 bench: install
 	$(BIN)/python -m bench all
