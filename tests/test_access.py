@@ -406,6 +406,14 @@ def test_the_release_cli_acts_as_the_caller_and_refuses_roles_without_deploy(
         assert denied.details["permission"] == "deploy"
         assert denied.details["identity"]["method"].startswith("api_key:")
     assert registry.client.get_registered_model(registry.name).aliases.get("shadow") is None
+    # `keel access log` shows the refusals too, with the key each refused caller used.
+    refused_log = [(r["actor"], r["action"], r["method"]) for r in store.access_log()]
+    assert [entry[:2] for entry in refused_log if entry[1] == "deploy"] == [
+        ("vic", "deploy"),
+        ("tara", "deploy"),
+        ("alice", "deploy"),
+    ]
+    assert all(entry[2].startswith("api_key:") for entry in refused_log if entry[1] == "deploy")
 
     shown = release("vic", "status")  # reading needs no release role
     assert shown.exit_code == 0 and json.loads(shown.output)["shadow"] is None

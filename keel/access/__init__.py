@@ -8,8 +8,16 @@ from keel.access.identity import (
     AccessError,
     AuthenticationError,
     Identity,
+    identities_required,
 )
-from keel.access.store import ApiKeyError, KeyStore, authenticate, default_store_path, os_user
+from keel.access.store import (
+    ApiKeyError,
+    KeyStore,
+    acting_name,
+    authenticate,
+    default_store_path,
+    os_user,
+)
 
 __all__ = [
     "ALL_ROLES",
@@ -21,7 +29,9 @@ __all__ = [
     "AuthenticationError",
     "Identity",
     "KeyStore",
+    "acting_name",
     "authenticate",
     "default_store_path",
+    "identities_required",
     "os_user",
 ]

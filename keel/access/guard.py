@@ -85,9 +85,29 @@ class AccessSteps:
                     raise
             version = str(target) if target and str(target).isdigit() else None
             self._append(DENIED, name, None, version, why, details)
+        _log_refusal(name, permission, f"{self.name} {target or ''}".strip(), why, identity)
         raise RegistryAccessDenied(why)
 
     def _identity_details(self, actor: str) -> dict[str, Any]:
         """What `_authorize` learnt about ``actor``, for its audit record."""
         found = self.__dict__.get("_acting", {}).get(actor)
         return {"identity": found} if found else {}
+
+
+def _log_refusal(
+    name: str, permission: str, target: str, why: str, identity: dict[str, Any]
+) -> None:
+    """The refusal in the identity file's access log too (``keel access log``), if writable.
+
+    The registry's audit log holds the record that counts; a read-only identity file (a
+    service that only checks keys) must not turn a refusal into another error.
+    """
+    import contextlib
+    import sqlite3
+
+    from keel.access.store import KeyStore, default_store_path
+
+    with contextlib.suppress(OSError, sqlite3.Error):
+        KeyStore(default_store_path()).log(
+            name, permission, target, False, why, str(identity.get("method", "-"))
+        )
