@@ -1,0 +1,396 @@
+"""The team profile's warehouse: a DuckLake, catalog in this machine's Postgres, Parquet files.
+
+Each test gets its own catalog database (``keel_c_lake_<random>``, dropped afterwards) and its
+own data path, so tests and workers never share a lake by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from datetime import date
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import psycopg2
+import pytest
+
+from assets.ingestion import INGESTION_CHECKS, raw_account_activity
+from keel import schema
+from keel.generator import generate_day
+from keel.ingestion import ACCOUNT_ACTIVITY, load_partition, load_partitions
+from keel.lake import LakeError, ensure_catalog_database, extension_file
+from keel.settings import KeelPaths
+from orchestration.resources import SourcesResource, WarehouseResource
+
+POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+DAYS = ("2026-01-05", "2026-01-06")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _admin():
+    link = psycopg2.connect(f"{POSTGRES}/test", connect_timeout=5)
+    link.autocommit = True
+    return link
+
+
+def _database_exists(name: str) -> bool:
+    with _admin() as link, link.cursor() as cursor:
+        cursor.execute("select 1 from pg_database where datname = %s", [name])
+        return cursor.fetchone() is not None
+
+
+@pytest.fixture
+def catalog():
+    """A Postgres connection string naming a database that does not exist yet."""
+    name = f"keel_c_lake_{uuid.uuid4().hex[:10]}"
+    yield f"{POSTGRES}/{name}"
+    link = _admin()
+    try:
+        with link.cursor() as cursor:
+            cursor.execute(f'drop database if exists "{name}" with (force)')
+    finally:
+        link.close()
+
+
+@pytest.fixture(scope="module")
+def extension_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("duckdb-extensions")
+
+
+@pytest.fixture
+def lake(catalog, tmp_path, extension_dir) -> WarehouseResource:
+    return WarehouseResource(
+        catalog=catalog,
+        data_path=str(tmp_path / "shared" / "lake"),
+        extension_dir=str(extension_dir),
+        marts_dir=str(tmp_path / "shared" / "marts"),
+    )
+
+
+def _sources(home: KeelPaths) -> SourcesResource:
+    return SourcesResource(
+        generated_dir=str(home.generated),
+        landing_dir=str(home.landing),
+        accounts=300,
+        late_share=0.02,
+    )
+
+
+def _partition_digest(warehouse: WarehouseResource, day: str):
+    with warehouse.connect(read_only=True) as connection:
+        return connection.execute(
+            """select count(*), count(distinct (account_id, activity_date)),
+                      sum(hash(account_id, spend_amount, _row_number))
+               from raw.account_activity where _partition = ?""",
+            [day],
+        ).fetchone()
+
+
+def test_the_team_profile_writes_and_reads_the_lake(keel_home, catalog, monkeypatch, tmp_path):
+    """The team warehouse creates its catalog database, writes Parquet under the data path
+    and a second connection (another worker) reads the same rows through the catalog."""
+    from orchestration.profiles import resources_for
+
+    monkeypatch.setenv("KEEL_LAKE_CATALOG", catalog)
+    monkeypatch.delenv("KEEL_LAKE_DATA_PATH", raising=False)
+    warehouse = resources_for("team")["warehouse"]
+    assert not _database_exists(catalog.rsplit("/", 1)[1])
+    source = tmp_path / "day.csv"
+    # Past DuckLake's inlining limit (10 rows), which keeps smaller writes in the catalog.
+    source.write_text(
+        "account_id,activity_date,spend_amount\n"
+        + "".join(f"{i},2026-01-05,{i}.5\n" for i in range(50))
+    )
+
+    with warehouse.connect() as connection:
+        assert connection.execute("select current_database()").fetchone() == ("lake",)
+        assert load_partition(connection, ACCOUNT_ACTIVITY, "2026-01-05", source) == 50
+    assert _database_exists(catalog.rsplit("/", 1)[1])
+    with warehouse.connect(read_only=True) as other:
+        rows = other.execute(
+            "select account_id, spend_amount from raw.account_activity order by _row_number"
+        ).fetchall()
+        files = other.execute(
+            "select data_file from ducklake_list_files('lake', 'account_activity', schema => 'raw')"
+        ).fetchall()
+    assert rows == [(str(i), f"{i}.5") for i in range(50)]
+    # The rows live in Parquet under the shared data folder, not in a DuckDB file.
+    lake_folder = keel_home.home / "lake"
+    assert files and all(Path(f).is_relative_to(lake_folder) and Path(f).exists() for (f,) in files)
+    assert not list(keel_home.home.glob("*.duckdb"))
+    with warehouse.connect(read_only=True) as reader, pytest.raises(duckdb.Error):
+        reader.execute("delete from raw.account_activity")
+
+
+def test_a_reloaded_partition_replaces_the_old_rows(lake, keel_home):
+    """Loading a day again (the raw-table writer the ingestion asset uses) keeps one copy."""
+    sources = _sources(keel_home)
+    extract = generate_day(
+        sources.generator_config(),
+        date.fromisoformat(DAYS[0]),
+        keel_home.generated,
+        keel_home.landing,
+    ).activity
+    digests = []
+    for _ in range(2):
+        with lake.connect() as connection:
+            load_partitions(connection, ACCOUNT_ACTIVITY, {DAYS[0]: extract})
+        digests.append(_partition_digest(lake, DAYS[0]))
+    rows, distinct, _ = digests[0]
+    assert rows > 250 and rows == distinct
+    assert digests[1] == digests[0]
+
+
+def test_a_failure_mid_write_leaves_the_old_partition_whole(lake, tmp_path):
+    """A file that breaks after the old rows were deleted rolls the whole partition back."""
+    good = tmp_path / "good.csv"
+    good.write_text("account_id,activity_date\n" + "".join(f"{i},2026-01-05\n" for i in range(50)))
+    # DuckDB samples the head of a CSV to read its layout; the broken line comes much later,
+    # so the delete of the old rows and part of the insert have run when it fails.
+    broken = tmp_path / "broken.csv"
+    lines = "".join(f"{i},2026-01-05\n" for i in range(25_000))
+    broken.write_text(f"account_id,activity_date\n{lines}1,2,3,4,5,6\n")
+    with lake.connect() as connection:
+        load_partition(connection, ACCOUNT_ACTIVITY, DAYS[0], good)
+    before = _partition_digest(lake, DAYS[0])
+
+    with lake.connect() as connection, pytest.raises(duckdb.Error):
+        load_partition(connection, ACCOUNT_ACTIVITY, DAYS[0], broken)
+
+    assert _partition_digest(lake, DAYS[0]) == before
+    assert before[0] == 50
+    with lake.connect(read_only=True) as connection:
+        sources = connection.execute(
+            "select distinct _source_file from raw.account_activity"
+        ).fetchall()
+    assert sources == [(str(good),)]
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+
+    import dagster as dg
+
+    from assets.ingestion import INGESTION_CHECKS, raw_account_activity
+    from orchestration.resources import SourcesResource, WarehouseResource
+
+    settings = json.loads(sys.argv[1])
+    resources = {
+        "warehouse": WarehouseResource(**settings["warehouse"]),
+        "sources": SourcesResource(**settings["sources"]),
+    }
+    go = Path(settings["go"])
+    print("ready", flush=True)
+    while not go.exists():
+        time.sleep(0.01)
+    started = time.time()
+    result = dg.materialize(
+        [raw_account_activity, INGESTION_CHECKS[1]],
+        resources=resources,
+        partition_key=settings["day"],
+    )
+    print(json.dumps({"success": result.success, "start": started, "end": time.time()}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_worker_processes_load_different_days_of_one_table_at_once(lake, keel_home, tmp_path):
+    """Two processes materialise two days of raw_account_activity into one new lake at the
+    same moment (both create its catalog and tables): both days land whole, once each."""
+    sources = _sources(keel_home)
+    config = sources.generator_config()
+    expected = {}
+    for day in DAYS:
+        generated = generate_day(
+            config, date.fromisoformat(day), Path(sources.generated_dir), keel_home.landing
+        )
+        with duckdb.connect() as connection:
+            expected[day] = connection.execute(
+                "select count(*) from read_parquet(?)", [str(generated.activity)]
+            ).fetchone()[0]
+    go = tmp_path / "go"
+    workers = []
+    for day in DAYS:
+        settings = {
+            "warehouse": lake.model_dump(),
+            "sources": {
+                "generated_dir": sources.generated_dir,
+                "landing_dir": sources.landing_dir,
+            },
+            "day": day,
+            "go": str(go),
+        }
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, json.dumps(settings)],
+                cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for worker in workers:
+        assert worker.stdout.readline().strip() == "ready"
+    go.touch()
+    reports = []
+    for worker in workers:
+        out, _ = worker.communicate(timeout=300)
+        assert worker.returncode == 0, out
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+
+    assert all(report["success"] for report in reports), reports
+    # The two loads ran side by side, not one after the other.
+    first, second = reports
+    assert first["start"] < second["end"] and second["start"] < first["end"], reports
+    for day in DAYS:
+        rows, distinct, _ = _partition_digest(lake, day)
+        assert rows == distinct == expected[day] > 250
+    with lake.connect(read_only=True) as connection:
+        verdicts = connection.execute(
+            """select _partition, count(*) from validation.partition_verdicts
+               where table_name = 'account_activity' group by 1 order by 1"""
+        ).fetchall()
+        other = connection.execute(
+            "select count(*) from raw.account_activity where _partition not in (?, ?)", DAYS
+        ).fetchone()
+    assert verdicts == [(day, 1) for day in DAYS]
+    assert other == (0,)
+
+    # The asset run again for one day replaces that day: the same rows, once.
+    before = _partition_digest(lake, DAYS[0])
+    resources = {"warehouse": lake, "sources": sources}
+    selection = [raw_account_activity, INGESTION_CHECKS[1]]
+    assert dg.materialize(selection, resources=resources, partition_key=DAYS[0]).success
+    assert _partition_digest(lake, DAYS[0]) == before
+
+
+def test_an_unreachable_catalog_says_how_to_start_postgres(tmp_path, extension_dir):
+    with pytest.raises(LakeError, match="cannot be reached") as error:
+        ensure_catalog_database("postgresql://postgres@127.0.0.1:1/keel_c_lake_nowhere")
+    assert "apt-get install postgresql" in str(error.value)
+    assert "KEEL_LAKE_CATALOG" in str(error.value)
+    warehouse = WarehouseResource(
+        catalog="dbname=keel_c_lake_nowhere host=127.0.0.1 port=1 user=postgres",
+        data_path=str(tmp_path / "lake"),
+        extension_dir=str(extension_dir),
+        marts_dir=str(tmp_path / "marts"),
+    )
+    with pytest.raises(LakeError, match=r"127\.0\.0\.1:1\b"), warehouse.connect():
+        pass
+
+
+def test_a_missing_extension_package_is_named_with_its_pin():
+    assert extension_file("ducklake").is_file()
+    with pytest.raises(
+        LakeError, match=f"pip install duckdb-extension-nosuch=={duckdb.__version__}"
+    ):
+        extension_file("nosuch")
+
+
+def test_a_second_machine_with_another_data_path_is_refused(lake, tmp_path):
+    with lake.connect() as connection:
+        connection.execute("create table t as select 1 as a")
+    elsewhere = lake.model_copy(update={"data_path": str(tmp_path / "elsewhere")})
+    with pytest.raises(LakeError, match="KEEL_LAKE_DATA_PATH"), elsewhere.connect():
+        pass
+
+
+def test_the_warehouse_takes_a_file_or_a_lake_not_both(tmp_path):
+    both = WarehouseResource(
+        database=str(tmp_path / "w.duckdb"),
+        catalog=f"{POSTGRES}/keel_c_lake_unused",
+        data_path=str(tmp_path / "lake"),
+        marts_dir=str(tmp_path / "marts"),
+    )
+    with pytest.raises(ValueError, match="exactly one"), both.connect():
+        pass
+    assert not (tmp_path / "w.duckdb").exists()
+
+
+def _pipeline(resources) -> dg.Definitions:
+    from assets.ingestion import INGESTION_ASSETS, raw_account_holders, raw_default_labels
+    from assets.transformation import TRANSFORMATION_ASSETS, TRANSFORMATION_CHECKS
+
+    daily = dg.AssetSelection.assets(raw_account_activity, raw_default_labels) | (
+        dg.AssetSelection.tag("dagster/kind/dbt", "").downstream()
+        & dg.AssetSelection.assets(
+            "stg_generator__account_activity",
+            "stg_landing__account_activity",
+            "int_account_activity_unioned",
+            "stg_generator__default_labels",
+            "fct_account_features_daily",
+            "fct_default_labels",
+        )
+    )
+    return dg.Definitions(
+        assets=[*INGESTION_ASSETS, *TRANSFORMATION_ASSETS],
+        asset_checks=[*INGESTION_CHECKS, *TRANSFORMATION_CHECKS],
+        jobs=[
+            # The accounts dimension only: a dataset folder's unpartitioned marts play no part.
+            dg.define_asset_job(
+                "static",
+                selection=dg.AssetSelection.assets(
+                    raw_account_holders, "stg_generator__account_holders", "dim_accounts"
+                ),
+            ),
+            dg.define_asset_job("daily", selection=daily),
+        ],
+        resources=resources,
+    )
+
+
+def _build(resources, first: str, last: str) -> None:
+    defs = _pipeline(resources)
+    instance = dg.DagsterInstance.ephemeral()
+    assert defs.resolve_job_def("static").execute_in_process(instance=instance).success
+    tags = {
+        "dagster/asset_partition_range_start": first,
+        "dagster/asset_partition_range_end": last,
+    }
+    assert defs.resolve_job_def("daily").execute_in_process(tags=tags, instance=instance).success
+
+
+FEATURES_SQL = """select * exclude (created_timestamp) from fct_account_features_daily
+                  order by account_id, feature_date"""
+
+
+@pytest.mark.slow
+def test_the_same_dbt_models_build_the_same_features_on_the_lake(lake, keel_home, tmp_path):
+    """Ingestion, validation, dbt and the Parquet marts on the lake give the local profile's
+    features for the same world, day for day."""
+    sources = _sources(keel_home)
+    local = WarehouseResource(
+        database=str(tmp_path / "local" / "warehouse.duckdb"),
+        marts_dir=str(tmp_path / "local" / "marts"),
+    )
+    from orchestration.profiles import dbt_resource
+
+    (tmp_path / "local").mkdir()
+    for warehouse in (local, lake):
+        _build({"warehouse": warehouse, "sources": sources, "dbt": dbt_resource()}, *DAYS)
+
+    with local.connect(read_only=True) as connection:
+        expected = connection.execute(FEATURES_SQL).fetchall()
+    with lake.connect(read_only=True) as connection:
+        built = connection.execute(FEATURES_SQL).fetchall()
+        tables = connection.execute(
+            "select table_catalog, table_schema from information_schema.tables "
+            "where table_name = 'fct_account_features_daily'"
+        ).fetchall()
+    assert len(expected) > 500
+    assert built == expected
+    assert tables == [("lake", "main")]
+    for day in DAYS:
+        landed = Path(lake.marts_dir) / schema.FEATURES_MART / f"{day}.parquet"
+        with duckdb.connect() as connection:
+            rows = connection.execute("select count(*) from read_parquet(?)", [str(landed)])
+            assert rows.fetchone()[0] == sum(1 for row in expected if str(row[1]) == day)
