@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from datetime import date
 from pathlib import Path
@@ -394,3 +395,61 @@ def test_the_same_dbt_models_build_the_same_features_on_the_lake(lake, keel_home
         with duckdb.connect() as connection:
             rows = connection.execute("select count(*) from read_parquet(?)", [str(landed)])
             assert rows.fetchone()[0] == sum(1 for row in expected if str(row[1]) == day)
+
+
+@pytest.fixture
+def s3_store(monkeypatch):
+    """A local S3-compatible server (moto's server mode) with an empty bucket."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto_server did not start"
+                time.sleep(0.1)
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        }.items():
+            monkeypatch.setenv(name, value)
+        import boto3
+
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="keel-c-lake")
+        yield client
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_the_lake_keeps_its_parquet_on_an_object_store(s3_store, catalog, extension_dir, tmp_path):
+    warehouse = WarehouseResource(
+        catalog=catalog,
+        data_path="s3://keel-c-lake/lake",
+        extension_dir=str(extension_dir),
+        marts_dir=str(tmp_path / "marts"),
+    )
+    source = tmp_path / "day.csv"
+    source.write_text(
+        "account_id,activity_date\n" + "".join(f"{i},2026-01-05\n" for i in range(50))
+    )
+    with warehouse.connect() as connection:
+        assert load_partition(connection, ACCOUNT_ACTIVITY, DAYS[0], source) == 50
+    keys = [item["Key"] for item in s3_store.list_objects_v2(Bucket="keel-c-lake")["Contents"]]
+    assert any(k.startswith("lake/raw/account_activity/") and k.endswith(".parquet") for k in keys)
+    assert not list(tmp_path.rglob("*.parquet"))
+    assert _partition_digest(warehouse, DAYS[0])[:2] == (50, 50)
