@@ -271,12 +271,17 @@ def _rows_in_window(
     source = view.batch_source
     if not isinstance(source, FileSource):
         return None
+    from keel.storage import duckdb_object_store, duckdb_parquet_source, is_local, location
+
     path = FileSource.get_uri_for_file_path(store.config.repo_path, source.path)
-    if not Path(path).exists():
+    if not location(path).exists():
         return 0
     connection = duckdb.connect()
     try:
         connection.execute("SET TimeZone = 'UTC'")
+        if not is_local(path):
+            duckdb_object_store(connection)
+        path = duckdb_parquet_source(path)
         column = '"' + source.timestamp_field.replace('"', '""') + '"'
         (count,) = connection.execute(
             f"SELECT count(*) FROM read_parquet(?) WHERE CAST({column} AS TIMESTAMPTZ) "

@@ -12,7 +12,7 @@ as ``s3://bucket/prefix``; code addresses both as ``UPath``. Writes are whole or
 Credentials and the endpoint of an object store come from the standard AWS variables
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` or
 ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL`` for an S3-compatible server): s3fs reads them
-itself, and ``duckdb_object_store`` hands the same values to DuckDB's httpfs.
+itself, and ``duckdb_object_store`` hands them to DuckDB's httpfs as the lake does.
 """
 
 from __future__ import annotations
@@ -205,73 +205,23 @@ def read_pointer(folder: Any, name: str = POINTER) -> dict[str, Any]:
         raise StorageError(f"{pointer} is not JSON: {error}") from error
 
 
-def object_store_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The object-store settings of the standard AWS variables, as DuckDB's S3 secret names them.
+def duckdb_parquet_source(path: str) -> str:
+    """What DuckDB's ``read_parquet`` takes for a Parquet file or folder at ``path``.
 
-    Empty when no variable is set (anonymous access to a public bucket).
+    A local folder reads as it is; an object store has no folders, so there it is a glob.
     """
-    environ = os.environ if environ is None else environ
-    settings = {}
-    for name, variables in (
-        ("key_id", ("AWS_ACCESS_KEY_ID",)),
-        ("secret", ("AWS_SECRET_ACCESS_KEY",)),
-        ("session_token", ("AWS_SESSION_TOKEN",)),
-        ("region", ("AWS_REGION", "AWS_DEFAULT_REGION")),
-    ):
-        value = next((environ[v] for v in variables if environ.get(v)), "")
-        if value:
-            settings[name] = value
-    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or ""
-    if endpoint:
-        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
-        if not parts.netloc:
-            raise StorageError(f"AWS_ENDPOINT_URL={endpoint!r} names no host")
-        settings["endpoint"] = parts.netloc
-        settings["use_ssl"] = "true" if parts.scheme == "https" else "false"
-        # S3-compatible servers (MinIO, Ceph, moto) address buckets in the path.
-        settings["url_style"] = "path"
-    return settings
-
-
-def httpfs_extension() -> Path:
-    """The httpfs extension file of the ``duckdb-extension-httpfs`` wheel for this DuckDB."""
-    import duckdb
-
-    try:
-        import duckdb_extension_httpfs
-    except ImportError as error:
-        raise StorageError(
-            "DuckDB reads object stores through httpfs: install duckdb-extension-httpfs=="
-            f"{duckdb.__version__} (nothing is downloaded at run time)"
-        ) from error
-    version = duckdb.__version__
-    path = (
-        Path(duckdb_extension_httpfs.__file__).parent
-        / "extensions"
-        / f"v{version}"
-        / "httpfs.duckdb_extension"
-    )
-    if not path.is_file():
-        raise StorageError(
-            f"duckdb-extension-httpfs has no build for DuckDB {version} ({path} is missing): "
-            f"install duckdb-extension-httpfs=={version}"
-        )
-    return path
+    if is_local(path) or path.endswith(".parquet") or "*" in path:
+        return path
+    return f"{path.rstrip('/')}/*.parquet"
 
 
 def duckdb_object_store(connection: duckdb.DuckDBPyConnection) -> None:
-    """Let ``connection`` read and write ``s3://`` with this environment's settings.
+    """Let ``connection`` read and write ``s3://`` with this environment's AWS settings.
 
-    Loads httpfs from its wheel (never a download) and creates a session secret from
-    ``object_store_settings``.
+    httpfs is installed from its package into Keel's extension folder and loaded (never
+    downloaded), and the secret is the lake's (``keel.lake``): one reading of the variables.
     """
-    from keel.sql import quote_literal
+    from keel.lake import default_extension_dir, load_extensions, s3_secret
 
-    connection.execute(f"load {quote_literal(str(httpfs_extension()))}")
-    settings = object_store_settings()
-    options = ", ".join(
-        f"{name} {value if name == 'use_ssl' else quote_literal(value)}"
-        for name, value in settings.items()
-    )
-    listed = f"type s3, {options}" if options else "type s3"
-    connection.execute(f"create or replace temporary secret keel_object_store ({listed})")
+    load_extensions(connection, ("httpfs",), default_extension_dir())
+    s3_secret(connection)

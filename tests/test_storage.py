@@ -30,7 +30,6 @@ from keel.storage import (
     StorageError,
     list_files,
     location,
-    object_store_settings,
     publish,
     store_of,
     write_pointer,
@@ -265,21 +264,6 @@ def test_locations_and_stores():
     assert store_of("/srv/keel") == store_of(location("/srv/keel")) == "local"
     with pytest.raises(StorageError, match="empty storage location"):
         location("  ")
-    settings = object_store_settings(
-        {
-            "AWS_ACCESS_KEY_ID": "k",
-            "AWS_DEFAULT_REGION": "eu-west-1",
-            "AWS_ENDPOINT_URL": "http://minio:9000",
-        }
-    )
-    assert settings == {
-        "key_id": "k",
-        "region": "eu-west-1",
-        "endpoint": "minio:9000",
-        "use_ssl": "false",
-        "url_style": "path",
-    }
-    assert object_store_settings({}) == {}
 
 
 def test_publish_moves_a_local_file_into_place(tmp_path):
@@ -321,7 +305,7 @@ def test_training_set_from_marts_on_s3_with_the_production_feature_store(
     import dagster as dg
 
     from assets.features import feast_registry, training_set
-    from bench.pit_join import write_synthetic_marts
+    from bench.pit_join import FIRST_DAY, write_synthetic_marts
     from keel.settings import FEATURE_REPO_DIR
     from orchestration.resources import ArtefactStore, FeatureStoreResource
     from tests.test_features import REDIS_HOST, REDIS_PORT, redis_client
@@ -366,6 +350,34 @@ def test_training_set_from_marts_on_s3_with_the_production_feature_store(
     assert len(frame) == 120
     assert frame["spend_30d"].notna().any()
     assert json.loads(location(pointer["path"]).with_name("latest.json").read_text()) == pointer
+
+    # Feast's own reader (materialisation into Redis) reads the same marts on s3.
+    import redis
+
+    from assets.features import online_features
+    from tests.test_features import source_rows, stamp
+
+    online = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=13)
+    try:
+        day = dg.materialize(
+            [online_features], resources=resources, partition_key=FIRST_DAY.isoformat()
+        )
+        assert (
+            day.asset_materializations_for_node("online_features")[0].metadata["rows"].value == 40
+        )
+        store = resources["feature_store"].store()
+        ids = [30, 170, 290]
+        served = store.get_online_features(
+            features=store.get_feature_service(schema.FEATURE_SERVICE),
+            entity_rows=[{schema.ENTITY_KEY: i} for i in ids],
+        ).to_dict()
+        rows = source_rows(local_marts)
+        first = rows[rows[schema.EVENT_TIMESTAMP] == stamp(0)].set_index(schema.ENTITY_KEY)
+        assert served["spend_30d"] == first.loc[ids, "spend_30d"].tolist()
+        assert online.dbsize() > 0
+    finally:
+        for key in online.scan_iter(match=b"*keel", count=1000):
+            online.delete(key)
 
 
 # -- Ingestion reads the landing folder where it lies -----------------------------------------

@@ -88,11 +88,9 @@ class _ViewPlan:
 
 
 def _source_path(config: RepoConfig, source: FileSource) -> str:
-    path = FileSource.get_uri_for_file_path(config.repo_path, source.path)
-    # An object store has no folders to read: a folder of daily files is a glob there.
-    if "://" in path and not path.endswith(".parquet") and "*" not in path:
-        path = f"{path.rstrip('/')}/*.parquet"
-    return path
+    from keel.storage import duckdb_parquet_source
+
+    return duckdb_parquet_source(FileSource.get_uri_for_file_path(config.repo_path, source.path))
 
 
 def _can_plan(view: FeatureView) -> bool:
@@ -338,8 +336,47 @@ class AsofRetrievalJob(RetrievalJob):
         )
 
 
+def _readable(source: Any) -> Any:
+    """``source`` as Feast's own DuckDB reader (ibis) can read it.
+
+    A Parquet folder on an object store becomes a glob, and ibis's DuckDB session gets httpfs
+    from its package (ibis would download it) and the store's credentials.
+    """
+    if type(source) is not FileSource or "://" not in source.path:
+        return source
+    import copy
+
+    import ibis
+
+    from keel.storage import duckdb_object_store, duckdb_parquet_source
+
+    duckdb_object_store(ibis.get_backend().con)
+    readable = copy.deepcopy(source)
+    readable.file_options.uri = duckdb_parquet_source(source.path)
+    return readable
+
+
 class KeelDuckDBOfflineStore(DuckDBOfflineStore):
-    """Feast's DuckDB offline store with point-in-time retrieval compiled to ASOF joins."""
+    """Feast's DuckDB offline store with point-in-time retrieval compiled to ASOF joins.
+
+    Materialisation reads through Feast's own store, with sources on ``s3://`` made readable.
+    """
+
+    @staticmethod
+    def pull_latest_from_table_or_query(
+        config: RepoConfig, data_source: Any, *args: Any, **kwargs: Any
+    ) -> RetrievalJob:
+        return DuckDBOfflineStore.pull_latest_from_table_or_query(
+            config, _readable(data_source), *args, **kwargs
+        )
+
+    @staticmethod
+    def pull_all_from_table_or_query(
+        config: RepoConfig, data_source: Any, *args: Any, **kwargs: Any
+    ) -> RetrievalJob:
+        return DuckDBOfflineStore.pull_all_from_table_or_query(
+            config, _readable(data_source), *args, **kwargs
+        )
 
     @staticmethod
     def get_historical_features(
