@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
-from keel.datasets.spec import DATASETS_DIR, DatasetSpec, all_datasets, loop_dataset
+import numpy as np
+import pytest
+import yaml
+
+from keel.datasets.spec import (
+    DATASETS_DIR,
+    SPEC_FILE,
+    DatasetSpec,
+    SpecError,
+    all_datasets,
+    discover,
+    load_spec,
+    loop_dataset,
+)
+from keel.settings import DBT_PROJECT_DIR
 from tests.conftest import REPO_ROOT
 
 GENERIC_CODE = ("keel", "orchestration")
@@ -31,7 +47,6 @@ def test_every_shipped_dataset_names_itself_and_the_loop_has_one():
     for spec in specs:
         # The dbt models, found in the folder's dbt/ (subfolders too), include the marts.
         assert {spec.features_model, spec.labels_model} <= set(spec.dbt_models), spec.name
-        assert spec.name in spec.folder.name
     loop = loop_dataset()
     assert [spec.name for spec in specs if spec.loop == "daily"] == [loop.name]
 
@@ -53,3 +68,74 @@ def test_no_dataset_is_named_in_keel_or_orchestration():
         for match in pattern.finditer(line)
     ]
     assert not found, "\n".join(found)
+
+
+def loop_copy(root: Path, name: str, edit=lambda data: None) -> Path:
+    """The loop dataset's spec (not its dbt models or code) in ``root/name``, edited."""
+    data = yaml.safe_load((loop_dataset().folder / SPEC_FILE).read_text())
+    data["name"] = name
+    edit(data)
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / SPEC_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
+    return folder
+
+
+def test_one_loop_dataset_per_folder_and_a_moved_folder_without_one_keeps_the_shipped(
+    tmp_path, monkeypatch
+):
+    root = tmp_path / "datasets"
+    root.mkdir()
+    monkeypatch.setenv("KEEL_DATASETS_DIR", os.path.relpath(root, DBT_PROJECT_DIR))
+    assert loop_dataset().folder == DATASETS_DIR / loop_dataset().folder.name
+    loop_copy(root, "book_a")
+    assert loop_dataset().name == "book_a"
+    assert [spec.name for spec in discover()] == []
+    loop_copy(root, "book_b")
+    with pytest.raises(SpecError, match="book_a, book_b each say loop: daily"):
+        loop_dataset()
+
+
+def edit_ratio(data, **changes):
+    data["features"]["on_demand"]["ratios"][0].update(changes)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: edit_ratio(d, numerator="nowhere"), r"on_demand\.\w+: nowhere is not a numeric"),
+        (lambda d: edit_ratio(d, divisor=0), r"ratios\[0\]\.divisor: must not be 0"),
+        (lambda d: edit_ratio(d, scale=2), r"ratios\[0\]: unknown keys scale"),
+        (lambda d: d["features"]["on_demand"].pop("view"), r"on_demand\.view: is required"),
+        (lambda d: d["model"].update(experiment="Risk Model"), r"model\.experiment: 'Risk Model'"),
+        (lambda d: d.update(first_day="2026-02-30"), r"first_day: '2026-02-30' is not an ISO"),
+        (lambda d: d.pop("first_day"), r"first_day: is required for daily partitions"),
+        (lambda d: d.update(loop="hourly"), r"\.loop: 'hourly' is not one of daily"),
+        (lambda d: d["marts"]["paths"].update(scores="x"), r"marts\.paths: \['scores'\] are not"),
+    ],
+)
+def test_a_bad_loop_spec_is_refused_naming_the_key(tmp_path, edit, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec(loop_copy(tmp_path, "book", edit))
+
+
+def test_the_on_demand_ratios_are_the_declared_formulas():
+    """The feature store's ratios follow dataset.yaml: numerator / max(den * mul / div, floor)."""
+    from keel.features import account_ratios
+
+    declared = yaml.safe_load((loop_dataset().folder / SPEC_FILE).read_text())
+    ratios = declared["features"]["on_demand"]["ratios"]
+    rng = np.random.default_rng(5)
+    columns = {
+        name: rng.normal(40.0, 60.0, 500)
+        for ratio in ratios
+        for name in (ratio["numerator"], ratio["denominator"])
+    }
+    computed = account_ratios(columns)
+    assert list(computed) == [ratio["name"] for ratio in ratios]
+    for ratio in ratios:
+        scaled = (
+            columns[ratio["denominator"]] * ratio.get("multiplier", 1) / ratio.get("divisor", 1)
+        )
+        expected = columns[ratio["numerator"]] / np.maximum(scaled, 1.0)
+        np.testing.assert_array_equal(computed[ratio["name"]], expected)

@@ -604,13 +604,19 @@ def loop_dataset() -> DatasetSpec:
             names = ", ".join(folder.name for folder in found)
             raise SpecError(f"{root}: {names} each say loop: daily; only one dataset may")
         if found:
-            return load_spec(found[0])
+            folder = found[0]
+            key = (str(folder), (folder / SPEC_FILE).stat().st_mtime_ns, _mtime(folder / "dbt"))
+            return _load_all((key,))[0]
     raise SpecError(f"no dataset under {DATASETS_DIR} says loop: daily")
 
 
 def _is_loop(path: Path) -> bool:
+    text = path.read_text()
+    # Most folders have no top-level ``loop`` key: no need to parse them.
+    if not re.search(r"^loop\s*:", text, re.MULTILINE):
+        return False
     try:
-        data = yaml.load(path.read_text(), Loader=_LOADER)
+        data = yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError:
         return False
     return isinstance(data, dict) and data.get("loop") == "daily"
