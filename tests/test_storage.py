@@ -442,3 +442,81 @@ def test_landing_files_on_s3_are_sensed_and_loaded(bucket, tmp_path):
     # A rewritten file gets a new signature, so the sensor asks for it again.
     write_landing_file(rows.slice(0, 2), landing, "partner_2026-01-02", "csv")
     assert landing_files(landing)[name] != sensed[name]
+
+
+# -- The production warehouse: one lake whose data, landing files and marts are on s3 -----------
+
+
+@pytest.fixture
+def lake_catalog():
+    """A Postgres connection string for a lake catalog of this test's own, dropped after."""
+    import psycopg2
+
+    name = f"keel_d_lake_{uuid.uuid4().hex[:10]}"
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    admin = psycopg2.connect("postgresql://postgres@127.0.0.1:5432/test", connect_timeout=5)
+    admin.autocommit = True
+    try:
+        admin.cursor().execute(f'drop database if exists "{name}" with (force)')
+    finally:
+        admin.close()
+
+
+@pytest.mark.slow
+def test_the_lake_keeps_its_data_on_s3_beside_the_landing_files_and_marts(
+    bucket, lake_catalog, tmp_path
+):
+    import dagster as dg
+    import pyarrow as pa
+
+    from assets.ingestion import LANDING_PARTITIONS, raw_landed_activity
+    from keel.generator import write_landing_file
+    from orchestration.resources import SourcesResource, WarehouseResource
+
+    root = f"{bucket}/keel"
+    warehouse = WarehouseResource(
+        catalog=lake_catalog,
+        data_path=f"{root}/lake/",
+        extension_dir=str(tmp_path / "extensions"),
+        marts_dir=f"{root}/marts",
+    )
+    # Past DuckLake's inlining limit (10 rows), so the rows land as Parquet on the store.
+    count = 25
+    rows = pa.table(
+        {
+            "account_id": list(range(count)),
+            "activity_date": ["2026-01-02"] * count,
+            "spend_amount": [float(i) for i in range(count)],
+            "channel": ["pos"] * count,
+        }
+    )
+    name = write_landing_file(rows, f"{root}/landing", "partner", "parquet").name
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(LANDING_PARTITIONS.name, [name])
+    sources = SourcesResource(
+        generated_dir=str(tmp_path / "generated"), landing_dir=f"{root}/landing"
+    )
+    result = dg.materialize(
+        [raw_landed_activity],
+        resources={"sources": sources, "warehouse": warehouse},
+        partition_key=name,
+        instance=instance,
+    )
+    assert result.success
+    assert any(
+        path.startswith("lake/") and path.endswith(".parquet") for path in _object_names(root)
+    )
+
+    with warehouse.connect() as connection:
+        assert connection.execute(
+            "select count(*), sum(spend_amount::double) from raw.landed_activity"
+        ).fetchone() == (count, float(sum(range(count))))
+        connection.execute(
+            "create table dim_accounts as select account_id::bigint as account_id, "
+            "date '2020-01-01' as opened_date, 40 as age, '35-44' as age_band, 'F' as sex, "
+            "'north' as region, 'card' as product, 1000.0 as credit_limit "
+            "from raw.landed_activity"
+        )
+        assert export_table(connection, ACCOUNTS_EXPORT, warehouse.marts_dir) == count
+    with location(warehouse.marts_dir, ACCOUNTS_EXPORT.target).open("rb") as handle:
+        assert sorted(pd.read_parquet(handle)["account_id"]) == list(range(count))
