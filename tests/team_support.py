@@ -20,15 +20,19 @@ from orchestration.resources import ComputeResource, SourcesResource
 ACCOUNTS_ENV = "KEEL_TEAM_TEST_ACCOUNTS"
 
 
-def _resources() -> dict:
+def sources() -> SourcesResource:
+    """The generated world of the test that launched the run (its size from the environment)."""
     paths = KeelPaths.current()
-    sources = SourcesResource(
+    return SourcesResource(
         generated_dir=str(paths.generated),
         landing_dir=str(paths.landing),
         accounts=int(os.environ.get(ACCOUNTS_ENV, "300")),
         late_share=0.02,
     )
-    return {**resources_for("local"), "sources": sources}
+
+
+def _resources() -> dict:
+    return {**resources_for("local"), "sources": sources()}
 
 
 def ingest_job() -> dg.JobDefinition:

@@ -35,11 +35,18 @@ def team_env(keel_home, monkeypatch):
     monkeypatch.setenv(services.PG_URL_ENV, url)
     monkeypatch.setenv(services.MLFLOW_PG_URL_ENV, f"{PG_SERVER}/keel_mlflow_test_{unique}")
     monkeypatch.setenv("KEEL_CELERY_QUEUE_PREFIX", f"keel-test-{unique}-")
+    audit = f"keel_audit_test_{unique}"
+    monkeypatch.setenv(services.AUDIT_URI_ENV, f"postgresql://{audit}@127.0.0.1:5432/{audit}")
+    feast = f"keel_feast_test_{unique}"
+    monkeypatch.setenv(
+        services.FEAST_REGISTRY_ENV, f"postgresql+psycopg://postgres@127.0.0.1:5432/{feast}"
+    )
     yield keel_home, url
     services.stop_all(keel_home)
     with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as connection:
-        for name in (database, f"keel_mlflow_test_{unique}"):
+        for name in (database, f"keel_mlflow_test_{unique}", audit, feast):
             connection.execute(f'drop database if exists "{name}" with (force)')
+        connection.execute(f'drop role if exists "{audit}"')
 
 
 def _free_port() -> int:
@@ -179,6 +186,22 @@ def _day_rows(paths) -> dict[str, tuple[int, int]]:
         }
 
 
+def _generated_rows() -> dict[str, tuple[int, int]]:
+    """The generator's own rows of the day: the extract's on-time activity, the arriving labels.
+
+    Computed afresh in this process from the world's recorded settings, not read back from
+    anything a worker wrote.
+    """
+    from keel.generator import activity_table, labels_table, split_late_rows
+    from tests.team_support import sources
+
+    config = sources().generator_config()
+    day = date.fromisoformat(DAY)
+    on_time, _ = split_late_rows(config, day, activity_table(config, day))
+    labels = labels_table(config, day).num_rows
+    return {"account_activity": (on_time.num_rows,) * 2, "default_labels": (labels,) * 2}
+
+
 def _expected_rows(result) -> dict[str, tuple[int, int]]:
     """What each step reported loading: every row once, no duplicate keys."""
     expected = {}
@@ -226,7 +249,8 @@ def test_a_worker_killed_mid_step_hands_the_step_to_the_other_and_the_run_comple
     step, victim = killed
     assert len(taken[step]) == 2, taken
     assert taken[step][1].split("@")[0] != victim
-    assert _day_rows(paths) == _expected_rows(result)
+    # The day once in each raw table: every generated row, no duplicate, nothing half-loaded.
+    assert _day_rows(paths) == _expected_rows(result) == _generated_rows()
 
 
 @pytest.mark.slow
@@ -240,6 +264,7 @@ def test_team_up_starts_workers_that_status_reports_and_down_stops(team_env):
     )
     assert up.exit_code == 0, up.output
     assert f"dagster storage  {url} (created)" in up.output
+    assert f"registry audit   {services.audit_uri()} (role keel_audit_test_" in up.output
     started = services.recorded(paths)
     assert sorted(entry.get("queue", "") for entry in started) == ["", "default", "gpu"]
     # Each worker consumes its own queue of the broker.

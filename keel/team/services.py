@@ -371,6 +371,10 @@ def stop_all(paths: KeelPaths, timeout: float = 15.0) -> list[dict]:
                 time.sleep(0.2)
             if alive(pid):
                 _signal_group(pid, signal.SIGKILL)
+                # A killed process is gone once the kernel has reaped it: wait for that.
+                deadline = time.monotonic() + timeout
+                while alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
         stopped.append(entry)
     _record(paths, [])
     return stopped
