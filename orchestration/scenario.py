@@ -13,12 +13,14 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import dagster as dg
 
 from assets.partitions import FIRST_DAY
 from assets.transformation import daily_dbt_models
+from keel.settings import active_profile
+from orchestration.executors import executor_for
 from orchestration.jobs import WITHOUT_UNIT_TESTS, daily_pipeline, reference_data, retrain
 from orchestration.resources import DriftScenarioConfig, MonitoringResource, SourcesResource
 from orchestration.sensors import drift_sensor, performance_sensor
@@ -131,29 +133,82 @@ class ScenarioResult:
         return json.dumps(self.__dict__, indent=2, default=str)
 
 
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a run ended: its id, success, its failures and its failed blocking checks."""
+
+    run_id: str
+    success: bool
+    failures: list[str]
+    failed_checks: list[str]
+
+
+class RunQueue(Protocol):
+    """Where runs go instead of this process: the team profile's queue (keel.team.scenario)."""
+
+    def run(self, job_name: str, run_config: dict, tags: dict[str, str]) -> RunOutcome: ...
+
+
 def _execute(
     defs: dg.Definitions,
     job: str,
     instance,
     run_config: dict | None = None,
     must_succeed: bool = True,
-    **kwargs,
-) -> dg.ExecuteInProcessResult:
-    result = defs.resolve_job_def(job).execute_in_process(
-        instance=instance,
-        raise_on_error=False,
-        run_config={**QUIET, **(run_config or {})},
-        **kwargs,
-    )
-    if must_succeed and not result.success:
-        failures = [e.message for e in result.all_events if e.is_failure]
-        raise RuntimeError(f"job {job} failed: {failures[-3:]}")
-    return result
+    queue: RunQueue | None = None,
+    tags: dict[str, str] | None = None,
+    partition_key: str | None = None,
+) -> RunOutcome:
+    """Run ``job`` in this process, or through ``queue`` when one is given; wait for its end."""
+    run_config = {**QUIET, **(run_config or {})}
+    if queue is None:
+        result = defs.resolve_job_def(job).execute_in_process(
+            instance=instance,
+            raise_on_error=False,
+            run_config=run_config,
+            tags=tags,
+            partition_key=partition_key,
+        )
+        outcome = RunOutcome(
+            run_id=result.run_id,
+            success=result.success,
+            failures=[e.message or "" for e in result.all_events if e.is_failure],
+            failed_checks=sorted(
+                e.check_name for e in result.get_asset_check_evaluations() if not e.passed
+            ),
+        )
+    else:
+        partition = {"dagster/partition": partition_key} if partition_key else {}
+        outcome = queue.run(job, run_config, {**(tags or {}), **partition})
+    if must_succeed and not outcome.success:
+        raise RuntimeError(f"job {job} failed: {outcome.failures[-3:]}")
+    return outcome
 
 
-def failed_gates(result: dg.ExecuteInProcessResult) -> list[str]:
+def failed_gates(outcome: RunOutcome) -> list[str]:
     """The blocking checks that failed in a run (a retraining whose challenger was rejected)."""
-    return sorted(e.check_name for e in result.get_asset_check_evaluations() if not e.passed)
+    return list(outcome.failed_checks)
+
+
+def scenario_definitions(
+    scenario: Scenario, resources: dict[str, Any], sensors: bool = True
+) -> dg.Definitions:
+    """The scenario's jobs (and sensors) on ``resources`` with the scenario's world and policy."""
+    from orchestration.definitions import defs as project
+
+    resources = {
+        **resources,
+        "sources": scenario.sources(resources["sources"]),
+        "monitoring": scenario.monitoring(resources["monitoring"]),
+    }
+    return dg.Definitions(
+        assets=project.assets,
+        asset_checks=project.asset_checks,
+        jobs=[daily_pipeline, reference_data, retrain, history],
+        sensors=[drift_sensor, performance_sensor] if sensors else [],
+        resources=resources,
+        executor=executor_for(active_profile()),
+    )
 
 
 def _latest_metadata(instance, key: str, partition: str) -> dict[str, Any]:
@@ -168,32 +223,26 @@ def run_scenario(
     instance: dg.DagsterInstance,
     resources: dict[str, Any],
     echo: Callable[[str], None] = print,
+    queue: RunQueue | None = None,
 ) -> ScenarioResult:
-    """Play ``scenario`` against ``instance`` with ``resources`` (the local profile's)."""
-    from orchestration.definitions import defs as project
+    """Play ``scenario`` against ``instance`` with a profile's ``resources``.
 
-    resources = {
-        **resources,
-        "sources": scenario.sources(resources["sources"]),
-        "monitoring": scenario.monitoring(resources["monitoring"]),
-    }
-    defs = dg.Definitions(
-        assets=project.assets,
-        asset_checks=project.asset_checks,
-        jobs=[daily_pipeline, reference_data, retrain, history],
-        sensors=[drift_sensor, performance_sensor],
-        resources=resources,
-    )
+    Runs execute in this process, or go through ``queue`` (the team profile's run queue, whose
+    code location builds the same ``scenario_definitions``).
+    """
+    defs = scenario_definitions(scenario, resources)
+    resources = defs.resources
     result = ScenarioResult()
     first, days = scenario.first_day, scenario.monitored_days
     last_history = days[0] - timedelta(days=1)
 
     echo(f"1/4 reference data and {scenario.history_days} days of history ({first}..)")
-    _execute(defs, "reference_data", instance)
+    _execute(defs, "reference_data", instance, queue=queue)
     _execute(
         defs,
         "history",
         instance,
+        queue=queue,
         tags={
             "dagster/asset_partition_range_start": first.isoformat(),
             "dagster/asset_partition_range_end": last_history.isoformat(),
@@ -201,9 +250,16 @@ def run_scenario(
     )
     echo("2/4 training, evaluating and registering the first champion")
     first_training = _execute(
-        defs, "retrain", instance, run_config={"ops": QUICK_TRAINING}, must_succeed=False
+        defs,
+        "retrain",
+        instance,
+        run_config={"ops": QUICK_TRAINING},
+        must_succeed=False,
+        queue=queue,
     )
-    registry = resources["governance"].registry(resources["mlflow"])
+    # EnvVar settings (the team profile's) resolved, as a run's resources are.
+    governance = resources["governance"].process_config_and_initialize()
+    registry = governance.registry(resources["mlflow"].process_config_and_initialize())
     if registry.champion() is None:
         raise RuntimeError(
             f"the first training produced no champion (failed: {failed_gates(first_training)})"
@@ -217,7 +273,7 @@ def run_scenario(
     cursors: dict[str, str | None] = {"drift_sensor": None, "performance_sensor": None}
     for day in days:
         key = day.isoformat()
-        _execute(defs, "daily_pipeline", instance, partition_key=key)
+        _execute(defs, "daily_pipeline", instance, queue=queue, partition_key=key)
         drift = _latest_metadata(instance, "drift_report", key)
         result.drift_by_day[key] = bool(drift["dataset_drift"].value)
         result.drifted_features[key] = list(drift["drifted_features"].value)
@@ -241,7 +297,7 @@ def run_scenario(
                 continue
             cursors[sensor.name] = tick.cursor
             for request in tick.run_requests or []:
-                _run_requested(defs, instance, request, sensor.name, result, echo)
+                _run_requested(defs, instance, request, sensor.name, result, echo, queue)
     echo("4/4 summary")
     result.champions = [
         r.to_version for r in registry.audit_records() if r.action in ("promote", "rollback")
@@ -251,7 +307,7 @@ def run_scenario(
     return result
 
 
-def _run_requested(defs, instance, request, sensor_name, result, echo) -> None:
+def _run_requested(defs, instance, request, sensor_name, result, echo, queue=None) -> None:
     """Launch a sensor's run request as the daemon would: once per run key."""
     existing = instance.get_run_records(
         dg.RunsFilter(tags={"dagster/run_key": request.run_key}), limit=1
@@ -265,6 +321,7 @@ def _run_requested(defs, instance, request, sensor_name, result, echo) -> None:
         instance,
         run_config={"ops": QUICK_TRAINING},
         must_succeed=False,
+        queue=queue,
         tags={
             **request.tags,
             "dagster/run_key": request.run_key,

@@ -1,0 +1,187 @@
+"""The closed loop on the team profile, through the run queue, against the local profile.
+
+Twenty monitored days with a covariate drift from day 12, played twice on the same seed: in
+process on the local profile, and on the team profile where every run is submitted to the
+queued run coordinator, taken off the queue by ``dagster-daemon``, and its steps run as Celery
+tasks in two workers. Both must reach the same drift verdicts, retrainings, registrations and
+audit trail.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import uuid
+
+import dagster as dg
+import psycopg
+import pytest
+
+from keel.settings import KeelPaths
+from keel.team import scenario as team_scenario
+from keel.team import services
+from orchestration.scenario import Scenario, run_scenario
+
+# Local (~6 min) and team (~20 min, every run through the queue) on two busy cores.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(5400)]
+
+PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
+REDIS_DB = 5
+SCENARIO = Scenario(accounts=1_500, history_days=45, days=20, drift_day=12)
+
+
+def _audit_trail(result) -> list[tuple]:
+    """The audit records as the scenario decided them (not who, as which identity, or when)."""
+    return [
+        (r["model_name"], r["action"], r["from_version"], r["to_version"]) for r in result.audit
+    ]
+
+
+def _retrainings(result) -> list[tuple]:
+    return [(r["run_key"], r["success"], tuple(r["failed_gates"])) for r in result.retraining_runs]
+
+
+@pytest.fixture
+def team_world(tmp_path, monkeypatch):
+    """The team profile's services of this test alone: databases, role, queues, Redis keys."""
+    import redis
+
+    unique = uuid.uuid4().hex[:8]
+    names = {
+        "dagster": f"keel_e_dagster_{unique}",
+        "mlflow": f"keel_e_mlflow_{unique}",
+        "audit": f"keel_e_audit_{unique}",
+        "feast": f"keel_e_feast_{unique}",
+        "lake": f"keel_e_lake_{unique}",
+    }
+    paths = KeelPaths(tmp_path / "team-home").ensure()
+    env = {
+        "KEEL_PROFILE": "team",
+        "KEEL_HOME": str(paths.home),
+        "DAGSTER_HOME": str(paths.dagster_home),
+        services.PG_URL_ENV: f"{PG_SERVER}/{names['dagster']}",
+        services.MLFLOW_PG_URL_ENV: f"{PG_SERVER}/{names['mlflow']}",
+        services.AUDIT_URI_ENV: f"postgresql://{names['audit']}@127.0.0.1:5432/{names['audit']}",
+        services.FEAST_REGISTRY_ENV: (
+            f"postgresql+psycopg://postgres@127.0.0.1:5432/{names['feast']}"
+        ),
+        services.FEAST_REDIS_ENV: f"127.0.0.1:6379,db={REDIS_DB}",
+        "KEEL_LAKE_CATALOG": f"{PG_SERVER}/{names['lake']}",
+        "KEEL_CELERY_QUEUE_PREFIX": f"keel-e-{unique}-",
+        team_scenario.SCENARIO_ENV: team_scenario.scenario_to_env(SCENARIO),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("dagster", "feast", "lake"):
+        services.ensure_database(f"{PG_SERVER}/{names[name]}")
+    services.ensure_audit_store()
+    monkeypatch.setenv(services.AUDIT_KEY_ENV, services.audit_key(paths))
+    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+    before = set(client.keys("*"))
+    try:
+        yield paths
+    finally:
+        services.stop_all(paths)
+        added = set(client.keys("*")) - before
+        if added:
+            client.delete(*added)
+        with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as connection:
+            for name in names.values():
+                connection.execute(f'drop database if exists "{name}" with (force)')
+            connection.execute(f'drop role if exists "{names["audit"]}"')
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _api_key(paths: KeelPaths) -> str:
+    """A key of the team's admin, as `keel access keys add --role admin` issues it."""
+    from keel.access.store import KeyStore, default_store_path
+
+    return KeyStore(default_store_path()).add("scenario-admin", ["admin"])
+
+
+def _workers_by_run(instance: dg.DagsterInstance) -> dict[str, set[str]]:
+    """Each run's Celery workers (names before the host), from its engine events."""
+    taken: dict[str, set[str]] = {}
+    for record in instance.get_run_records():
+        run_id = record.dagster_run.run_id
+        for event in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+            worker = event.dagster_event.engine_event_data.metadata.get("Celery worker")
+            if worker is not None:
+                taken.setdefault(run_id, set()).add(worker.value.split("@")[0])
+    return taken
+
+
+def test_the_closed_loop_on_the_team_profile_matches_the_local_profile(
+    tmp_path, monkeypatch, team_world, capsys
+):
+    from orchestration.profiles import resources_for
+
+    # The team profile: MLflow server, two workers on both queues, the daemon, the queue.
+    paths = team_world
+    monkeypatch.setenv("KEEL_API_KEY", _api_key(paths))
+    port = _free_port()
+    server = services.start_mlflow(paths, "127.0.0.1", port)
+    monkeypatch.setenv(services.MLFLOW_URL_ENV, server["url"])
+    workers = [
+        services.start_worker(paths, "default,gpu", f"scenario-{n}-{os.getpid()}") for n in (1, 2)
+    ]
+    services.wait_until_serving(server)
+    for entry in workers:
+        services.wait_until_ready(entry)
+    from keel import cli as keel_cli
+
+    keel_cli.prepare_dagster_home(paths, "team")
+    daemon = team_scenario.start_daemon(paths, services.team_environment(paths))
+    try:
+        with dg.DagsterInstance.get() as instance:
+            with team_scenario.QueuedRuns(instance) as queue:
+                team = run_scenario(
+                    SCENARIO, instance, resources_for("team"), echo=print, queue=queue
+                )
+            runs = instance.get_run_records()
+            taken = _workers_by_run(instance)
+            enqueued = {
+                record.dagster_run.run_id
+                for record in runs
+                if instance.all_logs(
+                    record.dagster_run.run_id, of_type=dg.DagsterEventType.RUN_DEQUEUED
+                )
+            }
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=60)
+
+    # The local profile on the same seed, in process, in its own data folder and instance.
+    with monkeypatch.context() as local_env:
+        local_env.setenv("KEEL_PROFILE", "local")
+        local_env.setenv("KEEL_HOME", str(KeelPaths(tmp_path / "local-home").ensure().home))
+        local_env.delenv("DAGSTER_HOME")
+        local_env.delenv("KEEL_API_KEY")
+        with dg.DagsterInstance.ephemeral() as instance:
+            local = run_scenario(SCENARIO, instance, resources_for("local"), echo=lambda _: None)
+
+    with capsys.disabled():
+        print(f"\nlocal: {local.to_json()}\nteam: {team.to_json()}")
+    # Every run went through the queue and the daemon; every step ran on a Celery worker, and
+    # the steps of one run ran in both workers.
+    assert runs and enqueued == {record.dagster_run.run_id for record in runs}
+    names = {entry["name"] for entry in workers}
+    assert set(taken) == enqueued
+    assert any(used == names for used in taken.values()), taken
+
+    # The same story on both profiles.
+    assert team.drift_by_day == local.drift_by_day
+    assert team.drifted_features == local.drifted_features
+    assert _retrainings(team) == _retrainings(local)
+    assert team.champions == local.champions
+    assert _audit_trail(team) == _audit_trail(local)
+    # ... and a meaningful one: the drift is flagged, a retraining registers a new champion.
+    drift_start = SCENARIO.monitored_days[SCENARIO.drift_day].isoformat()
+    assert any(v for day, v in local.drift_by_day.items() if day >= drift_start)
+    assert local.retraining_runs and local.retraining_runs[0]["run_key"].startswith("drift:")
