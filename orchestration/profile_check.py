@@ -1,6 +1,7 @@
 """Whether the production profile's settings describe one deployment whose parts agree.
 
-Every ``dg.EnvVar`` in ``production_resources()`` must be set, and the parts that exchange
+Every ``dg.EnvVar`` in ``production_resources()`` and every ``env:`` of the production Dagster
+instance (``orchestration/instance/production.yaml``) must be set, and the parts that exchange
 files or tables must point at the same places:
 
 - the marts dbt's export writes are the marts Feast's offline store reads;
@@ -23,7 +24,7 @@ from typing import Any
 import dagster as dg
 import yaml
 
-from keel.settings import FEATURE_REPO_DIR
+from keel.settings import DAGSTER_CONFIG_DIR, FEATURE_REPO_DIR
 
 # The resource fields that hold a location on the shared store.
 SHARED_LOCATIONS = (
@@ -37,7 +38,7 @@ OFFLINE_STORE = "keel.mirrors.feast_offline_duckdb.KeelDuckDBOfflineStore"
 POSTGRES_SCHEMES = ("postgresql://", "postgresql+psycopg://", "postgresql+psycopg2://")
 
 
-def _variables(resources: Mapping[str, Any]) -> dict[str, str]:
+def environment_variables(resources: Mapping[str, Any]) -> dict[str, str]:
     """Every environment variable the resources read, with the field that reads it."""
     found: dict[str, str] = {}
     for name, resource in resources.items():
@@ -48,6 +49,25 @@ def _variables(resources: Mapping[str, Any]) -> dict[str, str]:
                     found.setdefault(
                         item.env_var_name, f"{name}.{field}" + (f"[{key}]" if key else "")
                     )
+    return found
+
+
+def instance_variables(path=DAGSTER_CONFIG_DIR / "production.yaml") -> dict[str, str]:
+    """Every ``{env: NAME}`` of a Dagster instance file, with where the file uses it."""
+    found: dict[str, str] = {}
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            if set(node) == {"env"}:
+                found.setdefault(str(node["env"]), f"instance {where}")
+                return
+            for key, value in node.items():
+                walk(value, f"{where}.{key}" if where else str(key))
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{where}[{index}]")
+
+    walk(yaml.safe_load(path.read_text()), "")
     return found
 
 
@@ -74,7 +94,9 @@ def check_production(
     environ = os.environ if environ is None else environ
     problems = [
         f"{name} is not set (it configures {where})"
-        for name, where in sorted(_variables(resources).items())
+        for name, where in sorted(
+            {**instance_variables(), **environment_variables(resources)}.items()
+        )
         if not environ.get(name, "").strip()
     ]
 

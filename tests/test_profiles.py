@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
 from orchestration.profile_check import ProfileError, check_production, require_production
 from orchestration.profiles import production_resources
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 BUCKET = "s3://keel-prod/keel"
 SETTINGS = {
@@ -29,6 +33,14 @@ SETTINGS = {
     "KEEL_ALERT_WEBHOOK": "https://alerts.internal/hook",
     "KEEL_NATS_URL": "nats://nats.internal:4222",
     "KEEL_STREAM_STATE_DIR": "/var/lib/keel/stream",
+    # The Dagster instance: runs on Postgres, launched as Kubernetes jobs.
+    "DAGSTER_PG_HOST": "db.internal",
+    "DAGSTER_PG_USER": "dagster",
+    "DAGSTER_PG_PASSWORD": "secret",
+    "DAGSTER_PG_DB": "dagster",
+    "KEEL_IMAGE": "registry.internal/keel:0123abc",
+    "KEEL_K8S_NAMESPACE": "keel",
+    "KEEL_K8S_SERVICE_ACCOUNT": "keel-runs",
 }
 
 
@@ -38,7 +50,7 @@ def test_a_complete_consistent_setting_passes():
 
 
 def test_every_missing_variable_is_named_with_what_it_configures():
-    assert len(SETTINGS) == 19
+    assert len(SETTINGS) == 26
     for name in SETTINGS:
         environ = {key: value for key, value in SETTINGS.items() if key != name}
         problems = check_production(environ=environ)
@@ -112,3 +124,19 @@ def test_keel_profile_check_prints_the_problems_and_fails(monkeypatch):
     assert failed.exit_code == 1
     assert "KEEL_FEAST_REDIS is not set" in failed.output
     assert "different stores" in failed.output
+
+
+def test_the_deployment_example_names_every_variable_and_passes_the_check():
+    from orchestration.profile_check import environment_variables, instance_variables
+
+    example = REPO_ROOT / "deploy" / "keel.env.example"
+    settings = dict(
+        line.split("=", 1)
+        for line in example.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    read = {*environment_variables(production_resources()), *instance_variables()}
+    assert {name for name in settings if not name.startswith("AWS_")} == read
+    assert check_production(environ=settings) == []
+    helm = (REPO_ROOT / "deploy" / "helm" / "values.yaml").read_text()
+    assert "deploy/keel.env.example" in helm
