@@ -107,6 +107,8 @@ def publish(scratch: Path, target: Any) -> Any:
     store: one upload, which the store shows only once it is complete.
     """
     if is_local(target):
+        # A dataset's marts land in a folder of their own, new on a fresh data folder.
+        local_path(target).parent.mkdir(parents=True, exist_ok=True)
         replace_durably(Path(scratch), local_path(target))
         return target
     try:
