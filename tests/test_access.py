@@ -476,3 +476,59 @@ def test_an_edge_bundle_is_published_only_by_a_deployer_and_refusals_upload_noth
     attached = registry.audit_records()[-1]
     assert (attached.action, attached.actor) == ("attach_bundle", "dan")
     assert attached.details["identity"]["roles"] == ["deployer"]
+
+
+def test_the_registry_action_job_acts_as_its_process_and_takes_no_actor_in_config(
+    registry,  # noqa: F811
+    config,  # noqa: F811
+    keel_home,
+    store,
+    monkeypatch,
+):
+    import dagster as dg
+
+    from assets.registry import registry_action
+    from orchestration.resources import MlflowResource, ModelGovernance
+
+    keys = _people(store)
+    run_id = training_run(config, keel_home, "a", trained_by="tara")
+    registry.register(run_id, METRICS, GATES, store.check(keys["tara"]))
+    resources = {
+        "mlflow": MlflowResource(
+            tracking_uri=config.tracking_uri,
+            registry_uri=config.registry_uri,
+            artifact_location=str(keel_home.mlflow / "artifacts"),
+            lock_file=config.lock_file,
+        ),
+        "governance": ModelGovernance(),
+    }
+    instance = dg.DagsterInstance.ephemeral()
+
+    def approve(who: str, **extra: str):
+        monkeypatch.setenv("KEEL_API_KEY", keys[who])
+        settings = {"action": "approve", "version": "1", "reason": "review", **extra}
+        return registry_action.execute_in_process(
+            run_config={"ops": {"apply_registry_action": {"config": settings}}},
+            resources=resources,
+            instance=instance,
+            raise_on_error=False,
+        )
+
+    # A name in the run config is no longer taken: the config itself is refused.
+    with pytest.raises(dg.DagsterInvalidConfigError, match="actor"):
+        approve("alice", actor="alice")
+    refused = approve("dan")
+    assert not refused.success
+    denied = registry.audit_records()[-1]
+    assert (denied.action, denied.actor, denied.details["permission"]) == (
+        "denied",
+        "dan",
+        "approve",
+    )
+    approved = approve("alice")
+    assert approved.success
+    record = registry.audit_records()[-1]
+    assert (record.action, record.actor) == ("approve", "alice")
+    assert record.details["identity"]["method"].startswith("api_key:")
+    observation = instance.fetch_observations(dg.AssetKey("registered_model"), limit=1).records
+    assert observation[0].asset_observation.metadata["actor"].value == "alice"
