@@ -285,7 +285,7 @@ def challenger_evaluation(
     # registered_model reads the gates from the file only while it still has these bytes.
     metadata["evaluation_sha256"] = dg.MetadataValue.text(hashlib.sha256(summary).hexdigest())
     metadata["shadow_gate"] = dg.MetadataValue.text(shadow)
-    report_target.write_text(html_report(evaluation.summary, images))
+    atomic_write(report_target, html_report(evaluation.summary, images))
     context.log.info(
         f"challenger {picked['uri']} ({picked['chosen_because']}) against "
         f"{champion.uri if champion else 'no champion'}: "

@@ -38,7 +38,7 @@ def atomic_write(path: str | os.PathLike[str] | Any, data: bytes | str, mode: in
     payload = data.encode() if isinstance(data, str) else bytes(data)
     protocol = getattr(path, "protocol", "")
     if protocol not in LOCAL_PROTOCOLS:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # No folders to create: an object store's "mkdir" would create a misspelt bucket.
         path.write_bytes(payload)
         return path
     target = Path(getattr(path, "path", path))

@@ -520,3 +520,15 @@ def test_the_lake_keeps_its_data_on_s3_beside_the_landing_files_and_marts(
         assert export_table(connection, ACCOUNTS_EXPORT, warehouse.marts_dir) == count
     with location(warehouse.marts_dir, ACCOUNTS_EXPORT.target).open("rb") as handle:
         assert sorted(pd.read_parquet(handle)["account_id"]) == list(range(count))
+
+
+def test_a_missing_bucket_is_an_error_not_a_new_bucket(bucket):
+    import boto3
+
+    from keel.files import atomic_write
+
+    missing = f"keel-d-missing-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(FileNotFoundError):
+        atomic_write(location(f"s3://{missing}/keel/report.json"), "{}")
+    names = [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]]
+    assert missing not in names
