@@ -42,14 +42,15 @@ def new(name: str, source: Path) -> None:
 @dataset.command("list")
 def list_datasets() -> None:
     """Every dataset folder, checked: its entity, label, feature service and model."""
-    from keel.datasets.spec import SpecError, discover
+    from keel.datasets.spec import SpecError, all_datasets
 
     try:
-        specs = discover()
+        specs = all_datasets()
     except SpecError as error:
         raise click.ClickException(str(error)) from error
     for spec in specs:
+        loop = f"  ({spec.loop} loop)" if spec.loop else ""
         click.echo(
             f"{spec.name:<20} {spec.entity_key:<16} {spec.label.column:<14} "
-            f"{spec.feature_service:<22} {spec.registered_model}"
+            f"{spec.feature_service:<22} {spec.registered_model}{loop}"
         )
