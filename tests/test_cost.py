@@ -256,6 +256,13 @@ def trained_model(context) -> dg.MaterializeResult:
     )
 
 
+@dg.asset(config_schema={"run_ids": dict})
+def trained_families(context) -> dg.MaterializeResult:
+    """A dataset folder's model step: one MLflow run per family, as ``run_ids``."""
+    _burn(1)
+    return dg.MaterializeResult(metadata={"run_ids": context.op_config["run_ids"]})
+
+
 def test_a_model_version_costs_the_runs_of_its_lineage_and_keel_cost_shows_it(
     keel_home, monkeypatch
 ):
@@ -274,6 +281,10 @@ def test_a_model_version_costs_the_runs_of_its_lineage_and_keel_cost_shows_it(
     client.create_registered_model(config.model_name)
     for run_id in runs:
         client.create_model_version(config.model_name, f"runs:/{run_id}/model", run_id=run_id)
+    # A dataset folder's own model, trained in a step that logs one run per family.
+    lightgbm, torch = (client.create_run(experiment).info.run_id for _ in range(2))
+    client.create_registered_model("cards-risk")
+    client.create_model_version("cards-risk", f"runs:/{torch}/model", run_id=torch)
     mlflow.set_tracking_uri(None)
 
     def train(instance, run_id: str, resumed: int, tags: dict | None = None):
@@ -293,6 +304,17 @@ def test_a_model_version_costs_the_runs_of_its_lineage_and_keel_cost_shows_it(
         # A retry of the first run (same root) resumed at epoch 6 and logged version 1's run.
         retry = train(instance, runs[0], 6, {"dagster/root_run_id": first.run_id})
         other = train(instance, runs[1], 0)
+        families = dg.materialize(
+            [trained_families],
+            instance=instance,
+            run_config={
+                "ops": {
+                    "trained_families": {
+                        "config": {"run_ids": {"lightgbm": lightgbm, "torch": torch}}
+                    }
+                }
+            },
+        )
         # The sensor puts each version's lineage cost on the version itself.
         cost_observations(_sensor_context(instance, keel_home))
     store = CostStore()
@@ -303,6 +325,10 @@ def test_a_model_version_costs_the_runs_of_its_lineage_and_keel_cost_shows_it(
     assert tags["keel.cost_currency"] == "USD"
     assert rows[retry.run_id]["saved"] == pytest.approx(rows[retry.run_id]["cost"] * 6 / 4)
     assert rows[other.run_id]["saved"] == 0.0
+    folder_step = rows.pop(families.run_id)
+    assert folder_step["mlflow_run_id"] == f"{lightgbm},{torch}"
+    folder_tags = client.get_model_version("cards-risk", "1").tags
+    assert float(folder_tags["keel.cost"]) == pytest.approx(folder_step["cost"], rel=1e-5)
     models = store.by_model({"v1": [runs[0]], "v2": [runs[1]], "v3": ["never-trained"]})
     assert models["v1"].steps == 2
     assert models["v1"].cost == pytest.approx(
@@ -316,9 +342,11 @@ def test_a_model_version_costs_the_runs_of_its_lineage_and_keel_cost_shows_it(
     assert shown.exit_code == 0, shown.output
     totals = json.loads(shown.output)
     assert totals["model"][f"{config.model_name} v1"]["cost"] == pytest.approx(models["v1"].cost)
+    # Every registered model's versions, a dataset folder's too.
+    assert totals["model"]["cards-risk v1"]["cost"] == pytest.approx(folder_step["cost"])
     assert totals["asset"]["trained_model"]["steps"] == 3
     assert sum(day["cost"] for day in totals["day"].values()) == pytest.approx(
-        sum(row["cost"] for row in rows.values())
+        sum(row["cost"] for row in rows.values()) + folder_step["cost"]
     )
     text = CliRunner().invoke(keel_cli.cli, ["cost", "--by", "run"])
     assert text.exit_code == 0 and first.run_id[:36] in text.output and "per run" in text.output

@@ -8,7 +8,10 @@ import click
 
 
 def _model_versions() -> dict[str, list[str]]:
-    """Each registered version of the model ("<name> v<n>") -> its MLflow training run."""
+    """Each version of every registered model ("<name> v<n>") -> its MLflow training run.
+
+    The project's model and each dataset folder's are registered models of the same store.
+    """
     import os
 
     from mlflow import MlflowClient
@@ -17,12 +20,11 @@ def _model_versions() -> dict[str, list[str]]:
 
     tracking = os.environ.get("MLFLOW_TRACKING_URI") or RegistryConfig.local().tracking_uri
     registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
-    name = RegistryConfig.local().model_name
     client = MlflowClient(tracking_uri=tracking, registry_uri=registry)
-    versions = client.search_model_versions(f"name = '{name}'")
+    versions = client.search_model_versions()
     return {
-        f"{name} v{v.version}": [v.run_id]
-        for v in sorted(versions, key=lambda v: int(v.version))
+        f"{v.name} v{v.version}": [v.run_id]
+        for v in sorted(versions, key=lambda v: (v.name, int(v.version)))
         if v.run_id
     }
 

@@ -43,7 +43,8 @@ class _Step:
         self.training: dict[str, Any] = {}
 
 
-_TRAINING_KEYS = ("run_id", "resumed_from_epoch", "epochs_run", "mean_epoch_seconds")
+# ``run_ids`` (family -> MLflow run) is what a step training several families records.
+_TRAINING_KEYS = ("run_id", "run_ids", "resumed_from_epoch", "epochs_run", "mean_epoch_seconds")
 _ENDS = {"STEP_SUCCESS": "success", "STEP_FAILURE": "failure"}
 # Steps under way in this process; module-wide, as Dagster may build a handler per log manager.
 _STEPS: dict[tuple[str, str], _Step] = {}
@@ -113,10 +114,19 @@ class StepCostHandler(logging.Handler):
                 **{f"cost_{part}": money[part] for part in ("cpu", "memory", "gpu", "written")},
                 "cost": money["total"],
                 "currency": prices.currency,
-                "mlflow_run_id": training.get("run_id"),
+                "mlflow_run_id": mlflow_runs(training),
                 "saved": saved,
             }
         )
+
+
+def mlflow_runs(training: dict[str, Any]) -> str | None:
+    """The MLflow runs a step logged (``run_id``, and the values of ``run_ids``), comma-joined."""
+    runs = [str(training["run_id"])] if training.get("run_id") else []
+    named = training.get("run_ids")
+    if isinstance(named, dict):
+        runs += [str(run) for run in named.values() if run and str(run) not in runs]
+    return ",".join(runs) or None
 
 
 def observation(row: dict[str, Any], asset: str) -> dg.AssetObservation:
@@ -150,8 +160,10 @@ def tag_model_versions(
 
     Returns "<model> v<version>" -> cost for every version tagged.
     """
+    from keel.cost.store import run_ids_of
+
     rows = store.rows()
-    run_ids = {r["mlflow_run_id"] for r in rows if r["root_run_id"] in roots and r["mlflow_run_id"]}
+    run_ids = {run for r in rows if r["root_run_id"] in roots for run in run_ids_of(r)}
     if not run_ids:
         return {}
     from contextlib import nullcontext
@@ -165,7 +177,7 @@ def tag_model_versions(
     with FileLock(lock_file) if lock_file else nullcontext():
         for run_id in sorted(run_ids):
             total = store.by_model({run_id: [run_id]})[run_id]
-            currency = next(r["currency"] for r in rows if r["mlflow_run_id"] == run_id)
+            currency = next(r["currency"] for r in rows if run_id in run_ids_of(r))
             values = (f"{total.cost:.6g}", currency, f"{total.cpu_s:.1f}", f"{total.gpu_s:.1f}")
             for version in client.search_model_versions(f"run_id = '{run_id}'"):
                 for key, value in zip(VERSION_TAGS, values, strict=True):

@@ -187,8 +187,8 @@ class CostStore:
         rows = self.rows(since)
         roots_of: dict[str, set[str]] = defaultdict(set)
         for row in rows:
-            if row["mlflow_run_id"]:
-                roots_of[row["mlflow_run_id"]].add(row["root_run_id"])
+            for run_id in run_ids_of(row):
+                roots_of[run_id].add(row["root_run_id"])
         totals = {}
         for label, run_ids in versions.items():
             roots = set().union(*(roots_of.get(run_id, set()) for run_id in run_ids))
@@ -198,6 +198,11 @@ class CostStore:
                     total.add(row)
             totals[label] = total
         return totals
+
+
+def run_ids_of(row: Mapping[str, Any]) -> list[str]:
+    """The MLflow runs a step logged (a step training several families logs one each)."""
+    return [run for run in (row.get("mlflow_run_id") or "").split(",") if run]
 
 
 def _group(rows: list[dict[str, Any]], keys) -> dict[str, Total]:
