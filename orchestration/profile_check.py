@@ -131,6 +131,13 @@ def check_production(
         listed = "; ".join(f"{store}: {', '.join(parts)}" for store, parts in stores.items())
         problems.append(f"the shared locations are on different stores ({listed})")
 
+    generated = _value(resources["sources"], "generated_dir", environ)
+    if generated and store_of(generated) != "local":
+        problems.append(
+            f"sources.generated_dir={generated}: the generator writes its extracts to a folder "
+            "of the machine that runs ingestion"
+        )
+
     for label, value in (
         ("warehouse.catalog", _value(warehouse, "catalog", environ)),
         (

@@ -101,9 +101,11 @@ def test_local_services_are_refused_where_every_machine_must_share_them():
         "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
         "KEEL_LAKE_CATALOG": "/tmp/catalog.duckdb",
         "KEEL_REGISTRY_AUDIT_URI": "sqlite:///audit.db",
+        "KEEL_GENERATED_DIR": f"{BUCKET}/generated",
     }
     problems = check_production(environ=environ)
-    assert len(problems) == 3
+    assert len(problems) == 4
+    assert any(p.startswith(f"sources.generated_dir={BUCKET}/generated") for p in problems)
     assert any(p.startswith("warehouse.catalog=/tmp/catalog.duckdb") for p in problems)
     assert any(p.startswith("governance.audit_uri=sqlite:///audit.db") for p in problems)
     assert any(p.startswith("mlflow.tracking_uri=sqlite:///mlflow.db") for p in problems)
