@@ -81,6 +81,16 @@ def _log_family(
     return run.info.run_id
 
 
+def _trainer() -> str:
+    from keel.access import AccessError
+    from keel.access.store import acting_name
+
+    try:
+        return acting_name()
+    except AccessError as error:
+        raise dg.Failure(f"no identity to train as: {error}") from error
+
+
 def dataset_model(spec: DatasetSpec) -> dg.AssetsDefinition:
     """Every family of the dataset, each its own MLflow run, judged alike; the champion chosen."""
     families = ", ".join(spec.families)
@@ -115,7 +125,8 @@ def dataset_model(spec: DatasetSpec) -> dg.AssetsDefinition:
             training_set_path=pointer["path"],
             dagster_data_version=pointer["dataset_version"],
             feature_service=spec.feature_service,
-            trained_by="dagster",
+            # The step's identity, as every trainer's (four-eyes compares it with approvers').
+            trained_by=_trainer(),
             code=code_version(commit=mlflow.code_commit),
             dbt=dbt_lineage(dbt_project.manifest_path, (spec.features_model, spec.labels_model)),
         )
@@ -275,21 +286,23 @@ def dataset_registered_model(spec: DatasetSpec, model: dg.AssetsDefinition) -> d
     def _registered(
         artefacts: ArtefactStore, mlflow: MlflowResource, governance: ModelGovernance
     ) -> dg.MaterializeResult:
+        from assets.registry import step_identity
+
         record = json.loads(_judgement_path(artefacts, spec).read_text())
         try:
             candidate = registration(record)
         except ValueError as error:
             raise dg.Failure(f"{spec.name}: {error}") from error
         chosen = record["champion"]
-        registry = governance.registry(mlflow, model_name=spec.registered_model)
-        version = registry.register(
-            candidate["run_id"],
-            metrics=candidate["metrics"],
-            gates=candidate["gates"],
-            actor="dagster",
-            reason=f"{spec.name}: {chosen}, the best family past every gate of its policy",
-            extra_tags=candidate["extra_tags"],
-        )
+        with governance.registry(mlflow, model_name=spec.registered_model) as registry:
+            version = registry.register(
+                candidate["run_id"],
+                metrics=candidate["metrics"],
+                gates=candidate["gates"],
+                actor=step_identity(),
+                reason=f"{spec.name}: {chosen}, the best family past every gate of its policy",
+                extra_tags=candidate["extra_tags"],
+            )
         registered = {
             **record["families"][chosen],
             "training_set": record["training_set"],
