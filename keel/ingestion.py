@@ -15,6 +15,7 @@ from pathlib import Path
 import duckdb
 
 from keel.datasets.spec import DatasetSpec, discover
+from keel.lake import create_partitioned, in_transaction
 from keel.sql import quote_identifier, quote_literal
 
 RAW_SCHEMA = "raw"
@@ -113,17 +114,24 @@ def _create_schemas(connection: duckdb.DuckDBPyConnection) -> None:
         connection.execute(f"create schema if not exists {schema}")
     for table in raw_tables():
         payload = ", ".join(f"{quote_identifier(c)} varchar" for c in table.columns)
-        connection.execute(
+        # In the team lake, one partition per file (see keel.lake.create_partitioned).
+        create_partitioned(
+            connection,
+            table.qualified,
             f"""create table if not exists {table.qualified} (
                 _partition varchar not null, _row_number bigint not null,
                 _source_file varchar, _loaded_at timestamptz not null,
-                {payload}, _extra varchar)"""
+                {payload}, _extra varchar)""",
+            "_partition",
         )
-        connection.execute(
+        create_partitioned(
+            connection,
+            table.quarantine,
             f"""create table if not exists {table.quarantine} as
                 select *, ''::varchar as reason_code, ''::varchar as reasons,
                        now() as quarantined_at
-                from {table.qualified} where false"""
+                from {table.qualified} where false""",
+            "_partition",
         )
     connection.execute(
         f"""create table if not exists {VERDICTS_TABLE} (
@@ -224,8 +232,8 @@ def load_partition(
     extra = [c for c in source_columns if rename.get(c, c) not in table.columns]
     packed = ", ".join(f"{quote_identifier(c)} := {_as_text(c)}" for c in extra)
     extra_sql = f"to_json(struct_pack({packed}))::varchar" if extra else "null::varchar"
-    connection.execute("begin transaction")
-    try:
+
+    def replace() -> int:
         _delete_partition(connection, table, partition)
         connection.execute(
             f"""insert into {table.qualified}
@@ -234,14 +242,11 @@ def load_partition(
                 from {relation} order by __row""",
             [partition, str(source)],
         )
-        rows = connection.execute(
+        return connection.execute(
             f"select count(*) from {table.qualified} where _partition = ?", [partition]
         ).fetchone()[0]
-        connection.execute("commit")
-    except Exception:
-        connection.execute("rollback")
-        raise
-    return int(rows)
+
+    return int(in_transaction(connection, replace))
 
 
 def load_partitions(
@@ -286,8 +291,8 @@ def _load_parquet_group(connection, table: RawTable, columns, files: dict[str, P
     ]
     connection.execute("create or replace temp table __files (name varchar, part varchar)")
     connection.executemany("insert into __files values (?, ?)", list(names.items()))
-    connection.execute("begin transaction")
-    try:
+
+    def replace() -> dict:
         for partition in files:
             _delete_partition(connection, table, partition)
         connection.execute(
@@ -298,16 +303,15 @@ def _load_parquet_group(connection, table: RawTable, columns, files: dict[str, P
                 from read_parquet([{listed}], file_row_number = true, filename = true) s
                 join __files f on f.name = s.filename"""
         )
-        counts = dict(
+        return dict(
             connection.execute(
                 f"""select _partition, count(*) from {table.qualified}
                     where _partition in (select part from __files) group by 1"""
             ).fetchall()
         )
-        connection.execute("commit")
-    except Exception:
-        connection.execute("rollback")
-        raise
+
+    try:
+        counts = in_transaction(connection, replace)
     finally:
         connection.execute("drop table if exists __files")
     return {partition: int(counts.get(partition, 0)) for partition in files}

@@ -16,18 +16,23 @@ extension is ever downloaded.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import random
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from keel.sql import quote_literal
 
 if TYPE_CHECKING:
     import duckdb
+
+T = TypeVar("T")
 
 # The name the lake is attached under; it becomes the connection's default catalog.
 LAKE_ALIAS = "lake"
@@ -38,6 +43,9 @@ DEFAULT_CATALOG = "postgresql://postgres@127.0.0.1:5432/keel_lake"
 REMOTE_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "r2://", "http://", "https://")
 # A commit that lost the race to another worker's is retried by DuckLake this many times.
 MAX_COMMIT_RETRIES = 50
+# A transaction DuckLake refused for a real conflict is run again this many times in all.
+CONFLICT = "Transaction conflict"
+CONFLICT_ATTEMPTS = 10
 # The advisory lock that serialises the creation of a new catalog ("keel lake" in ASCII).
 CATALOG_LOCK_KEY = 0x6B65656C6C616B65
 POSTGRES_HINT = (
@@ -89,6 +97,73 @@ def data_location(data_path: str) -> str:
 def needed_extensions(data_path: str) -> tuple[str, ...]:
     """The extensions a lake on ``data_path`` needs, in load order."""
     return ("postgres", "ducklake", *(("httpfs",) if is_remote(data_path) else ()))
+
+
+def in_lake(connection: duckdb.DuckDBPyConnection) -> bool:
+    """Whether ``connection``'s default catalog is a DuckLake."""
+    kind = connection.execute(
+        "select type from duckdb_databases() where database_name = current_database()"
+    ).fetchone()
+    return bool(kind) and kind[0] == "ducklake"
+
+
+def in_transaction(connection: duckdb.DuckDBPyConnection, write: Callable[[], T]) -> T:
+    """Run ``write`` in one transaction, whole or not at all, again if its commit conflicted.
+
+    A single writer of a DuckDB file never conflicts. In a lake, DuckLake refuses to commit a
+    transaction that deleted from a table another worker's commit changed meanwhile (even in
+    other partitions); the transaction is then rolled back and ``write`` runs again on the
+    lake's latest snapshot. ``write`` must therefore replace what it writes (delete, then
+    insert), never append.
+    """
+    import duckdb
+
+    for attempt in range(CONFLICT_ATTEMPTS):
+        connection.execute("begin transaction")
+        try:
+            result = write()
+        except BaseException:
+            connection.execute("rollback")
+            raise
+        try:
+            connection.execute("commit")  # a failed commit has rolled back already
+            return result
+        except duckdb.TransactionException as error:
+            if CONFLICT not in str(error) or attempt == CONFLICT_ATTEMPTS - 1:
+                raise
+            logging.getLogger(__name__).info("commit conflicted, writing again: %s", error)
+        time.sleep(min(5.0, random.uniform(0.05, 0.2) * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def create_partitioned(
+    connection: duckdb.DuckDBPyConnection, table: str, create_sql: str, column: str
+) -> None:
+    """Run ``create_sql`` (a ``create table if not exists``), partitioned by ``column`` in a lake.
+
+    A table created in a lake keeps each value of ``column`` in files of its own.
+    DuckLake refuses to commit two transactions that delete from the same file, so workers
+    replacing different partitions at once must never share one. The table is created and
+    partitioned in one transaction; a table that exists already is left as it is.
+    """
+    schema, _, name = table.rpartition(".")
+    exists = connection.execute(
+        """select count(*) from information_schema.tables where table_catalog = current_database()
+           and table_schema = ? and table_name = ?""",
+        [schema or "main", name],
+    ).fetchone()[0]
+    if exists or not in_lake(connection):
+        connection.execute(create_sql)
+        return
+    connection.execute("begin transaction")
+    try:
+        connection.execute(create_sql)
+        connection.execute(f"alter table {table} set partitioned by ({column})")
+    except BaseException:
+        connection.execute("rollback")
+        raise
+    # A failed commit (another worker created the table first) ends the transaction itself.
+    connection.execute("commit")
 
 
 def extension_file(name: str) -> Path:
@@ -162,9 +237,11 @@ def ensure_catalog_database(catalog: str) -> None:
         maintenance.autocommit = True
         with maintenance.cursor() as cursor:
             cursor.execute(f'create database "{params["dbname"]}"')
-    except psycopg2.errors.DuplicateDatabase:
-        pass  # another worker created it first
     except psycopg2.Error as error:
+        # Another worker creating it at the same moment fails us with DuplicateDatabase or a
+        # unique violation: the database is there, which is all we want.
+        if isinstance(error, (psycopg2.errors.DuplicateDatabase, psycopg2.errors.UniqueViolation)):
+            return
         raise LakeError(
             f"cannot create the lake catalog database {params['dbname']!r} at {where}: "
             f"{str(error).strip()}"

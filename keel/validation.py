@@ -35,6 +35,7 @@ from keel.ingestion import (
     dataset_table,
     ensure_schemas,
 )
+from keel.lake import in_transaction
 from keel.schema import CHANNELS, PRODUCTS, REGIONS, SEXES
 
 # When a row breaks several rules, the first of these names its reason code.
@@ -494,8 +495,8 @@ def _record(connection, suite, batch, sizes, reasons, failed, max_bad_share) -> 
             )
         )
     connection.register("flagged_rows", flagged)
-    connection.execute("begin transaction")
-    try:
+
+    def record() -> None:
         connection.execute(
             f"delete from {table.quarantine} where _partition in (select unnest(?::varchar[]))",
             [batch],
@@ -528,10 +529,9 @@ def _record(connection, suite, batch, sizes, reasons, failed, max_bad_share) -> 
                 for v in verdicts
             ],
         )
-        connection.execute("commit")
-    except Exception:
-        connection.execute("rollback")
-        raise
+
+    try:
+        in_transaction(connection, record)  # whole or not at all; again after a lake conflict
     finally:
         connection.unregister("flagged_rows")
     return verdicts
