@@ -251,3 +251,20 @@ def test_redelivered_and_malformed_events_change_nothing_and_training_sees_the_o
     assert now["transactions_1h"][0] == expected["transactions_1h"].iloc[0] + 1
     assert now["spend_1h"][0] == pytest.approx(expected["spend_1h"].iloc[0] + 1.23)
     assert now["transactions_today"][0] == expected["transactions_today"].iloc[0] + 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.KEEL_EVENTS.keel-stream.1.4711.12.1767571200000000000.3",
+        # The newer form, with a domain and an account hash, goes through nats-py.
+        "$JS.ACK.hub.ACCHASH.KEEL_EVENTS.keel-stream.2.4711.13.1767571200000000000.0.rnd",
+    ],
+)
+def test_the_stream_sequence_is_the_one_nats_reads_from_the_reply(reply):
+    from nats.aio.msg import Msg
+
+    from keel.streaming.consumer import stream_sequence
+
+    msg = Msg(None, subject="keel.events.account", reply=reply, data=b"{}")
+    assert stream_sequence(msg) == msg.metadata.sequence.stream == 4711

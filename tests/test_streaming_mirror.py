@@ -118,3 +118,56 @@ def test_numeric_rows_refuse_a_store_they_do_not_mirror(tmp_path):
             "account_id",
             KINDS,
         )
+
+
+def test_numeric_rows_in_whole_chunks_and_a_rest_write_what_the_store_writes(tmp_path):
+    """Over a chunk of rows per statement, a key twice in one write, money given as ints."""
+    import numpy as np
+    from feast.infra.online_stores.helpers import get_online_store_from_config
+
+    from keel.mirrors.feast_sqlite_numeric_write import CHUNK_ROWS, NumericRowWriter
+
+    rng = np.random.default_rng(7)
+    day = 1_767_571_200_000_000
+    accounts = rng.choice(10_000, size=CHUNK_ROWS + 37, replace=False).tolist()
+    writes = []
+    for round_ in range(3):
+        rows = [
+            (
+                int(a),
+                day + int(rng.integers(0, 3)),  # newer, the same or older than the last write
+                float(rng.integers(0, 10**6)) / 100.0,
+                int(rng.integers(0, 50)),
+                int(rng.integers(0, 10**6)),  # a whole amount given as an int
+                int(rng.integers(0, 50)),
+            )
+            for a in accounts
+        ]
+        # The first account again at the end of the write, one microsecond newer.
+        rows.append((rows[0][0], rows[0][1] + 1, 1.25, 1, 2.5, 2))
+        writes.append((rows, datetime(2026, 1, 5, 1, 2, round_, tzinfo=UTC)))
+
+    by_protos, by_numbers = _store(tmp_path / "protos"), _store(tmp_path / "numbers")
+    online = get_online_store_from_config(by_protos.config.online_store)
+    view = by_protos.get_feature_view(FEATURE_VIEW)
+    writer = NumericRowWriter(
+        get_online_store_from_config(by_numbers.config.online_store),
+        by_numbers.config,
+        by_numbers.get_feature_view(FEATURE_VIEW),
+        "account_id",
+        KINDS,
+    )
+    for rows, at in writes:
+        floats = [(a, t, float(h), hn, float(d), dn) for a, t, h, hn, d, dn in rows]
+        online.online_write_batch(by_protos.config, view, _proto_rows(floats, at), None)
+        writer.write(rows, at)
+
+    assert _tables(by_numbers) == _tables(by_protos)
+    refs = [f"{FEATURE_VIEW}:{name}" for name in FEATURES]
+    entity_rows = [{"account_id": a} for a in accounts]
+    read = [
+        s.get_online_features(features=refs, entity_rows=entity_rows).to_dict()
+        for s in (by_protos, by_numbers)
+    ]
+    assert read[0] == read[1]
+    assert read[1]["spend_1h"][0] == 1.25

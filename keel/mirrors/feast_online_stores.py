@@ -92,14 +92,16 @@ def entity_json(values: dict[str, ValueProto]) -> str | None:
         return None
 
 
-def newest_wins_upserts(table_id: str) -> tuple[str, str]:
-    """The store's two upserts: a feature row, then its entity row, each only when newer.
+def newest_wins_upserts(table_id: str, rows: int = 1) -> tuple[str, str]:
+    """The store's two upserts: feature rows, then entity rows, each only when newer.
 
+    Each statement takes ``rows`` rows (in order, as that many one-row statements would).
     Rows written before event_us existed compare by Feast's whole-second event_ts.
     """
     feature_upsert = (
         f"INSERT INTO {_quote_id(table_id)} (entity_key, feature_name, value, value_text, "
-        "event_ts, created_ts, event_us, created_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+        "event_ts, created_ts, event_us, created_us) VALUES "
+        f"{', '.join(['(?, ?, ?, ?, ?, ?, ?, ?)'] * rows)} "
         "ON CONFLICT(entity_key, feature_name) DO UPDATE SET value = excluded.value, "
         "value_text = excluded.value_text, event_ts = excluded.event_ts, "
         "created_ts = excluded.created_ts, event_us = excluded.event_us, "
@@ -109,7 +111,8 @@ def newest_wins_upserts(table_id: str) -> tuple[str, str]:
     )
     entity_upsert = (
         f"INSERT INTO {_quote_id(entity_table(table_id))} (entity_key, event_us, created_us, "
-        "features) VALUES (?, ?, ?, ?) ON CONFLICT(entity_key) DO UPDATE SET "
+        f"features) VALUES {', '.join(['(?, ?, ?, ?)'] * rows)} "
+        "ON CONFLICT(entity_key) DO UPDATE SET "
         "event_us = excluded.event_us, created_us = excluded.created_us, "
         "features = excluded.features "
         "WHERE (excluded.event_us, excluded.created_us) > (event_us, created_us)"

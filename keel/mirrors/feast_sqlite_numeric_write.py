@@ -36,6 +36,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # A stored double is its Value proto: the double_val field's tag, then 8 little-endian bytes.
 _DOUBLE_TAG = b"\x29"
 _DOUBLE = struct.Struct("<d")
+# Rows per upsert statement: one statement runs its rows in SQLite without returning to Python.
+CHUNK_ROWS = 128
+# The page cache of the store's connection, in KiB.
+CACHE_KIB = 64 * 1024
 
 
 class NumericRowWriter:
@@ -62,6 +66,9 @@ class NumericRowWriter:
         if ValueProto(double_val=-1.5).SerializeToString() != _DOUBLE_TAG + _DOUBLE.pack(-1.5):
             raise RuntimeError("Feast's Value proto changed; update the numeric writer's tag.")
         self.connection = store._get_conn(config)
+        # Batches touch most pages of a view's tables: keep them in memory between batches
+        # (SQLite's default is 2 MiB), instead of reading them back from the file each time.
+        self.connection.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         self.join_key = join_key
         self.features = list(features.items())
         self.names = [name for name, _ in self.features]
@@ -76,8 +83,10 @@ class NumericRowWriter:
         table_id = _table_id(
             config.project, view, config.registry.enable_online_feature_view_versioning
         )
-        # The statements of KeelSqliteOnlineStore.online_write_batch itself.
+        # The statements of KeelSqliteOnlineStore.online_write_batch itself, for one row and
+        # for CHUNK_ROWS rows.
         self.upsert, self.upsert_entity = newest_wins_upserts(table_id)
+        self.upsert_chunk, self.upsert_entity_chunk = newest_wins_upserts(table_id, CHUNK_ROWS)
 
     def key(self, entity: int) -> bytes:
         """Feast's serialised entity key of one int64 join key value."""
@@ -110,7 +119,7 @@ class NumericRowWriter:
         names, doubles, pack, int_value = self.names, self.doubles, _DOUBLE.pack, self.int_value
         template = self.entity_json
         feature_rows, entities = [], []
-        append, add_entity = feature_rows.append, entities.append
+        add_row, add_entity = feature_rows.extend, entities.extend
         for entity, event_us, *values in rows:
             key = self.key(entity)
             event_s = adapt_datetime_epoch(_NAIVE_EPOCH + timedelta(microseconds=event_us))
@@ -119,12 +128,21 @@ class NumericRowWriter:
             ]
             for name, double, value in zip(names, doubles, values, strict=True):
                 raw = _DOUBLE_TAG + pack(value) if double else int_value(value)
-                append((key, name, raw, str(value), event_s, created_s, event_us, created_us))
+                add_row((key, name, raw, str(value), event_s, created_s, event_us, created_us))
             if all(math.isfinite(v) for v in values):
                 features = template % tuple(values)
             else:
                 features = json.dumps(dict(zip(names, values, strict=True)), separators=(",", ":"))
             add_entity((key, event_us, created_us, features))
         with self.connection:
-            self.connection.executemany(self.upsert, feature_rows)
-            self.connection.executemany(self.upsert_entity, entities)
+            self._upsert(feature_rows, 8, self.upsert_chunk, self.upsert)
+            self._upsert(entities, 4, self.upsert_entity_chunk, self.upsert_entity)
+
+    def _upsert(self, flat: list, width: int, chunk_statement: str, row_statement: str) -> None:
+        """Upsert rows given flat (``width`` values each): whole chunks, then the rest by row."""
+        step = CHUNK_ROWS * width
+        whole = len(flat) - len(flat) % step
+        for start in range(0, whole, step):
+            self.connection.execute(chunk_statement, flat[start : start + step])
+        rest = iter(flat[whole:])
+        self.connection.executemany(row_statement, zip(*[rest] * width, strict=True))

@@ -104,7 +104,7 @@ def encode(event_id: str, account_id: int, event_us: int, cents: int) -> bytes:
 def decode(body: bytes) -> dict:
     """An event message's fields, checked; raises ``EventError`` with the reason otherwise."""
     try:
-        event = json.loads(body)
+        event = json.loads(body.decode())  # text: json.loads would detect the encoding first
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise EventError(f"not JSON: {error}") from None
     if not isinstance(event, dict):
