@@ -2,8 +2,8 @@
 
 Feast is imported inside the functions that need it: loading Dagster definitions must stay fast.
 The objects themselves live in ``feature_repo/definitions.py``; which stores back them is the
-profile's ``feature_store.yaml`` (local: DuckDB, SQLite, file registry; production: BigQuery,
-Redis, SQL registry on Postgres).
+profile's ``feature_store.yaml`` (local: DuckDB, SQLite, file registry; team and production:
+DuckDB over the marts, Redis, SQL registry on Postgres).
 """
 
 from __future__ import annotations
