@@ -5,8 +5,9 @@ it the default catalog, so code written for the DuckDB file (``raw.account_activ
 unchanged. The catalog (a Postgres database) holds the tables' schemas, snapshots and file
 lists; the data path (a folder every machine mounts, or ``s3://bucket/prefix``) holds the
 Parquet files. DuckLake commits each transaction as one snapshot, so a partition replaced in
-one transaction is seen whole or not at all, and writers of different partitions of the same
-table commit side by side (a lost commit race is retried by DuckLake itself).
+one transaction is seen whole or not at all. Writers of different partitions of one table
+commit side by side: DuckLake retries a commit that merely lost the race, and
+``in_transaction`` runs again a replacement that DuckLake refused as a conflict.
 
 The DuckDB extensions come from the ``duckdb-extension-*`` packages installed with Keel: each
 package carries the extension file, which is installed into a folder of ours and loaded; no

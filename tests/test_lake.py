@@ -25,7 +25,7 @@ from assets.ingestion import INGESTION_CHECKS, raw_account_activity
 from keel import schema
 from keel.generator import generate_day
 from keel.ingestion import ACCOUNT_ACTIVITY, load_partition, load_partitions
-from keel.lake import LakeError, ensure_catalog_database, extension_file
+from keel.lake import LakeError, ensure_catalog_database, extension_file, in_transaction
 from keel.settings import KeelPaths
 from orchestration.resources import SourcesResource, WarehouseResource
 
@@ -171,6 +171,39 @@ def test_a_failure_mid_write_leaves_the_old_partition_whole(lake, tmp_path):
             "select distinct _source_file from raw.account_activity"
         ).fetchall()
     assert sources == [(str(good),)]
+
+
+def test_a_replacement_refused_as_a_conflict_runs_again(lake, tmp_path):
+    """Another worker replaces its day while ours is uncommitted: DuckLake refuses our commit
+    (both deleted from one table), and in_transaction writes our day again on the new snapshot."""
+    sources = {}
+    for day, count in ((DAYS[0], 40), (DAYS[1], 30)):
+        sources[day] = tmp_path / f"{day}.csv"
+        sources[day].write_text(
+            "account_id,activity_date\n" + "".join(f"{i},{day}\n" for i in range(count))
+        )
+    with lake.connect() as connection:
+        for day, source in sources.items():
+            load_partition(connection, ACCOUNT_ACTIVITY, day, source)
+    attempts = []
+
+    def replace_ours() -> None:
+        attempts.append(1)
+        connection.execute("delete from raw.account_activity where _partition = ?", [DAYS[0]])
+        connection.execute(
+            """insert into raw.account_activity (_partition, _row_number, _loaded_at, account_id)
+               select ?, i, now(), i::varchar from range(25) t(i)""",
+            [DAYS[0]],
+        )
+        if len(attempts) == 1:
+            with lake.connect() as other:
+                load_partition(other, ACCOUNT_ACTIVITY, DAYS[1], sources[DAYS[1]])
+
+    with lake.connect() as connection:
+        in_transaction(connection, replace_ours)
+    assert len(attempts) == 2
+    assert _partition_digest(lake, DAYS[0])[:2] == (25, 25)
+    assert _partition_digest(lake, DAYS[1])[:2] == (30, 30)
 
 
 WORKER = textwrap.dedent(
