@@ -16,6 +16,7 @@ import duckdb
 
 from keel.datasets.spec import DatasetSpec, discover
 from keel.lake import create_partitioned, in_transaction
+from keel.schema import RAW_COLUMNS, RAW_TABLE
 from keel.sql import quote_identifier, quote_literal
 
 RAW_SCHEMA = "raw"
@@ -47,17 +48,9 @@ class RawTable:
         return f"{QUARANTINE_SCHEMA}.{self.name}"
 
 
-ACTIVITY_COLUMNS = (
-    "account_id",
-    "activity_date",
-    "n_transactions",
-    "spend_amount",
-    "payment_amount",
-    "balance",
-    "missed_payment",
-    "channel",
-)
-ACCOUNT_ACTIVITY = RawTable("account_activity", ACTIVITY_COLUMNS, ("account_id", "activity_date"))
+# The loop dataset's daily raw table, as its dataset.yaml declares it (raw_table, columns).
+ACTIVITY_COLUMNS = RAW_COLUMNS
+ACCOUNT_ACTIVITY = RawTable(RAW_TABLE, ACTIVITY_COLUMNS, ("account_id", "activity_date"))
 LANDED_ACTIVITY = RawTable("landed_activity", ACTIVITY_COLUMNS, ("account_id", "activity_date"))
 DEFAULT_LABELS = RawTable(
     "default_labels",

@@ -11,6 +11,9 @@ from keel.datasets.spec import loop_dataset
 _SPEC = loop_dataset()
 
 DATASET = _SPEC.name
+# The daily raw table the source delivers, and its columns in delivery order.
+RAW_TABLE = _SPEC.raw_table
+RAW_COLUMNS = tuple(_SPEC.columns)
 ENTITY = _SPEC.entity
 ENTITY_KEY = _SPEC.entity_key
 EVENT_TIMESTAMP = _SPEC.event_time
