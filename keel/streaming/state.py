@@ -36,21 +36,30 @@ CREATE TABLE IF NOT EXISTS progress (
     name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-# The features of the touched accounts as of each one's newest logged event, from the log.
+# The features of the touched accounts as of each one's newest logged event, from the log, as
+# one JSON array of rows: fetched row by row, the rows would hand the interpreter lock back and
+# forth between SQLite and Python once each.
 _WINDOWS = f"""
 WITH touched(account_id) AS (SELECT DISTINCT value FROM json_each(?)),
 newest AS (
     SELECT e.account_id, max(e.event_us) AS t FROM events e JOIN touched USING (account_id)
-    GROUP BY e.account_id)
-SELECT n.account_id, n.t,
-    sum(CASE WHEN e.event_us > n.t - {HOUR_US} THEN e.cents ELSE 0 END),
-    sum(e.event_us > n.t - {HOUR_US}),
-    sum(CASE WHEN e.event_us >= n.t - n.t % {DAY_US} THEN e.cents ELSE 0 END),
-    sum(e.event_us >= n.t - n.t % {DAY_US})
-FROM newest n JOIN events e ON e.account_id = n.account_id
-    AND e.event_us > min(n.t - {HOUR_US}, n.t - n.t % {DAY_US} - 1) AND e.event_us <= n.t
-GROUP BY n.account_id ORDER BY n.account_id
+    GROUP BY e.account_id),
+windows AS (
+    SELECT n.account_id AS account_id, n.t AS t,
+        sum(CASE WHEN e.event_us > n.t - {HOUR_US} THEN e.cents ELSE 0 END) AS hour_cents,
+        sum(e.event_us > n.t - {HOUR_US}) AS hour_count,
+        sum(CASE WHEN e.event_us >= n.t - n.t % {DAY_US} THEN e.cents ELSE 0 END) AS day_cents,
+        sum(e.event_us >= n.t - n.t % {DAY_US}) AS day_count
+    FROM newest n JOIN events e ON e.account_id = n.account_id
+        AND e.event_us > min(n.t - {HOUR_US}, n.t - n.t % {DAY_US} - 1) AND e.event_us <= n.t
+    GROUP BY n.account_id)
+SELECT json_group_array(json_array(account_id, t, hour_cents, hour_count, day_cents, day_count))
+FROM windows
 """
+# Events per INSERT statement: one statement runs all its rows inside SQLite.
+_CHUNK = 128
+_INSERT = "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?)"
+_INSERT_CHUNK = f"INSERT OR IGNORE INTO events VALUES {', '.join(['(?, ?, ?, ?, ?)'] * _CHUNK)}"
 
 
 class EventLog:
@@ -86,7 +95,11 @@ class EventLog:
     def add(self, events: list[tuple[str, int, int, int, int]]) -> int:
         """Log ``(event_id, account_id, event_us, cents, stream_seq)`` rows; count the new ones."""
         before = self.connection.total_changes
-        self.connection.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?)", events)
+        whole = len(events) - len(events) % _CHUNK
+        for start in range(0, whole, _CHUNK):
+            values = [value for event in events[start : start + _CHUNK] for value in event]
+            self.connection.execute(_INSERT_CHUNK, values)
+        self.connection.executemany(_INSERT, events[whole:])
         new = self.connection.total_changes - before
         # Every event ever counted, in the same transaction: the log forgets old events, this
         # count does not, so a lost or doubled event shows here.
@@ -106,7 +119,8 @@ class EventLog:
 
     def windows(self, accounts: list[int]) -> list[tuple[int, int, int, int, int, int]]:
         """``(account_id, newest_us, hour_cents, hour_count, day_cents, day_count)`` per account."""
-        return self.connection.execute(_WINDOWS, (json.dumps(accounts),)).fetchall()
+        (rows,) = self.connection.execute(_WINDOWS, (json.dumps(accounts),)).fetchone()
+        return sorted(tuple(row) for row in json.loads(rows))
 
     def forget_unreachable(self) -> int:
         """Drop events that no window of an event still taken can reach."""
