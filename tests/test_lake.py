@@ -540,7 +540,7 @@ def test_a_worker_killed_while_it_writes_leaves_the_old_partition(lake, tmp_path
         load_partition(connection, ACCOUNT_ACTIVITY, DAYS[0], good)
     before = _partition_digest(lake, DAYS[0])
     table_folder = Path(lake.data_path) / "raw" / "account_activity"
-    existing = set(table_folder.glob("*.parquet"))
+    existing = set(table_folder.rglob("*.parquet"))
     big = tmp_path / "big.csv"
     with big.open("w") as out:
         out.write("account_id,activity_date,spend_amount,channel\n")
@@ -561,7 +561,7 @@ def test_a_worker_killed_while_it_writes_leaves_the_old_partition(lake, tmp_path
     try:
         assert loader.stdout.readline().strip() == "loading"
         deadline = time.monotonic() + 120
-        while not set(table_folder.glob("*.parquet")) - existing:
+        while not set(table_folder.rglob("*.parquet")) - existing:
             assert loader.poll() is None, "the load ended before it wrote a file"
             assert time.monotonic() < deadline, "the load wrote no file in 120 s"
             time.sleep(0.01)
@@ -570,7 +570,7 @@ def test_a_worker_killed_while_it_writes_leaves_the_old_partition(lake, tmp_path
         loader.kill()
         loader.wait(timeout=30)
     assert loader.returncode == -9
-    written = set(table_folder.glob("*.parquet")) - existing
+    written = set(table_folder.rglob("*.parquet")) - existing
     assert written
 
     assert _partition_digest(lake, DAYS[0]) == before
