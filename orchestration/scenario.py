@@ -262,7 +262,8 @@ def run_scenario(
     registry = governance.registry(resources["mlflow"].process_config_and_initialize())
     if registry.champion() is None:
         raise RuntimeError(
-            f"the first training produced no champion (failed: {failed_gates(first_training)})"
+            f"the first training produced no champion (failed gates: "
+            f"{failed_gates(first_training)}; failures: {first_training.failures[-3:]})"
         )
     if not first_training.success:
         # A scenario played again on the same data folder keeps the champion it already has

@@ -23,7 +23,7 @@ from keel.team import scenario as team_scenario
 from keel.team import services
 from orchestration.scenario import Scenario, run_scenario
 
-# Local (~6 min) and team (~20 min, every run through the queue) on two busy cores.
+# Local (~10 min) and team (every run through the queue: an hour or more on two busy cores).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(5400)]
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"

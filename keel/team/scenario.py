@@ -98,17 +98,24 @@ def start_daemon(paths: KeelPaths, env: dict[str, str]) -> subprocess.Popen:
     )
 
 
+def _is_failure(event) -> bool:
+    return event is not None and event.is_failure
+
+
+def _failure_text(event) -> str:
+    """A failure event's message, with the step's error when it has one."""
+    error = getattr(event.event_specific_data, "error", None)
+    detail = f": {error.message.strip()}" if error is not None else ""
+    return f"{event.message or ''}{detail}"
+
+
 def outcome_from_log(instance: dg.DagsterInstance, run_id: str):  # -> RunOutcome
     """A finished run's outcome as its event log records it."""
     from orchestration.scenario import RunOutcome
 
     run = instance.get_run_by_id(run_id)
     records = instance.all_logs(run_id)
-    failures = [
-        r.dagster_event.message or ""
-        for r in records
-        if r.dagster_event is not None and r.dagster_event.is_failure
-    ]
+    failures = [_failure_text(r.dagster_event) for r in records if _is_failure(r.dagster_event)]
     checks = sorted(
         r.dagster_event.event_specific_data.check_name
         for r in records
