@@ -36,8 +36,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # A stored double is its Value proto: the double_val field's tag, then 8 little-endian bytes.
 _DOUBLE_TAG = b"\x29"
 _DOUBLE = struct.Struct("<d")
-# Rows per upsert statement: one statement runs its rows in SQLite without returning to Python.
-CHUNK_ROWS = 128
+# Rows per upsert statement (at most; a write's rows go in as few statements as that allows).
+# One statement runs all its rows inside SQLite, away from Python's interpreter lock: row by
+# row, each row waited for the lock again while other threads of the process ran Python.
+CHUNK_ROWS = 1_024
 # The page cache of the store's connection, in KiB.
 CACHE_KIB = 64 * 1024
 
@@ -83,10 +85,9 @@ class NumericRowWriter:
         table_id = _table_id(
             config.project, view, config.registry.enable_online_feature_view_versioning
         )
-        # The statements of KeelSqliteOnlineStore.online_write_batch itself, for one row and
-        # for CHUNK_ROWS rows.
-        self.upsert, self.upsert_entity = newest_wins_upserts(table_id)
-        self.upsert_chunk, self.upsert_entity_chunk = newest_wins_upserts(table_id, CHUNK_ROWS)
+        # The statements of KeelSqliteOnlineStore.online_write_batch itself, by rows they take.
+        self.table_id = table_id
+        self.statements: dict[int, tuple[str, str]] = {}
 
     def key(self, entity: int) -> bytes:
         """Feast's serialised entity key of one int64 join key value."""
@@ -135,14 +136,18 @@ class NumericRowWriter:
                 features = json.dumps(dict(zip(names, values, strict=True)), separators=(",", ":"))
             add_entity((key, event_us, created_us, features))
         with self.connection:
-            self._upsert(feature_rows, 8, self.upsert_chunk, self.upsert)
-            self._upsert(entities, 4, self.upsert_entity_chunk, self.upsert_entity)
+            self._upsert(feature_rows, 8, 0)
+            self._upsert(entities, 4, 1)
 
-    def _upsert(self, flat: list, width: int, chunk_statement: str, row_statement: str) -> None:
-        """Upsert rows given flat (``width`` values each): whole chunks, then the rest by row."""
-        step = CHUNK_ROWS * width
-        whole = len(flat) - len(flat) % step
-        for start in range(0, whole, step):
-            self.connection.execute(chunk_statement, flat[start : start + step])
-        rest = iter(flat[whole:])
-        self.connection.executemany(row_statement, zip(*[rest] * width, strict=True))
+    def _upsert(self, flat: list, width: int, which: int) -> None:
+        """Upsert rows given flat (``width`` values each), up to CHUNK_ROWS to a statement."""
+        rows = len(flat) // width
+        for start in range(0, rows, CHUNK_ROWS):
+            count = min(CHUNK_ROWS, rows - start)
+            statements = self.statements.get(count)
+            if statements is None:
+                statements = newest_wins_upserts(self.table_id, count)
+                if count == CHUNK_ROWS or len(self.statements) < 16:
+                    self.statements[count] = statements
+            values = flat[start * width : (start + count) * width]
+            self.connection.execute(statements[which], values)

@@ -146,8 +146,10 @@ class FeatureWriter:
         self.scratch = self.offline_dir.parent / f".{self.offline_dir.name}.scratch"
         self.offline_dir.mkdir(parents=True, exist_ok=True)
         self.scratch.mkdir(parents=True, exist_ok=True)
-        # Feast's first online read imports modules for seconds: pay that before any event waits.
+        # Feast's first online read imports modules for seconds, Parquet's writer for a fraction
+        # of one: pay both before any event waits.
         self.read_back(0)
+        import pyarrow.parquet  # noqa: F401
 
     def write(self, windows: list[tuple], first_seq: int, last_seq: int) -> pa.Table:
         """Write ``EventLog.windows`` rows online and offline; return them as the offline table."""
