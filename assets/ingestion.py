@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.partitions import DAILY_PARTITIONS
-from keel.datasets.spec import DatasetSpec, discover
+from keel.datasets.spec import DatasetSpec, discover, loop_dataset
 from orchestration.resources import SourcesResource, WarehouseResource
 
 GROUP = "ingestion"
@@ -64,19 +64,19 @@ def _load_generated_days(
     context: dg.AssetExecutionContext,
     sources: SourcesResource,
     warehouse: WarehouseResource,
-    table_name: str,
+    extract: str,
 ) -> dict[str, int]:
     from keel.generator import generate_day
     from keel.ingestion import ACCOUNT_ACTIVITY, DEFAULT_LABELS, load_partitions
 
-    table = {"account_activity": ACCOUNT_ACTIVITY, "default_labels": DEFAULT_LABELS}[table_name]
+    table = {"activity": ACCOUNT_ACTIVITY, "labels": DEFAULT_LABELS}[extract]
     config = sources.generator_config()
     extracts = {}
     for key in context.partition_keys:
         day = generate_day(
             config, date.fromisoformat(key), Path(sources.generated_dir), sources.landing_dir
         )
-        extracts[key] = day.activity if table is ACCOUNT_ACTIVITY else day.labels
+        extracts[key] = getattr(day, extract)
     with warehouse.connect() as connection:
         rows = load_partitions(connection, table, extracts)
     context.log.info(f"{table.qualified}: {sum(rows.values())} rows in {len(rows)} partitions")
@@ -88,7 +88,7 @@ def raw_account_activity(
     context: dg.AssetExecutionContext, sources: SourcesResource, warehouse: WarehouseResource
 ):
     """One row per account per day from the core system's daily extract, as delivered."""
-    rows = _load_generated_days(context, sources, warehouse, "account_activity")
+    rows = _load_generated_days(context, sources, warehouse, "activity")
     return _loaded(rows, sources.generated_dir)
 
 
@@ -97,7 +97,7 @@ def raw_default_labels(
     context: dg.AssetExecutionContext, sources: SourcesResource, warehouse: WarehouseResource
 ):
     """Default outcomes that arrived on each day (they describe accounts observed earlier)."""
-    rows = _load_generated_days(context, sources, warehouse, "default_labels")
+    rows = _load_generated_days(context, sources, warehouse, "labels")
     return _loaded(rows, sources.generated_dir)
 
 
@@ -234,17 +234,18 @@ def validation_check(asset: dg.AssetsDefinition, table_name: str) -> dg.AssetChe
     return _check
 
 
-INGESTION_ASSETS = [
-    raw_account_holders,
-    raw_account_activity,
-    raw_default_labels,
-    raw_landed_activity,
-]
+# The loop dataset's raw assets: loaded per day, loaded whole, loaded per landed file.
+DAILY_RAW_ASSETS = [raw_account_activity, raw_default_labels]
+REFERENCE_RAW_ASSETS = [raw_account_holders]
+LANDING_ASSET = raw_landed_activity
+INGESTION_ASSETS = [*REFERENCE_RAW_ASSETS, *DAILY_RAW_ASSETS, LANDING_ASSET]
+# Each checked against the rules its dataset.yaml declares for its table.
+_LOOP = loop_dataset()
 INGESTION_CHECKS = [
-    validation_check(raw_account_holders, "account_holders"),
-    validation_check(raw_account_activity, "account_activity"),
-    validation_check(raw_default_labels, "default_labels"),
-    validation_check(raw_landed_activity, "landed_activity"),
+    validation_check(raw_account_holders, _LOOP.raw_table_of("entities").name),
+    validation_check(raw_account_activity, _LOOP.raw_table),
+    validation_check(raw_default_labels, _LOOP.raw_table_of("labels").name),
+    validation_check(raw_landed_activity, _LOOP.raw_table_of("landing").name),
 ]
 FILE_DATASETS = [spec for spec in discover() if spec.source.kind == "file"]
 DATASET_RAW_ASSETS = {spec.name: dataset_raw_asset(spec) for spec in FILE_DATASETS}

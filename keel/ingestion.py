@@ -14,7 +14,7 @@ from pathlib import Path
 
 import duckdb
 
-from keel.datasets.spec import DatasetSpec, discover
+from keel.datasets.spec import DatasetSpec, discover, loop_dataset
 from keel.lake import create_partitioned, in_transaction
 from keel.schema import RAW_COLUMNS, RAW_TABLE
 from keel.sql import quote_identifier, quote_literal
@@ -48,21 +48,18 @@ class RawTable:
         return f"{QUARANTINE_SCHEMA}.{self.name}"
 
 
-# The loop dataset's daily raw table, as its dataset.yaml declares it (raw_table, columns).
+# The loop dataset's raw tables, as its dataset.yaml declares them (raw_table, raw_tables):
+# the daily one, its copy from landed files, the labels and the entities.
+_LOOP = loop_dataset()
+RAW_TABLES = tuple(
+    RawTable(table.name, tuple(table.columns), table.key) for table in _LOOP.raw_tables.values()
+)
+_BY_NAME = {table.name: table for table in RAW_TABLES}
 ACTIVITY_COLUMNS = RAW_COLUMNS
-ACCOUNT_ACTIVITY = RawTable(RAW_TABLE, ACTIVITY_COLUMNS, ("account_id", "activity_date"))
-LANDED_ACTIVITY = RawTable("landed_activity", ACTIVITY_COLUMNS, ("account_id", "activity_date"))
-DEFAULT_LABELS = RawTable(
-    "default_labels",
-    ("account_id", "observation_date", "label_date", "defaulted"),
-    ("account_id", "observation_date"),
-)
-ACCOUNT_HOLDERS = RawTable(
-    "account_holders",
-    ("account_id", "opened_date", "age", "sex", "region", "product", "credit_limit"),
-    ("account_id",),
-)
-RAW_TABLES = (ACCOUNT_ACTIVITY, LANDED_ACTIVITY, DEFAULT_LABELS, ACCOUNT_HOLDERS)
+ACCOUNT_ACTIVITY = _BY_NAME[RAW_TABLE]
+LANDED_ACTIVITY = _BY_NAME[_LOOP.raw_table_of("landing").name]
+DEFAULT_LABELS = _BY_NAME[_LOOP.raw_table_of("labels").name]
+ACCOUNT_HOLDERS = _BY_NAME[_LOOP.raw_table_of("entities").name]
 
 
 def dataset_table(spec: DatasetSpec) -> RawTable:

@@ -1,7 +1,7 @@
 """The team warehouse: a DuckLake, its catalog in Postgres, its tables as Parquet files.
 
 Every worker on every machine opens its own in-memory DuckDB, attaches the same lake and makes
-it the default catalog, so code written for the DuckDB file (``raw.account_activity``) works
+it the default catalog, so code written for the DuckDB file (``raw.<table>``) works
 unchanged. The catalog (a Postgres database) holds the tables' schemas, snapshots and file
 lists; the data path (a folder every machine mounts, or ``s3://bucket/prefix``) holds the
 Parquet files. DuckLake commits each transaction as one snapshot, so a partition replaced in

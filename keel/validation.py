@@ -1,8 +1,10 @@
 """Validating raw partitions with Great Expectations; bad rows go to quarantine with a reason.
 
-Each raw table has an expectation suite. Every row-level expectation carries a reason code in
-its ``meta``; Great Expectations reports the failing rows by their ``_row_number``, and those
-rows are copied to the table's quarantine with the first reason by priority and the full list.
+Each raw table has an expectation suite, built from the rules and column types its dataset's
+``dataset.yaml`` declares (``keel.datasets.rules``). Every row-level expectation carries a
+reason code in its ``meta``; Great Expectations reports the failing rows by their
+``_row_number``, and those rows are copied to the table's quarantine with the first reason by
+priority (``REASON_PRIORITY``) and the full list.
 The partition's verdict (row counts, bad share, passed or not) lands in
 ``validation.partition_verdicts`` in the same transaction. Downstream readers (dbt staging, the
 Dagster gate) only take partitions whose latest verdict passed, so a failed partition stays
@@ -24,31 +26,12 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from keel.datasets.spec import DatasetSpec, discover
-from keel.ingestion import (
-    ACCOUNT_ACTIVITY,
-    ACCOUNT_HOLDERS,
-    DEFAULT_LABELS,
-    LANDED_ACTIVITY,
-    VERDICTS_TABLE,
-    RawTable,
-    dataset_table,
-    ensure_schemas,
-)
+from keel.datasets.rules import COLUMN_TYPES, REASON_PRIORITY
+from keel.datasets.rules import Rule as SpecRule
+from keel.datasets.spec import DatasetSpec, discover, loop_dataset
+from keel.ingestion import VERDICTS_TABLE, RawTable, dataset_table, ensure_schemas
 from keel.lake import in_transaction
-from keel.schema import CHANNELS, PRODUCTS, REGIONS, SEXES
 
-# When a row breaks several rules, the first of these names its reason code.
-REASON_PRIORITY = (
-    "unexpected_column",
-    "missing_key",
-    "wrong_type",
-    "missing_value",
-    "duplicate",
-    "out_of_range",
-    "unknown_category",
-    "wrong_partition",
-)
 UNIQUENESS = ("expect_compound_columns_to_be_unique", "expect_column_values_to_be_unique")
 # The reason code of a partition that has no rows at all where rows are expected.
 EMPTY_FILE = "empty_file"
@@ -112,115 +95,50 @@ def _validated(column: str, suite: Suite) -> str:
     return _value(column) if column in suite.types else column
 
 
-def _not_null(*columns: str, reason: str = "missing_value") -> tuple[Rule, ...]:
-    return tuple(Rule(reason, "not_null", column) for column in columns)
-
-
-def _activity_suite(table: RawTable, partitioned: bool) -> Suite:
-    return Suite(
-        table,
-        (
-            Rule("unexpected_column", "null", "_extra"),
-            *_not_null("account_id", "activity_date", reason="missing_key"),
-            *_not_null(
-                "n_transactions", "spend_amount", "payment_amount", "balance", "missed_payment"
-            ),
-            *_not_null("channel"),
-            Rule("duplicate", "unique", ("account_id", "activity_date")),
-            Rule("out_of_range", "between", "n_transactions", {"min_value": 0, "max_value": 500}),
-            Rule("out_of_range", "between", "spend_amount", {"min_value": 0, "max_value": 1e6}),
-            Rule("out_of_range", "between", "payment_amount", {"min_value": 0, "max_value": 1e7}),
-            Rule("out_of_range", "between", "balance", {"min_value": -1e5, "max_value": 1e7}),
-            Rule("unknown_category", "in_set", "channel", {"value_set": list(CHANNELS)}),
-        ),
-        types={
-            "account_id": "bigint",
-            "activity_date": "date",
-            "n_transactions": "integer",
-            "spend_amount": "double",
-            "payment_amount": "double",
-            "balance": "double",
-            "missed_payment": "boolean",
-        },
-        partition_column="activity_date" if partitioned else None,
-    )
-
-
-SUITES: dict[str, Suite] = {
-    ACCOUNT_ACTIVITY.name: _activity_suite(ACCOUNT_ACTIVITY, partitioned=True),
-    LANDED_ACTIVITY.name: _activity_suite(LANDED_ACTIVITY, partitioned=False),
-    DEFAULT_LABELS.name: Suite(
-        DEFAULT_LABELS,
-        (
-            Rule("unexpected_column", "null", "_extra"),
-            *_not_null("account_id", "observation_date", reason="missing_key"),
-            *_not_null("label_date", "defaulted"),
-            Rule("out_of_range", "in_set", "defaulted", {"value_set": ["0", "1"]}),
-            Rule("duplicate", "unique", ("account_id", "observation_date")),
-        ),
-        types={"account_id": "bigint", "observation_date": "date", "label_date": "date"},
-        partition_column="label_date",
-        allow_empty=True,
-    ),
-    ACCOUNT_HOLDERS.name: Suite(
-        ACCOUNT_HOLDERS,
-        (
-            Rule("unexpected_column", "null", "_extra"),
-            *_not_null("account_id", reason="missing_key"),
-            *_not_null("opened_date", "age", "sex", "region", "product", "credit_limit"),
-            Rule("duplicate", "unique", ("account_id",)),
-            Rule("out_of_range", "between", "age", {"min_value": 18, "max_value": 110}),
-            Rule("out_of_range", "between", "credit_limit", {"min_value": 1, "max_value": 1e7}),
-            Rule("unknown_category", "in_set", "sex", {"value_set": list(SEXES)}),
-            Rule("unknown_category", "in_set", "region", {"value_set": list(REGIONS)}),
-            Rule("unknown_category", "in_set", "product", {"value_set": list(PRODUCTS)}),
-        ),
-        types={
-            "account_id": "bigint",
-            "opened_date": "date",
-            "age": "integer",
-            "credit_limit": "double",
-        },
-    ),
-}
-
-# A spec's column types as the warehouse parses the raw text.
-_SPEC_TYPES = {"integer": "bigint", "number": "double", "date": "date", "timestamp": "timestamptz"}
+def _suite(
+    table: RawTable,
+    columns: dict[str, str],
+    rules: tuple[SpecRule, ...],
+    partition_column: str | None = None,
+    allow_empty: bool = False,
+) -> Suite:
+    """A suite from declared rules: extra columns first, then the rules in declared order."""
+    converted = [Rule("unexpected_column", "null", "_extra")]
+    for rule in rules:
+        if rule.check == "between":
+            bounds = (("min_value", rule.min), ("max_value", rule.max))
+            options = {k: v for k, v in bounds if v is not None}
+        elif rule.check == "in_set":
+            options = {"value_set": list(rule.values)}
+        else:
+            options = {}
+        converted.append(Rule(rule.reason, rule.check, rule.column, options))
+    # Set membership compares the raw text, so whole-number codes stay as written (1, not 1.0).
+    in_sets = {rule.column for rule in rules if rule.check == "in_set"}
+    types = {
+        column: COLUMN_TYPES[kind]
+        for column, kind in columns.items()
+        if kind != "text" and column not in in_sets
+    }
+    return Suite(table, tuple(converted), types, partition_column, allow_empty)
 
 
 def dataset_suite(spec: DatasetSpec) -> Suite:
     """The suite of a dataset's raw table, from the rules and column types of its spec."""
-    rules = [Rule("unexpected_column", "null", "_extra")]
-    for rule in spec.rules:
-        if rule.check in ("not_null", "in_set"):
-            kind, options = rule.check, {"value_set": list(rule.values)} if rule.values else {}
-        elif rule.check == "unique":
-            kind, options = "unique", {}
-        else:
-            kind = "between"
-            options = {
-                k: v for k, v in (("min_value", rule.min), ("max_value", rule.max)) if v is not None
-            }
-        column = (
-            rule.column
-            if rule.check != "unique" or isinstance(rule.column, tuple)
-            else (rule.column,)
-        )
-        rules.append(Rule(rule.reason, kind, column, options))
-    types = {c: _SPEC_TYPES[t] for c, t in spec.columns.items() if t in _SPEC_TYPES}
-    # Set membership compares the raw text, so whole-number codes stay as written (1, not 1.0).
-    in_sets = {r.column for r in spec.rules if r.check == "in_set"}
-    return Suite(
-        dataset_table(spec),
-        tuple(rules),
-        types={c: t for c, t in types.items() if c not in in_sets},
-    )
+    return _suite(dataset_table(spec), spec.columns, spec.rules)
 
 
 def suite_for(table: RawTable) -> Suite:
-    """The suite of a raw table: a built-in one, or its dataset's."""
-    if table.name in SUITES:
-        return SUITES[table.name]
+    """The suite of a raw table, as its dataset declares it (``raw_tables`` or ``rules``)."""
+    declared = loop_dataset().raw_tables.get(table.name)
+    if declared is not None:
+        return _suite(
+            table,
+            declared.columns,
+            declared.rules,
+            declared.partition_column,
+            declared.allow_empty,
+        )
     for spec in discover():
         if spec.raw_table == table.name:
             return dataset_suite(spec)

@@ -4,6 +4,7 @@ import dagster as dg
 from dagster_dbt import build_dbt_asset_selection
 
 from assets.datasets import partitions as dataset_partitions
+from assets.ingestion import DAILY_RAW_ASSETS, REFERENCE_RAW_ASSETS
 from assets.partitions import DAILY_PARTITIONS
 from assets.transformation import daily_dbt_models, dbt_models, dbt_unit_tests
 from keel.datasets.spec import DatasetSpec, discover
@@ -11,13 +12,15 @@ from keel.datasets.spec import DatasetSpec, discover
 # dbt's unit tests check SQL logic, not data: they run with `dbt build` itself and on demand as
 # the dbt_unit_tests checks, not in every scheduled run.
 WITHOUT_UNIT_TESTS = dg.AssetSelection.checks(dbt_unit_tests)
+# The loop dataset's raw tables the source delivers every day (with their validation checks).
+DAILY_RAW = dg.AssetSelection.assets(*DAILY_RAW_ASSETS)
 
 # Raw data in, validated, through dbt to the marts, into the online store, scored and
 # monitored: everything a day needs, one partition at a time.
 daily_pipeline = dg.define_asset_job(
     "daily_pipeline",
     selection=(
-        dg.AssetSelection.assets("raw_account_activity", "raw_default_labels")
+        DAILY_RAW
         | dg.AssetSelection.assets(daily_dbt_models)
         | dg.AssetSelection.assets(
             "online_features", "batch_predictions", "drift_report", "performance_report"
@@ -28,10 +31,10 @@ daily_pipeline = dg.define_asset_job(
     description="One day: ingest, validate, dbt, online features, batch scores, monitoring.",
 )
 
-# Slowly changing data: the account holders, the unpartitioned marts, the Feast registry.
+# Slowly changing data: the entities' snapshot, the unpartitioned marts, the Feast registry.
 reference_data = dg.define_asset_job(
     "reference_data",
-    selection=dg.AssetSelection.assets("raw_account_holders", "feast_registry")
+    selection=dg.AssetSelection.assets(*REFERENCE_RAW_ASSETS, "feast_registry")
     | dg.AssetSelection.assets(dbt_models) - WITHOUT_UNIT_TESTS,
     description="Account holders, the unpartitioned dbt models and the applied Feast registry.",
 )

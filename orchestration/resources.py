@@ -52,7 +52,7 @@ class WarehouseResource(dg.ConfigurableResource):
     (``catalog`` + ``data_path``, the team profile) whose catalog is a Postgres database and
     whose tables are Parquet files under a folder every worker mounts or an ``s3://`` URL.
     ``connect()`` gives a connection whose default catalog is the warehouse either way, so
-    ``raw.account_activity`` means the same table in both (see keel.lake).
+    ``raw.<table>`` means the same table in both (see keel.lake).
     """
 
     # DuckDB file of the local profile; leave empty for a lake.

@@ -21,7 +21,13 @@ from assets.partitions import FIRST_DAY
 from assets.transformation import daily_dbt_models
 from keel.settings import active_profile
 from orchestration.executors import executor_for
-from orchestration.jobs import WITHOUT_UNIT_TESTS, daily_pipeline, reference_data, retrain
+from orchestration.jobs import (
+    DAILY_RAW,
+    WITHOUT_UNIT_TESTS,
+    daily_pipeline,
+    reference_data,
+    retrain,
+)
 from orchestration.resources import DriftScenarioConfig, MonitoringResource, SourcesResource
 from orchestration.sensors import drift_sensor, performance_sensor
 
@@ -33,8 +39,7 @@ QUICK_TRAINING = {
 
 history = dg.define_asset_job(
     "history",
-    selection=dg.AssetSelection.assets("raw_account_activity", "raw_default_labels")
-    | dg.AssetSelection.assets(daily_dbt_models) - WITHOUT_UNIT_TESTS,
+    selection=DAILY_RAW | dg.AssetSelection.assets(daily_dbt_models) - WITHOUT_UNIT_TESTS,
 )
 # Scenario runs log warnings and errors only; the Dagster UI has every event.
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.ingestion import LANDING_PARTITIONS, LANDING_SUFFIXES, raw_landed_activity
+from assets.ingestion import LANDING_ASSET, LANDING_PARTITIONS, LANDING_SUFFIXES
 from orchestration.jobs import retrain
 from orchestration.resources import MonitoringResource, SourcesResource
 
@@ -33,7 +33,7 @@ def landing_files(folder: Path | str) -> dict[str, str]:
 
 
 @dg.sensor(
-    asset_selection=[raw_landed_activity],
+    asset_selection=[LANDING_ASSET],
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Loads each new file in the landing folder exactly once.",

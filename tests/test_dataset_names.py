@@ -38,7 +38,9 @@ def identifying_names(spec: DatasetSpec) -> set[str]:
     }
     if spec.on_demand_view:
         names.add(spec.on_demand_view)
-    return names
+    # Its raw tables, and the raw assets that load them.
+    tables = {spec.raw_table, *spec.raw_tables}
+    return names | tables | {f"raw_{table}" for table in tables}
 
 
 def test_every_shipped_dataset_names_itself_and_the_loop_has_one():
@@ -96,6 +98,13 @@ def test_one_loop_dataset_per_folder_and_a_moved_folder_without_one_keeps_the_sh
         loop_dataset()
 
 
+def first_rule(data, table):
+    """The first rule of a raw table, copied so that an edit leaves the tables it shares with."""
+    declared = data["raw_tables"][table]
+    declared["rules"] = [dict(rule) for rule in declared["rules"]]
+    return declared["rules"][0]
+
+
 def edit_ratio(data, **changes):
     data["features"]["on_demand"]["ratios"][0].update(changes)
 
@@ -112,6 +121,35 @@ def edit_ratio(data, **changes):
         (lambda d: d.pop("first_day"), r"first_day: is required for daily partitions"),
         (lambda d: d.update(loop="hourly"), r"\.loop: 'hourly' is not one of daily"),
         (lambda d: d["marts"]["paths"].update(scores="x"), r"marts\.paths: \['scores'\] are not"),
+        (
+            lambda d: first_rule(d, "landed_activity").update(check="between"),
+            r"raw_tables\.landed_activity\.rules\[0\]: a between rule needs min or max",
+        ),
+        (
+            lambda d: first_rule(d, "default_labels").update(reason="typo"),
+            r"raw_tables\.default_labels\.rules\[0\]\.reason: 'typo' is not one of",
+        ),
+        (
+            lambda d: first_rule(d, "account_holders").update(column="nowhere"),
+            r"raw_tables\.account_holders\.rules\[0\]\.column: 'nowhere' is not a declared",
+        ),
+        (
+            lambda d: first_rule(d, "account_holders").update(check="in_set", column="age"),
+            r"account_holders\.rules\[0\]\.values: 'age' has no vocabulary",
+        ),
+        (
+            lambda d: d["raw_tables"]["default_labels"].update(partition_column="label_day"),
+            r"raw_tables\.default_labels: 'label_day' \(key or partition column\) is not",
+        ),
+        (
+            lambda d: d["raw_tables"]["account_holders"]["columns"].update(age="int"),
+            r"account_holders\.columns\.age: 'int' is not one of",
+        ),
+        (
+            lambda d: d["raw_tables"]["account_holders"].update(role="labels"),
+            r"raw_tables: role labels is given to more than one table",
+        ),
+        (lambda d: d["raw_tables"].pop("account_holders"), r"needs a table for entities"),
     ],
 )
 def test_a_bad_loop_spec_is_refused_naming_the_key(tmp_path, edit, message):

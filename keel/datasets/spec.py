@@ -25,6 +25,16 @@ from typing import Any
 
 import yaml
 
+from keel.datasets.reader import NAME as NAME
+from keel.datasets.reader import Reader, SpecError, fail
+from keel.datasets.rules import (
+    RAW_ROLES,
+    RawTableSpec,
+    Rule,
+    parse_columns,
+    parse_raw_tables,
+    parse_rules,
+)
 from keel.gates import EvaluationError, GatePolicy
 from keel.registry_lineage import file_sha256
 from keel.settings import PROJECT_ROOT, datasets_dir
@@ -35,35 +45,14 @@ DATASETS_DIR = PROJECT_ROOT / "datasets"
 # libyaml's loader when PyYAML was built with it: the same result, several times faster.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 SPEC_FILE = "dataset.yaml"
-NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-# MLflow experiments and registered models may also carry hyphens (``team-risk``).
-MODEL_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 CRON = re.compile(r"^\s*(\S+\s+){4}\S+\s*$")
-# Raw columns are text; these are the types they are parsed to (and validated as).
-COLUMN_TYPES = {
-    "integer": "bigint",
-    "number": "double",
-    "text": "varchar",
-    "date": "date",
-    "timestamp": "timestamptz",
-    "boolean": "boolean",
-}
 SOURCE_KINDS = ("file", "landing", "generator")
 PARTITIONINGS = ("daily", "none")
 LABEL_TIMINGS = ("stream", "retrospective")
-RULE_CHECKS = ("not_null", "between", "in_set", "unique")
 PERIODS = ("day", "month", "snapshot")
 MODEL_FAMILIES = ("lightgbm", "torch")
 LOOPS = ("daily",)
 MART_ROLES = ("features", "labels", "entities")
-
-
-class SpecError(ValueError):
-    """A dataset specification Keel cannot build a dataset from."""
-
-
-def _fail(where: str, message: str) -> SpecError:
-    return SpecError(f"{where}: {message}")
 
 
 @dataclass(frozen=True)
@@ -92,18 +81,6 @@ class Label:
     observed_at: str
     known_at: str | None = None
     outcome_window_days: int | None = None
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One row-level rule: rows that break it are quarantined under ``reason``."""
-
-    column: str | tuple[str, ...]
-    check: str
-    reason: str
-    min: float | None = None
-    max: float | None = None
-    values: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -170,6 +147,15 @@ class DatasetSpec:
     # A dimension of the entity (static and protected attributes) landed whole, and its columns.
     entities_model: str | None = None
     entity_columns: tuple[str, ...] = ()
+    # A generated dataset's raw tables, each with its columns, key and rules (keel.datasets.rules).
+    raw_tables: dict[str, RawTableSpec] = field(default_factory=dict)
+
+    def raw_table_of(self, role: str) -> RawTableSpec:
+        """The raw table with ``role`` (labels, entities, landing) among ``raw_tables``."""
+        for table in self.raw_tables.values():
+            if table.role == role:
+                return table
+        raise SpecError(f"dataset {self.name!r} declares no raw table with role {role!r}")
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -233,72 +219,6 @@ class DatasetSpec:
         return GatePolicy(**self.gates)
 
 
-class _Reader:
-    """Typed access to one mapping of the YAML file, naming the key path in every error."""
-
-    def __init__(self, data: Any, where: str) -> None:
-        if not isinstance(data, dict):
-            raise _fail(where, f"expected a mapping, got {type(data).__name__}")
-        self.data, self.where = data, where
-        self.used: set[str] = set()
-
-    def _at(self, key: str) -> str:
-        return f"{self.where}.{key}"
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-        self.used.add(key)
-        if key not in self.data or self.data[key] is None:
-            if default is ...:
-                raise _fail(self._at(key), "is required")
-            return default
-        value = self.data[key]
-        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _tuple(kind)):
-            names = " or ".join(k.__name__ for k in _tuple(kind))
-            raise _fail(self._at(key), f"expected {names}, got {value!r}")
-        return value
-
-    def choice(self, key: str, options: tuple[str, ...], default: Any = ...) -> str:
-        value = self.get(key, str, default)
-        if value is None and default is None:
-            return value
-        if value not in options:
-            raise _fail(self._at(key), f"{value!r} is not one of {', '.join(options)}")
-        return value
-
-    def name(self, key: str, default: Any = ...) -> str:
-        value = self.get(key, str, default)
-        if value is not None and not NAME.match(value):
-            raise _fail(self._at(key), f"{value!r} must be lower_snake_case")
-        return value
-
-    def model_name(self, key: str, default: Any = ...) -> str:
-        value = self.get(key, str, default)
-        if not MODEL_NAME.match(value):
-            raise _fail(self._at(key), f"{value!r} must be lower case: letters, digits, _ and -")
-        return value
-
-    def names(self, key: str, default: Any = ...) -> tuple[str, ...]:
-        values = self.get(key, list, default)
-        if values is None:
-            return ()
-        for value in values:
-            if not isinstance(value, str) or not NAME.match(value):
-                raise _fail(self._at(key), f"{value!r} must be a lower_snake_case name")
-        return tuple(values)
-
-    def sub(self, key: str, default: Any = ...) -> _Reader:
-        return _Reader(self.get(key, dict, {} if default is ... else default), self._at(key))
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise _fail(self.where, f"unknown keys {', '.join(unknown)}")
-
-
-def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
 def _bounds(value: Any, where: str) -> tuple[float, float]:
     if (
         not isinstance(value, list)
@@ -306,25 +226,25 @@ def _bounds(value: Any, where: str) -> tuple[float, float]:
         or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
         or value[0] > value[1]
     ):
-        raise _fail(where, f"expected [low, high] with low <= high, got {value!r}")
+        raise fail(where, f"expected [low, high] with low <= high, got {value!r}")
     return float(value[0]), float(value[1])
 
 
-def _source(reader: _Reader) -> Source:
+def _source(reader: Reader) -> Source:
     kind = reader.choice("kind", SOURCE_KINDS)
     path = reader.get("path", str, None)
     if kind in ("file", "landing") and not path:
-        raise _fail(reader._at("path"), f"is required for a {kind} source")
+        raise fail(reader._at("path"), f"is required for a {kind} source")
     sha = reader.get("sha256", str, None)
     if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
-        raise _fail(reader._at("sha256"), "must be 64 lower-case hex digits")
+        raise fail(reader._at("sha256"), "must be 64 lower-case hex digits")
     rename = reader.get("rename", dict, {})
     source = Source(kind, path, sha, dict(rename), reader.get("row_number_as", str, None))
     reader.done()
     return source
 
 
-def _label(reader: _Reader) -> Label:
+def _label(reader: Reader) -> Label:
     timing = reader.choice("timing", LABEL_TIMINGS)
     label = Label(
         column=reader.name("column"),
@@ -334,9 +254,9 @@ def _label(reader: _Reader) -> Label:
         outcome_window_days=reader.get("outcome_window_days", int, None),
     )
     if timing == "stream" and not label.known_at:
-        raise _fail(reader._at("known_at"), "is required for stream labels")
+        raise fail(reader._at("known_at"), "is required for stream labels")
     if timing == "retrospective" and not (label.outcome_window_days or 0) > 0:
-        raise _fail(
+        raise fail(
             reader._at("outcome_window_days"),
             "a positive number of days is required for retrospective labels",
         )
@@ -344,37 +264,7 @@ def _label(reader: _Reader) -> Label:
     return label
 
 
-def _rules(items: Any, where: str, columns: dict[str, str]) -> tuple[Rule, ...]:
-    if not isinstance(items, list):
-        raise _fail(where, "expected a list of rules")
-    rules = []
-    for i, item in enumerate(items):
-        reader = _Reader(item, f"{where}[{i}]")
-        raw_column = reader.get("column", (str, list))
-        targets = [raw_column] if isinstance(raw_column, str) else raw_column
-        for target in targets:
-            if target not in columns:
-                raise _fail(reader._at("column"), f"{target!r} is not a declared column")
-        check = reader.choice("check", RULE_CHECKS)
-        values = tuple(str(v) for v in reader.get("values", list, []))
-        rule = Rule(
-            column=raw_column if isinstance(raw_column, str) else tuple(raw_column),
-            check=check,
-            reason=reader.name("reason"),
-            min=reader.get("min", (int, float), None),
-            max=reader.get("max", (int, float), None),
-            values=values,
-        )
-        if check == "in_set" and not values:
-            raise _fail(reader._at("values"), "an in_set rule needs its values")
-        if check == "between" and rule.min is None and rule.max is None:
-            raise _fail(where + f"[{i}]", "a between rule needs min or max")
-        reader.done()
-        rules.append(rule)
-    return tuple(rules)
-
-
-def _dataset_checks(reader: _Reader) -> DatasetChecks:
+def _dataset_checks(reader: Reader) -> DatasetChecks:
     rate = reader.get("label_rate", list, None)
     means = reader.get("feature_means", dict, {})
     checks = DatasetChecks(
@@ -385,23 +275,23 @@ def _dataset_checks(reader: _Reader) -> DatasetChecks:
         min_rows=reader.get("min_rows", int, 1),
     )
     if checks.period != "snapshot" and not checks.period_column:
-        raise _fail(reader._at("period_column"), f"is required for period {checks.period!r}")
+        raise fail(reader._at("period_column"), f"is required for period {checks.period!r}")
     reader.done()
     return checks
 
 
 def _ratios(items: Any, where: str) -> tuple[Ratio, ...]:
     if not isinstance(items, list):
-        raise _fail(where, "expected a list of ratios")
+        raise fail(where, "expected a list of ratios")
     ratios = []
     for i, item in enumerate(items):
-        reader = _Reader(item, f"{where}[{i}]")
+        reader = Reader(item, f"{where}[{i}]")
         numbers = {
             key: float(reader.get(key, (int, float), default))
             for key, default in (("multiplier", 1.0), ("divisor", 1.0), ("floor", 1.0))
         }
         if numbers["divisor"] == 0:
-            raise _fail(reader._at("divisor"), "must not be 0")
+            raise fail(reader._at("divisor"), "must not be 0")
         ratio = Ratio(
             reader.name("name"), reader.name("numerator"), reader.name("denominator"), **numbers
         )
@@ -413,7 +303,7 @@ def _ratios(items: Any, where: str) -> tuple[Ratio, ...]:
 def _vocabularies(data: dict[str, Any], where: str) -> dict[str, tuple[str, ...]]:
     for column, values in data.items():
         if not isinstance(values, list) or not values:
-            raise _fail(f"{where}.{column}", "needs its list of values")
+            raise fail(f"{where}.{column}", "needs its list of values")
     return {column: tuple(str(v) for v in values) for column, values in data.items()}
 
 
@@ -425,24 +315,16 @@ def _first_day(value: Any, where: str) -> str | None:
     try:
         return date.fromisoformat(text).isoformat()
     except ValueError as error:
-        raise _fail(where, f"{value!r} is not an ISO date (YYYY-MM-DD)") from error
+        raise fail(where, f"{value!r} is not an ISO date (YYYY-MM-DD)") from error
 
 
 def parse_spec(data: Any, folder: Path, where: str) -> DatasetSpec:
     """Build a spec from the parsed YAML ``data`` of ``folder``; ``where`` names it in errors."""
-    top = _Reader(data, where)
+    top = Reader(data, where)
     name = top.name("name")
     if name != folder.name:
-        raise _fail(f"{where}.name", f"{name!r} must match the folder name {folder.name!r}")
-    columns_raw = top.get("columns", dict)
-    columns: dict[str, str] = {}
-    for column, kind in columns_raw.items():
-        if not isinstance(column, str) or not NAME.match(column):
-            raise _fail(f"{where}.columns", f"{column!r} must be a lower_snake_case name")
-        if kind not in COLUMN_TYPES:
-            options = ", ".join(COLUMN_TYPES)
-            raise _fail(f"{where}.columns.{column}", f"{kind!r} is not one of {options}")
-        columns[column] = kind
+        raise fail(f"{where}.name", f"{name!r} must match the folder name {folder.name!r}")
+    columns = parse_columns(top.get("columns", dict), f"{where}.columns")
     entity = top.sub("entity")
     features = top.sub("features")
     model = top.sub("model")
@@ -451,18 +333,22 @@ def parse_spec(data: Any, folder: Path, where: str) -> DatasetSpec:
     categorical = features.get("categorical", dict, {})
     for feature, vocabulary in categorical.items():
         if not isinstance(vocabulary, list) or not vocabulary:
-            raise _fail(f"{where}.features.categorical.{feature}", "needs its list of categories")
+            raise fail(f"{where}.features.categorical.{feature}", "needs its list of categories")
     on_demand = features.sub("on_demand", {})
+    vocabularies = _vocabularies(top.get("vocabularies", dict, {}), f"{where}.vocabularies")
+    categories = {k: tuple(str(v) for v in vs) for k, vs in categorical.items()}
+    # An in_set rule without values takes the column's categories or vocabulary.
+    known_values = {**vocabularies, **categories}
     mart_paths = marts.get("paths", dict, {})
     day_columns = marts.get("day_columns", dict, {})
     for section, values in (("paths", mart_paths), ("day_columns", day_columns)):
         unknown = sorted(set(values) - set(MART_ROLES))
         if unknown:
-            raise _fail(f"{where}.marts.{section}", f"{unknown} are not {', '.join(MART_ROLES)}")
+            raise fail(f"{where}.marts.{section}", f"{unknown} are not {', '.join(MART_ROLES)}")
     monotone = features.get("monotone", dict, {})
     for feature, direction in monotone.items():
         if direction not in (-1, 1):
-            raise _fail(
+            raise fail(
                 f"{where}.features.monotone.{feature}", f"must be 1 or -1, got {direction!r}"
             )
     gates = top.get("gates", dict, {})
@@ -470,7 +356,7 @@ def parse_spec(data: Any, folder: Path, where: str) -> DatasetSpec:
     for gate in gates:
         if gate not in known_gates:
             bounds = ", ".join(sorted(known_gates))
-            raise _fail(f"{where}.gates.{gate}", f"is not a gate bound ({bounds})")
+            raise fail(f"{where}.gates.{gate}", f"is not a gate bound ({bounds})")
     spec = DatasetSpec(
         name=name,
         folder=folder,
@@ -485,11 +371,14 @@ def parse_spec(data: Any, folder: Path, where: str) -> DatasetSpec:
         label=label,
         protected_attributes=top.names("protected_attributes", []),
         numeric_features=features.names("numeric", []),
-        categorical_features={k: tuple(str(v) for v in vs) for k, vs in categorical.items()},
+        categorical_features=categories,
         monotone=dict(monotone),
         feature_ttl_days=features.get("ttl_days", int, 1),
         leakage=top.names("leakage", []),
-        rules=_rules(top.get("rules", list, []), f"{where}.rules", columns),
+        rules=parse_rules(top.get("rules", list, []), f"{where}.rules", columns, known_values),
+        raw_tables=parse_raw_tables(
+            top.get("raw_tables", dict, {}), f"{where}.raw_tables", columns, known_values
+        ),
         dataset_checks=_dataset_checks(top.sub("dataset_checks")),
         gates=dict(gates),
         feature_service=model.name("feature_service", f"{name}_v1"),
@@ -507,7 +396,7 @@ def parse_spec(data: Any, folder: Path, where: str) -> DatasetSpec:
         feature_view=features.name("view", f"{name}_fv"),
         on_demand_view=on_demand.name("view", None),
         on_demand=_ratios(on_demand.get("ratios", list, []), f"{where}.features.on_demand.ratios"),
-        vocabularies=_vocabularies(top.get("vocabularies", dict, {}), f"{where}.vocabularies"),
+        vocabularies=vocabularies,
         mart_paths={k: str(v) for k, v in mart_paths.items()},
         mart_day_columns={k: str(v) for k, v in day_columns.items()},
         entities_model=marts.name("entities", None),
@@ -519,58 +408,84 @@ def parse_spec(data: Any, folder: Path, where: str) -> DatasetSpec:
     try:
         spec.gate_policy()
     except EvaluationError as error:
-        raise _fail(f"{where}.gates", str(error)) from error
+        raise fail(f"{where}.gates", str(error)) from error
     return spec
 
 
 def _cross_check(spec: DatasetSpec, where: str) -> None:
     """Names that must agree with each other across sections."""
     if not spec.features:
-        raise _fail(f"{where}.features", "declares no feature")
+        raise fail(f"{where}.features", "declares no feature")
     clash = set(spec.features) & (set(spec.leakage) | {spec.label.column})
     if clash:
-        raise _fail(f"{where}.features", f"{', '.join(sorted(clash))} is the label or leakage")
+        raise fail(f"{where}.features", f"{', '.join(sorted(clash))} is the label or leakage")
     protected = set(spec.features) & set(spec.protected_attributes)
     if protected:
-        raise _fail(
+        raise fail(
             f"{where}.features", f"{', '.join(sorted(protected))} is protected, never a feature"
         )
     unknown = set(spec.monotone) - set(spec.numeric_features)
     if unknown:
-        raise _fail(
+        raise fail(
             f"{where}.features.monotone", f"{', '.join(sorted(unknown))} is not a numeric feature"
         )
     if spec.source.row_number_as and spec.source.row_number_as not in spec.columns:
-        raise _fail(f"{where}.source.row_number_as", "must name a declared column")
+        raise fail(f"{where}.source.row_number_as", "must name a declared column")
     if spec.schedule is not None and not CRON.match(spec.schedule):
-        raise _fail(f"{where}.schedule", f"{spec.schedule!r} is not a five-field cron expression")
+        raise fail(f"{where}.schedule", f"{spec.schedule!r} is not a five-field cron expression")
     for model in (spec.features_model, spec.labels_model, spec.entities_model):
         if model and spec.dbt_models and model not in spec.dbt_models:
-            raise _fail(f"{where}.marts", f"{model!r} is not one of marts.dbt_models")
+            raise fail(f"{where}.marts", f"{model!r} is not one of marts.dbt_models")
     if spec.entity_key not in spec.columns:
-        raise _fail(f"{where}.entity.key", f"{spec.entity_key!r} is not a declared column")
+        raise fail(f"{where}.entity.key", f"{spec.entity_key!r} is not a declared column")
     if spec.entities_model and not spec.entity_columns:
-        raise _fail(f"{where}.marts.entity_columns", "is required with marts.entities")
+        raise fail(f"{where}.marts.entity_columns", "is required with marts.entities")
     if spec.partitions == "daily" and spec.first_day is None:
-        raise _fail(f"{where}.first_day", "is required for daily partitions")
+        raise fail(f"{where}.first_day", "is required for daily partitions")
     if spec.on_demand and not spec.on_demand_view:
-        raise _fail(f"{where}.features.on_demand.view", "is required with ratios")
+        raise fail(f"{where}.features.on_demand.view", "is required with ratios")
     for ratio in spec.on_demand:
         missing = {ratio.numerator, ratio.denominator} - set(spec.numeric_features)
         if missing:
-            raise _fail(
+            raise fail(
                 f"{where}.features.on_demand.{ratio.name}",
                 f"{', '.join(sorted(missing))} is not a numeric feature",
             )
     clash = set(spec.on_demand_features) & (set(spec.columns) | set(spec.features))
     if clash:
-        raise _fail(f"{where}.features.on_demand", f"{', '.join(sorted(clash))} already exists")
+        raise fail(f"{where}.features.on_demand", f"{', '.join(sorted(clash))} already exists")
+    _check_raw_tables(spec, where)
     unknown = [f for f in spec.families if f not in MODEL_FAMILIES]
     if unknown or not spec.families or len(set(spec.families)) < len(spec.families):
-        raise _fail(
+        raise fail(
             f"{where}.model.families",
             f"{list(spec.families)!r} must list some of {', '.join(MODEL_FAMILIES)}, each once",
         )
+
+
+def _check_raw_tables(spec: DatasetSpec, where: str) -> None:
+    """A generator's tables: its daily raw table among them, the others each with a role."""
+    at = f"{where}.raw_tables"
+    if not spec.raw_tables:
+        if spec.loop:
+            raise fail(at, "is required for the loop's dataset (roles: labels, entities, landing)")
+        return
+    if spec.source.kind != "generator":
+        raise fail(at, f"only a generator delivers several tables (source {spec.source.kind})")
+    if spec.raw_table not in spec.raw_tables:
+        raise fail(at, f"must declare the dataset's raw_table {spec.raw_table!r}")
+    if spec.raw_tables[spec.raw_table].role:
+        raise fail(f"{at}.{spec.raw_table}.role", "the dataset's raw_table takes no role")
+    for table in spec.raw_tables.values():
+        if table.name != spec.raw_table and not table.role:
+            raise fail(f"{at}.{table.name}.role", f"is required (one of {', '.join(RAW_ROLES)})")
+    missing = [role for role in RAW_ROLES if spec.loop and role not in _roles(spec)]
+    if missing:
+        raise fail(at, f"the loop's dataset needs a table for {', '.join(missing)}")
+
+
+def _roles(spec: DatasetSpec) -> set[str]:
+    return {table.role for table in spec.raw_tables.values() if table.role}
 
 
 def load_spec(folder: str | Path) -> DatasetSpec:
