@@ -177,3 +177,57 @@ def test_the_on_demand_ratios_are_the_declared_formulas():
         )
         expected = columns[ratio["numerator"]] / np.maximum(scaled, 1.0)
         np.testing.assert_array_equal(computed[ratio["name"]], expected)
+
+
+def test_the_loop_tables_keep_the_rules_their_dataset_yaml_declares(
+    tmp_path, keel_home, monkeypatch
+):
+    """A rule edited in dataset.yaml changes which rows are quarantined, and under what reason."""
+    import duckdb
+
+    from keel.ingestion import ACCOUNT_HOLDERS, load_partition
+    from keel.validation import validate_partition
+
+    assert ACCOUNT_HOLDERS.name in loop_dataset().raw_tables
+    source = tmp_path / "holders.csv"
+    rows = [
+        "1,2025-01-01,30,F,north,classic,5000",
+        "2,2025-01-01,70,M,south,gold,5000",
+        "3,2025-01-01,70,X,south,gold,5000",
+        # Past 32 bits: a wrong type (and so no value), not merely out of range.
+        "4,2025-01-01,4000000000,M,east,gold,5000",
+        "4,2025-01-01,40,M,east,platinum,5000",
+    ]
+    source.write_text("\n".join([",".join(ACCOUNT_HOLDERS.columns), *rows]) + "\n")
+
+    def quarantined() -> list[tuple]:
+        with duckdb.connect(str(keel_home.warehouse)) as connection:
+            load_partition(connection, ACCOUNT_HOLDERS, "snapshot", source)
+            verdict = validate_partition(connection, ACCOUNT_HOLDERS, "snapshot", 1.0)
+            found = connection.execute(
+                f"""select account_id, reason_code, reasons from {ACCOUNT_HOLDERS.quarantine}
+                    order by _row_number"""
+            ).fetchall()
+        assert verdict.quarantined_rows == len(found)
+        return found
+
+    assert quarantined() == [
+        ("3", "unknown_category", "unknown_category"),
+        ("4", "wrong_type", "wrong_type,missing_value"),
+        ("4", "duplicate", "duplicate"),
+    ]
+
+    def older_than_65(data):
+        for rule in data["raw_tables"][ACCOUNT_HOLDERS.name]["rules"]:
+            if rule["check"] == "between" and rule["column"] == "age":
+                rule["max"] = 65
+
+    root = tmp_path / "datasets"
+    loop_copy(root, "book", older_than_65)
+    monkeypatch.setenv("KEEL_DATASETS_DIR", os.path.relpath(root, DBT_PROJECT_DIR))
+    assert quarantined() == [
+        ("2", "out_of_range", "out_of_range"),
+        ("3", "out_of_range", "out_of_range,unknown_category"),
+        ("4", "wrong_type", "wrong_type,missing_value"),
+        ("4", "duplicate", "duplicate"),
+    ]
