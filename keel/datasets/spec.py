@@ -3,7 +3,8 @@
 The spec holds what differs from one dataset to the next: where the rows come from, the raw
 columns and their types, the entity and event time, the label and when it becomes known, the
 protected attributes, the features (with vocabularies and monotone directions), the columns
-that must never become features, the validation rules with their reason codes, the bounds of
+that must never become features, the validation rules with their reason codes (a generator's
+raw tables each with their own: ``keel.datasets.rules``), the bounds of
 the dataset-level checks, the gate bounds that differ from the defaults, and the names the
 model goes by. Every mistake is reported with the file and the key it sits under.
 
