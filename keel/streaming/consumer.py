@@ -318,11 +318,6 @@ def store_batches(writer: FeatureWriter, batches: list[LoggedBatch], stats: Cons
     stats.batches += len(batches)
 
 
-def process(log: EventLog, writer: FeatureWriter, msgs: list, stats: ConsumeStats) -> None:
-    """Both stages of one batch, one after the other (the caller acknowledges it afterwards)."""
-    store_batches(writer, [log_batch(log, msgs, stats)], stats)
-
-
 async def acknowledge_all(nc, msgs: list) -> None:
     """Acknowledge each message, then wait until the server has them all."""
     for msg in msgs:
