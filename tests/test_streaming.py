@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import uuid
 from datetime import date
 
@@ -197,7 +198,10 @@ def test_redelivered_and_malformed_events_change_nothing_and_training_sees_the_o
         resumed = await consume(settings, store, idle_exit_s=2.5)
         return stored, stored_again, crashed, resumed
 
+    switch_interval = sys.getswitchinterval()
     stored, stored_again, crashed, resumed = asyncio.run(run())
+    # The consumer's shorter interpreter-lock interval ends with it.
+    assert sys.getswitchinterval() == switch_interval
     assert stored == len(events) and stored_again == 0
     assert crashed.new_events == 200
     assert resumed.duplicates >= 200  # the unacknowledged batches, delivered again
