@@ -18,6 +18,7 @@ import dagster as dg
 import psycopg
 import pytest
 
+from keel.access.jobs import LAUNCHED_BY_TAG
 from keel.settings import KeelPaths
 from keel.team import scenario as team_scenario
 from keel.team import services
@@ -34,7 +35,8 @@ SCENARIO = Scenario(accounts=1_500, history_days=45, days=20, drift_day=12)
 def _audit_trail(result) -> list[tuple]:
     """The audit records as the scenario decided them (not who, as which identity, or when)."""
     return [
-        (r["model_name"], r["action"], r["from_version"], r["to_version"]) for r in result.audit
+        (r["model_name"], r["action"], r["from_version"], r["to_version"], r["reason"])
+        for r in result.audit
     ]
 
 
@@ -144,14 +146,18 @@ def test_the_closed_loop_on_the_team_profile_matches_the_local_profile(
                 team = run_scenario(
                     SCENARIO, instance, resources_for("team"), echo=print, queue=queue
                 )
-            runs = instance.get_run_records()
+            runs = {
+                record.dagster_run.run_id: record.dagster_run
+                for record in instance.get_run_records()
+            }
             taken = _workers_by_run(instance)
+            # Only the queued run coordinator records RUN_ENQUEUED; the scenario never launches
+            # a run itself, so a queued run that started was taken off the queue by the daemon.
             enqueued = {
-                record.dagster_run.run_id
-                for record in runs
-                if instance.all_logs(
-                    record.dagster_run.run_id, of_type=dg.DagsterEventType.RUN_DEQUEUED
-                )
+                run_id
+                for run_id in runs
+                if instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_ENQUEUED)
+                and instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_START)
             }
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
@@ -168,11 +174,13 @@ def test_the_closed_loop_on_the_team_profile_matches_the_local_profile(
 
     with capsys.disabled():
         print(f"\nlocal: {local.to_json()}\nteam: {team.to_json()}")
-    # Every run went through the queue and the daemon; every step ran on a Celery worker, and
-    # the steps of one run ran in both workers.
-    assert runs and enqueued == {record.dagster_run.run_id for record in runs}
+    # Every run went through the queue and the daemon, whose run launcher tagged it with the
+    # identity it launched it as; every run's steps ran on Celery workers, and the steps of one
+    # run ran in both workers.
+    assert runs and enqueued == set(runs)
+    assert {run.tags.get(LAUNCHED_BY_TAG) for run in runs.values()} == {"scenario-admin"}
     names = {entry["name"] for entry in workers}
-    assert set(taken) == enqueued
+    assert set(taken) == set(runs)
     assert any(used == names for used in taken.values()), taken
 
     # The same story on both profiles.
