@@ -32,8 +32,6 @@ DAYS = int(os.environ.get("KEEL_BENCH_DAYS", "30"))
 ACCOUNTS = int(os.environ.get("KEEL_BENCH_ACCOUNTS", "1000"))
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 JOB = "history"
-# Rows per partition of the raw tables and the daily features mart must agree across sides.
-RAW_TABLES = ("raw.account_activity", "raw.default_labels")
 
 
 def _scenario():
@@ -67,6 +65,7 @@ def _environment(values: dict[str, str]):
 def _rows(warehouse) -> dict[str, dict[str, int]]:
     """Rows per partition of each raw table and of the daily features mart."""
     from keel import schema
+    from keel.ingestion import ACCOUNT_ACTIVITY, DEFAULT_LABELS
 
     with warehouse.connect(read_only=True) as connection:
         (mart_schema,) = connection.execute(
@@ -74,7 +73,8 @@ def _rows(warehouse) -> dict[str, dict[str, int]]:
             [schema.FEATURES_MODEL],
         ).fetchone()
         queries = {
-            table: f"select _partition, count(*) from {table} group by 1" for table in RAW_TABLES
+            table.qualified: f"select _partition, count(*) from {table.qualified} group by 1"
+            for table in (ACCOUNT_ACTIVITY, DEFAULT_LABELS)
         }
         queries[schema.FEATURES_MODEL] = (
             f"select {schema.FEATURES_DAY}, count(*) "
