@@ -366,7 +366,7 @@ def test_a_third_dataset_from_a_file_reaches_a_registered_model(tmp_path, venv_b
     assert training["feature_service"] == "loans_v1" and training["features"] == 4
 
 
-@pytest.mark.slow
+# In `make test`: the shipped Taiwan file goes the whole way on every fresh clone (about a minute).
 def test_taiwan_goes_from_its_csv_to_a_registered_model_with_a_fairness_report(
     data_resources, keel_home
 ):
