@@ -41,7 +41,10 @@ BATCH = 1_000
 ROUNDS = 2
 SEED = 23
 FIRST_DAY = date(2026, 1, 5)
-PUBLISHER_DELAY_S = 5.0
+# The publisher starts once the consumer's durable subscription exists (the consumer creates it
+# when ready to take events), then this long after, at most LISTENER_TIMEOUT_S after its start.
+PUBLISHER_DELAY_S = 1.0
+LISTENER_TIMEOUT_S = 180.0
 
 
 def generated_events(count: int, first_day: date = FIRST_DAY):
@@ -89,13 +92,33 @@ async def _publish(subject: str, events, rate: float | None) -> int:
     return stored
 
 
-def publisher_process(subject: str, count: int, rate: float) -> None:
+async def _wait_for_listener(stream: str, durable: str) -> None:
+    import nats
+
+    nc = await nats.connect(NATS_URL)
+    js, deadline = nc.jetstream(), time.monotonic() + LISTENER_TIMEOUT_S
+    try:
+        while True:
+            try:
+                await js.consumer_info(stream, durable)
+                return
+            except Exception:  # not created yet
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no consumer {durable} on {stream}") from None
+                await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+
+
+def publisher_process(subject: str, count: int, rate: float, stream: str, durable: str) -> None:
     """Entry point of the publisher's own process (the consumer must not delay its clock).
 
     Its events come a month after the throughput run's, so each one lands in the online store
-    (newest wins), and it starts once the consumer is surely listening.
+    (newest wins), and it starts once the consumer is listening: a consumer's start-up
+    (Feast's imports) is not freshness.
     """
     events = generated_events(count, FIRST_DAY + timedelta(days=30))
+    asyncio.run(_wait_for_listener(stream, durable))
     time.sleep(PUBLISHER_DELAY_S)
     asyncio.run(_publish(subject, events, rate))
 
@@ -211,8 +234,9 @@ def main() -> None:
                 [
                     sys.executable, "-c",
                     "import sys; from bench.stream import publisher_process; "
-                    "publisher_process(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))",
-                    subject, str(FRESHNESS_EVENTS), str(RATE),
+                    "publisher_process(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), "
+                    "sys.argv[4], sys.argv[5])",
+                    subject, str(FRESHNESS_EVENTS), str(RATE), stream, side,
                 ],
                 cwd=Path(__file__).resolve().parent.parent,
             )  # fmt: skip

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from datetime import date, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,22 @@ EVENTS = 100_000
 KILL_AT = (25_000, 60_000)  # acknowledged events before each kill
 # Events arrive while the consumer runs (and dies), as from a live source.
 RATE = 800.0
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux's /proc), its store process among them."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
 
 
 def acknowledged(stream: str, durable: str) -> int:
@@ -91,8 +108,15 @@ def test_a_consumer_killed_twice_loses_and_double_counts_nothing(keel_home, reco
                 assert consumer.poll() is None, "the consumer stopped on its own"
                 assert time.monotonic() < deadline, f"{threshold} events not acknowledged in time"
                 time.sleep(0.2)
+            started = children(consumer.pid)
+            assert started, "the consumer runs its store stage in a process of its own"
             os.kill(consumer.pid, signal.SIGKILL)
             consumer.wait()
+            # The store process dies with the consumer: no writer outlives it.
+            gone_by = time.monotonic() + 10
+            while any(running(pid) for pid in started) and time.monotonic() < gone_by:
+                time.sleep(0.05)
+            assert not any(running(pid) for pid in started), "a child outlived the consumer"
             log = EventLog(state)
             logged_at_kill.append(log.counts()["events_counted"])
             log.close()

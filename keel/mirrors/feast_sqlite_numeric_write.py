@@ -14,12 +14,15 @@ Parity test: test_streaming_mirror.py::test_numeric_rows_write_what_the_store_wr
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
+import sqlite3
 import struct
 from datetime import UTC, datetime, timedelta
+from itertools import chain, repeat
 from typing import Literal
 
+import numpy as np
 from feast.feature_view import FeatureView
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.sqlite import _table_id, adapt_datetime_epoch
@@ -36,6 +39,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # A stored double is its Value proto: the double_val field's tag, then 8 little-endian bytes.
 _DOUBLE_TAG = b"\x29"
 _DOUBLE = struct.Struct("<d")
+_INT64 = struct.Struct("<q")
+# The same, for a whole column at once: a tag byte and a little-endian double, packed.
+_PACKED_DOUBLE = np.dtype([("tag", "u1"), ("value", "<f8")])
 # Rows per upsert statement (at most; a write's rows go in as few statements as that allows).
 # One statement runs all its rows inside SQLite, away from Python's interpreter lock: row by
 # row, each row waited for the lock again while other threads of the process ran Python.
@@ -71,12 +77,18 @@ class NumericRowWriter:
         # Batches touch most pages of a view's tables: keep them in memory between batches
         # (SQLite's default is 2 MiB), instead of reading them back from the file each time.
         self.connection.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        # A write-ahead log: a commit syncs one file once, where the rollback journal syncs the
+        # journal, the database and the journal's removal (synchronous stays as it was, FULL).
+        # Readers of the store (serving) read on while a write commits. The file keeps the mode.
+        with contextlib.suppress(sqlite3.OperationalError):  # busy: the journal stays
+            self.connection.execute("PRAGMA journal_mode = WAL")
         self.join_key = join_key
         self.features = list(features.items())
         self.names = [name for name, _ in self.features]
         self.doubles = [kind == "double" for _, kind in self.features]
         self.version = config.entity_key_serialization_version
         self.keys: dict[int, bytes] = {}
+        self.prefix = self._key_prefix()
         # Small counts repeat: their serialised protos are cached.
         self.int_values: dict[int, bytes] = {}
         # Keel's entity row as the store's json.dumps writes it: a float's and an int's repr
@@ -93,12 +105,31 @@ class NumericRowWriter:
         """Feast's serialised entity key of one int64 join key value."""
         key = self.keys.get(entity)
         if key is None:
-            proto = EntityKeyProto(
-                join_keys=[self.join_key], entity_values=[ValueProto(int64_val=entity)]
-            )
-            key = serialize_entity_key(proto, entity_key_serialization_version=self.version)
+            key = self._serialise(entity)
             self.keys[entity] = key
         return key
+
+    def _serialise(self, entity: int) -> bytes:
+        proto = EntityKeyProto(
+            join_keys=[self.join_key], entity_values=[ValueProto(int64_val=entity)]
+        )
+        return serialize_entity_key(proto, entity_key_serialization_version=self.version)
+
+    def _key_prefix(self) -> bytes | None:
+        """The bytes Feast puts before a key's 8 little-endian value bytes, where it does so."""
+        prefix = self._serialise(0)[:-8]
+        samples = (0, 1, -1, 2**40 + 7, -(2**63), 2**63 - 1)
+        if all(self._serialise(v) == prefix + _INT64.pack(v) for v in samples):
+            return prefix
+        return None
+
+    def keys_of(self, entities: list[int]) -> list[bytes]:
+        """``key`` of each entity; in Feast's layout of today, its prefix and value bytes."""
+        if self.prefix is None:
+            return [self.keys.get(entity) or self.key(entity) for entity in entities]
+        packed = np.asarray(entities, dtype="<i8").tobytes()
+        prefix = self.prefix
+        return [prefix + packed[i : i + 8] for i in range(0, len(packed), 8)]
 
     def int_value(self, value: int) -> bytes:
         raw = self.int_values.get(value)
@@ -114,30 +145,73 @@ class NumericRowWriter:
         ``created`` is the write time of them all (tz-aware). The timestamps go in as the
         store's SQLite adapter turns its naive datetimes into numbers, once per entity.
         """
+        if not rows:
+            return
+        columns = list(zip(*rows, strict=True))
+        values = [
+            np.asarray(column, dtype=np.float64 if double else np.int64)
+            for column, double in zip(columns[2:], self.doubles, strict=True)
+        ]
+        self.write_columns(columns[0], columns[1], values, created)
+
+    def write_columns(
+        self, entities, event_us, values: list[np.ndarray], created: datetime
+    ) -> None:
+        """``write`` from columns: entity ids, event times (us) and one array per feature.
+
+        Each feature's stored values are built for the whole column at once; the rows go to
+        SQLite in the order ``write`` gives them (per entity, its features in order).
+        """
         created_naive = created.astimezone(UTC).replace(tzinfo=None)
         created_s = adapt_datetime_epoch(created_naive)
         created_us = (created - _EPOCH) // timedelta(microseconds=1)
-        names, doubles, pack, int_value = self.names, self.doubles, _DOUBLE.pack, self.int_value
-        template = self.entity_json
-        feature_rows, entities = [], []
-        add_row, add_entity = feature_rows.extend, entities.extend
-        for entity, event_us, *values in rows:
-            key = self.key(entity)
-            event_s = adapt_datetime_epoch(_NAIVE_EPOCH + timedelta(microseconds=event_us))
-            values = [
-                float(v) if double else int(v) for v, double in zip(values, doubles, strict=True)
-            ]
-            for name, double, value in zip(names, doubles, values, strict=True):
-                raw = _DOUBLE_TAG + pack(value) if double else int_value(value)
-                add_row((key, name, raw, str(value), event_s, created_s, event_us, created_us))
-            if all(math.isfinite(v) for v in values):
-                features = template % tuple(values)
+        entities = [int(entity) for entity in entities]
+        event_us = [int(us) for us in event_us]
+        if len(values) != len(self.names) or any(len(v) != len(entities) for v in values):
+            raise ValueError(f"numeric rows need one value per entity of each of {self.names}")
+        keys = self.keys_of(entities)
+        event_s = [
+            adapt_datetime_epoch(_NAIVE_EPOCH + timedelta(microseconds=us)) for us in event_us
+        ]
+        per_feature, plain = [], []
+        for name, double, column in zip(self.names, self.doubles, values, strict=True):
+            if double:
+                column = np.asarray(column, dtype=np.float64)
+                packed = np.empty(len(column), dtype=_PACKED_DOUBLE)
+                packed["tag"] = _DOUBLE_TAG[0]
+                packed["value"] = column
+                raws = packed.view(f"V{_PACKED_DOUBLE.itemsize}").tolist()
             else:
-                features = json.dumps(dict(zip(names, values, strict=True)), separators=(",", ":"))
-            add_entity((key, event_us, created_us, features))
+                column = np.asarray(column, dtype=np.int64)
+                raws = list(map(self.int_value, column.tolist()))
+            numbers = column.tolist()
+            plain.append(numbers)
+            per_feature.append(
+                zip(
+                    keys, repeat(name), raws, map(str, numbers), event_s,
+                    repeat(created_s), event_us, repeat(created_us),
+                )
+            )  # fmt: skip
+        # Per entity, its features in order: Feast's row per entity and feature, flattened.
+        feature_rows = list(
+            chain.from_iterable(chain.from_iterable(zip(*per_feature, strict=True)))
+        )
+        finite = all(
+            bool(np.isfinite(column).all())
+            for column, d in zip(values, self.doubles, strict=True)
+            if d
+        )
+        if finite:
+            documents = [self.entity_json % numbers for numbers in zip(*plain, strict=True)]
+        else:
+            documents = [
+                json.dumps(dict(zip(self.names, numbers, strict=True)), separators=(",", ":"))
+                for numbers in zip(*plain, strict=True)
+            ]
+        entity_rows = list(chain.from_iterable(zip(keys, event_us, repeat(created_us), documents)))
         with self.connection:
             self._upsert(feature_rows, 8, 0)
-            self._upsert(entities, 4, 1)
+            self._upsert(entity_rows, 4, 1)
 
     def _upsert(self, flat: list, width: int, which: int) -> None:
         """Upsert rows given flat (``width`` values each), up to CHUNK_ROWS to a statement."""

@@ -1,10 +1,11 @@
 """``keel stream consume``: a durable JetStream consumer that keeps the streaming features current.
 
-Each batch of messages goes through two stages, each in a worker thread. First the log: the new
+Each batch of messages goes through two stages. First the log, in a worker thread: the new
 events go into the SQLite log (duplicates recognised by event id), the touched accounts' windows
-are recomputed from it and the log commits. Then the stores: the windows go to Feast's online
-store (newest wins on event time, then write time) and, as Parquet, to the push source's
-offline files, and only then is the batch acknowledged. While one batch is in the stores the
+are recomputed from it and the log commits. Then the stores, in a process of their own
+(``keel.streaming.store_process``): the windows go to Feast's online store (newest wins on event
+time, then write time) and, as Parquet, to the push source's offline files, and only then is
+the batch acknowledged. While one batch is in the stores the
 next one is logged, and the one after travels from JetStream.
 
 A process killed anywhere leaves every batch not yet in the stores unacknowledged; JetStream
@@ -32,6 +33,7 @@ from keel import schema
 from keel.streaming.events import EventError, decode
 from keel.streaming.features import FEATURE_VIEW, FEATURES
 from keel.streaming.state import HORIZON_US, EventLog
+from keel.streaming.store_process import StoreProcess
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -152,6 +154,7 @@ class FeatureWriter:
         self.scratch = self.offline_dir.parent / f".{self.offline_dir.name}.scratch"
         self.offline_dir.mkdir(parents=True, exist_ok=True)
         self.scratch.mkdir(parents=True, exist_ok=True)
+        self.offline_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-offline")
         # Feast's first online read imports modules for seconds, Parquet's writer for a fraction
         # of one: pay both before any event waits.
         self.read_back(0)
@@ -160,22 +163,13 @@ class FeatureWriter:
     def write(self, windows: list[tuple], first_seq: int, last_seq: int) -> pa.Table:
         """Write ``EventLog.windows`` rows online and offline; return them as the offline table."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from keel.files import replace_durably
 
         written_at = datetime.now(UTC)
-        if self.numeric is not None:
-            rows = [
-                (account, newest, hour / 100.0, hour_n, day / 100.0, day_n)
-                for account, newest, hour, hour_n, day, day_n in windows
-            ]
-            self.numeric.write(rows, written_at)
-        else:
-            self.online.online_write_batch(
-                self.config, self.view, _proto_rows(windows, written_at), None
-            )
         columns = list(zip(*windows, strict=True))
+        spend_1h = np.asarray(columns[2], dtype=np.int64) / 100.0
+        spend_today = np.asarray(columns[4], dtype=np.int64) / 100.0
+        hour_count = np.asarray(columns[3], dtype=np.int64)
+        day_count = np.asarray(columns[5], dtype=np.int64)
         table = pa.table(
             {
                 schema.ENTITY_KEY: pa.array(columns[0], pa.int64()),
@@ -185,19 +179,38 @@ class FeatureWriter:
                 schema.CREATED_TIMESTAMP: pa.array(
                     [written_at] * len(windows), pa.timestamp("us", tz="UTC")
                 ),
-                "spend_1h": pa.array(np.asarray(columns[2], dtype=np.int64) / 100.0),
-                "transactions_1h": pa.array(columns[3], pa.int64()),
-                "spend_today": pa.array(np.asarray(columns[4], dtype=np.int64) / 100.0),
-                "transactions_today": pa.array(columns[5], pa.int64()),
+                "spend_1h": pa.array(spend_1h),
+                "transactions_1h": pa.array(hour_count),
+                "spend_today": pa.array(spend_today),
+                "transactions_today": pa.array(day_count),
             }
         )
+        # The offline file is written and synced to disk while the online store writes and
+        # syncs its own; the call returns when both are done.
+        offline = self.offline_writer.submit(self._write_offline, table, first_seq, last_seq)
+        try:
+            if self.numeric is not None:
+                values = [spend_1h, hour_count, spend_today, day_count]
+                self.numeric.write_columns(columns[0], columns[1], values, written_at)
+            else:
+                self.online.online_write_batch(
+                    self.config, self.view, _proto_rows(windows, written_at), None
+                )
+        finally:
+            offline.result()
+        return table
+
+    def _write_offline(self, table: pa.Table, first_seq: int, last_seq: int) -> None:
+        import pyarrow.parquet as pq
+
+        from keel.files import replace_durably
+
         # Named by the batch's stream sequences: the same batch delivered again replaces its
         # file; a batch cut differently after a crash repeats equal values, which
         # point-in-time retrieval (latest write time) reads once.
         scratch = self.scratch / f"{uuid.uuid4().hex}.parquet"
         pq.write_table(table, scratch)
         replace_durably(scratch, self.offline_dir / f"{first_seq:012d}-{last_seq:012d}.parquet")
-        return table
 
     def read_back(self, account_id: int) -> dict:
         """One account's values read through the online store, as serving reads them."""
@@ -295,28 +308,15 @@ def log_batch(log: EventLog, msgs: list, stats: ConsumeStats) -> LoggedBatch:
     return LoggedBatch(msgs, min(seqs), max(seqs), windows, published)
 
 
-def store_batches(writer: FeatureWriter, batches: list[LoggedBatch], stats: ConsumeStats) -> None:
-    """Write logged batches' windows online and offline, read one back; then they may be acked.
+def store_batches(stage: StoreProcess, batches: list[LoggedBatch], stats: ConsumeStats) -> None:
+    """Write logged batches' windows online and offline in the store process; then ack them.
 
-    Batches that waited for the stores together go in one write: an account touched by more
-    than one of them is written once, with the window of the latest (computed from a log that
-    held all of them), so the online store does the same work for fewer events' rows.
+    Batches that waited for the stores together go in one write (``store_process.write_groups``).
     """
-    if len(batches) == 1:
-        windows = batches[0].windows
-    else:
-        latest = {row[0]: row for batch in batches for row in batch.windows}
-        windows = [latest[account] for account in sorted(latest)]
-    if windows:
-        first_seq = min(batch.first_seq for batch in batches)
-        last_seq = max(batch.last_seq for batch in batches)
-        table = writer.write(windows, first_seq, last_seq)
-        # Servable means readable through the online store, so read one value back.
-        expected = table.slice(table.num_rows - 1).to_pylist()[0]
-        got = writer.read_back(expected[schema.ENTITY_KEY])
-        if any(got[name] != expected[name] for name in FEATURES):
-            stats.readback_mismatches += 1
-        servable = time.time()
+    written = stage.write([(batch.first_seq, batch.last_seq, batch.windows) for batch in batches])
+    if written is not None:
+        servable, mismatch = written
+        stats.readback_mismatches += int(mismatch)
         for batch in batches:
             stats.freshness_s.extend(servable - at for at in batch.published)
         stats.latest_freshness = stats.freshness()
@@ -352,9 +352,15 @@ async def consume(
     from nats.errors import TimeoutError as NatsTimeout
 
     stats = ConsumeStats()
-    log = EventLog(settings.state_path)
-    writer = FeatureWriter(store, settings.offline_dir)
-    nc = await nats.connect(settings.url)
+    # The store process imports Feast while this one opens the log and connects.
+    stage = StoreProcess(store, settings.offline_dir)
+    try:
+        log = EventLog(settings.state_path)
+        nc = await nats.connect(settings.url)
+        await asyncio.to_thread(stage.wait_ready)
+    except BaseException:
+        stage.close()
+        raise
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(min(switch_interval, SWITCH_INTERVAL_S))
     # Two workers: a batch in the log stage while the ones before it are in the store stage.
@@ -376,7 +382,7 @@ async def consume(
         while waiting:
             batches = waiting[:]
             waiting.clear()
-            await in_thread(store_batches, writer, batches, stats)
+            await in_thread(store_batches, stage, batches, stats)
             if acknowledge:
                 await acknowledge_all(nc, [msg for batch in batches for msg in batch.msgs])
             stats.busy_s = time.perf_counter() - started
@@ -425,6 +431,7 @@ async def consume(
         await _give_back(nc, fetching)
         await nc.close()
         log.close()
+        stage.close()
     return stats
 
 
