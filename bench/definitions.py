@@ -2,7 +2,7 @@
 
 Each load is a fresh interpreter that imports ``orchestration.definitions`` and resolves the
 asset graph and every job, as ``dagster dev`` and each run's process do. The third dataset is
-scaffolded by ``keel dataset new`` from a small file of screenings, the way the guide adds one,
+scaffolded by ``keel dataset new`` from a small file of screenings, as the README adds one,
 in a copy of the datasets folder; ``keel prepare`` parses dbt first (not timed). The figure is
 the median of ``LOADS`` loads (goal: under 5 s with three datasets).
 """

@@ -84,7 +84,7 @@ def _serve(connection, config, repo_path: str, offline_dir: str, parent_pid: int
     try:
         from feast import FeatureStore
 
-        from keel.streaming.consumer import FeatureWriter
+        from keel.streaming.writer import FeatureWriter
 
         writer = FeatureWriter(FeatureStore(repo_path=repo_path, config=config), Path(offline_dir))
     except BaseException:
