@@ -202,7 +202,7 @@ def test_the_first_day_is_written_once():
                 places.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
     # Written in the loop's dataset.yaml alone; keel.schema reads it from there.
     assert places == [], places
-    assert FIRST_DAY and FIRST_DAY == loop_dataset().first_day
+    assert FIRST_DAY and loop_dataset().first_day == FIRST_DAY
     assert DAILY_PARTITIONS.start.date().isoformat() == FIRST_DAY
     assert GeneratorConfig().start.isoformat() == FIRST_DAY
 
