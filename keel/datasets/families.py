@@ -141,6 +141,7 @@ def fit_torch(
     from keel.training.data import positive_weight
     from keel.training.models import TorchRiskModel
     from keel.training.options import DEFAULT_TORCH_PARAMS
+    from keel.training.torch_fit import network_architecture
 
     label = spec.label.column
     device = select_device(device)
@@ -154,16 +155,7 @@ def fit_torch(
         )
     weight = positive_weight(parts["train"][label].to_numpy())
     params = DEFAULT_TORCH_PARAMS
-    architecture = {
-        "free_inputs": arrays["train"].free.shape[1],
-        "monotone_inputs": arrays["train"].monotone.shape[1],
-        "cardinalities": list(encoder.cardinalities),
-        "embedding_dim": int(params["embedding_dim"]),
-        "hidden_units": int(params["hidden_units"]),
-        "layers": int(params["layers"]),
-        "dropout": float(params["dropout"]),
-        "monotone_units": int(params["monotone_units"]),
-    }
+    architecture = network_architecture(arrays["train"], encoder.cardinalities, params)
     fit = fit_network(
         arrays["train"],
         arrays["validation"],

@@ -34,6 +34,25 @@ class TorchFit:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def network_architecture(
+    train: Any, cardinalities: Any, params: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The tabular net's shape: its input widths from the training arrays, the rest from params.
+
+    Saved beside the weights, so that a model file rebuilds the same network.
+    """
+    return {
+        "free_inputs": train.free.shape[1],
+        "monotone_inputs": train.monotone.shape[1],
+        "cardinalities": list(cardinalities),
+        "embedding_dim": int(params["embedding_dim"]),
+        "hidden_units": int(params["hidden_units"]),
+        "layers": int(params["layers"]),
+        "dropout": float(params["dropout"]),
+        "monotone_units": int(params["monotone_units"]),
+    }
+
+
 def train_torch(
     train: pd.DataFrame,
     validation: pd.DataFrame,
@@ -74,16 +93,7 @@ def train_torch(
         name: NetArrays(*encoder.network_arrays(frame), frame[LABEL].to_numpy(np.float32))
         for name, frame in (("train", train), ("validation", validation))
     }
-    architecture = {
-        "free_inputs": arrays["train"].free.shape[1],
-        "monotone_inputs": arrays["train"].monotone.shape[1],
-        "cardinalities": list(encoder.cardinalities),
-        "embedding_dim": int(full_params["embedding_dim"]),
-        "hidden_units": int(full_params["hidden_units"]),
-        "layers": int(full_params["layers"]),
-        "dropout": float(full_params["dropout"]),
-        "monotone_units": int(full_params["monotone_units"]),
-    }
+    architecture = network_architecture(arrays["train"], encoder.cardinalities, full_params)
     fit = fit_network(
         arrays["train"],
         arrays["validation"],
