@@ -220,35 +220,23 @@ def _catalog_params(catalog: str) -> dict[str, str]:
 def ensure_catalog_database(catalog: str) -> None:
     """Create the catalog's Postgres database if it is missing; clear errors if unreachable."""
     import psycopg2
-    import psycopg2.errors
+
+    from keel.postgres import ensure_database
 
     params = _catalog_params(catalog)
     where = f"{params.get('host', 'localhost')}:{params.get('port', '5432')}"
     try:
-        psycopg2.connect(**params, connect_timeout=10).close()
-        return
+        ensure_database(params)
     except psycopg2.OperationalError as error:
-        if f'"{params["dbname"]}" does not exist' not in str(error):
-            raise LakeError(
-                f"the lake catalog's Postgres at {where} cannot be reached: "
-                f"{str(error).strip()}. {POSTGRES_HINT.format(env=CATALOG_ENV)}"
-            ) from error
-    maintenance = psycopg2.connect(**{**params, "dbname": "postgres"}, connect_timeout=10)
-    try:
-        maintenance.autocommit = True
-        with maintenance.cursor() as cursor:
-            cursor.execute(f'create database "{params["dbname"]}"')
+        raise LakeError(
+            f"the lake catalog's Postgres at {where} cannot be reached: "
+            f"{str(error).strip()}. {POSTGRES_HINT.format(env=CATALOG_ENV)}"
+        ) from error
     except psycopg2.Error as error:
-        # Another worker creating it at the same moment fails us with DuplicateDatabase or a
-        # unique violation: the database is there, which is all we want.
-        if isinstance(error, (psycopg2.errors.DuplicateDatabase, psycopg2.errors.UniqueViolation)):
-            return
         raise LakeError(
             f"cannot create the lake catalog database {params['dbname']!r} at {where}: "
             f"{str(error).strip()}"
         ) from error
-    finally:
-        maintenance.close()
 
 
 @contextmanager

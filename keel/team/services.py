@@ -181,20 +181,14 @@ def system_services() -> list[Service]:
 
 def ensure_database(url: str) -> bool:
     """Create the database named in ``url`` unless it exists; True if it was created."""
-    import psycopg
-    from psycopg import sql
+    import psycopg2.extensions
 
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/")
-    if not name:
+    from keel import postgres
+
+    params = psycopg2.extensions.parse_dsn(url)
+    if not params.get("dbname"):
         raise SettingsError(f"{url} names no database")
-    maintenance = parts._replace(path="/postgres").geturl()
-    with psycopg.connect(maintenance, autocommit=True) as connection:
-        exists = connection.execute("select 1 from pg_database where datname = %s", [name])
-        if exists.fetchone():
-            return False
-        connection.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-    return True
+    return postgres.ensure_database(params)
 
 
 def state_dir(paths: KeelPaths) -> Path:
