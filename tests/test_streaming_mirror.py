@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -56,10 +57,26 @@ def _tables(store):
         connection.close()
 
 
-def test_numeric_rows_write_what_the_store_writes_from_protos(tmp_path):
+def _proto_and_numeric_stores(tmp_path: Path):
+    """Two fresh stores: one written through Feast's protos, one by the numeric writer."""
     from feast.infra.online_stores.helpers import get_online_store_from_config
 
     from keel.mirrors.feast_sqlite_numeric_write import NumericRowWriter
+
+    by_protos, by_numbers = _store(tmp_path / "protos"), _store(tmp_path / "numbers")
+    online = get_online_store_from_config(by_protos.config.online_store)
+    view = by_protos.get_feature_view(FEATURE_VIEW)
+    writer = NumericRowWriter(
+        get_online_store_from_config(by_numbers.config.online_store),
+        by_numbers.config,
+        by_numbers.get_feature_view(FEATURE_VIEW),
+        "account_id",
+        KINDS,
+    )
+    return by_protos, by_numbers, online, view, writer
+
+
+def test_numeric_rows_write_what_the_store_writes_from_protos(tmp_path):
 
     day = 1_767_571_200_000_000
     first = [
@@ -78,16 +95,7 @@ def test_numeric_rows_write_what_the_store_writes_from_protos(tmp_path):
         datetime(2026, 1, 5, 1, 2, 4, tzinfo=UTC),
     ]
 
-    by_protos, by_numbers = _store(tmp_path / "protos"), _store(tmp_path / "numbers")
-    online = get_online_store_from_config(by_protos.config.online_store)
-    view = by_protos.get_feature_view(FEATURE_VIEW)
-    writer = NumericRowWriter(
-        get_online_store_from_config(by_numbers.config.online_store),
-        by_numbers.config,
-        by_numbers.get_feature_view(FEATURE_VIEW),
-        "account_id",
-        KINDS,
-    )
+    by_protos, by_numbers, online, view, writer = _proto_and_numeric_stores(tmp_path)
     for rows, at in zip((first, second), created, strict=True):
         online.online_write_batch(by_protos.config, view, _proto_rows(rows, at), None)
         writer.write(rows, at)
@@ -123,9 +131,8 @@ def test_numeric_rows_refuse_a_store_they_do_not_mirror(tmp_path):
 def test_numeric_rows_in_whole_chunks_and_a_rest_write_what_the_store_writes(tmp_path):
     """Over a chunk of rows per statement, a key twice in one write, money given as ints."""
     import numpy as np
-    from feast.infra.online_stores.helpers import get_online_store_from_config
 
-    from keel.mirrors.feast_sqlite_numeric_write import CHUNK_ROWS, NumericRowWriter
+    from keel.mirrors.feast_sqlite_numeric_write import CHUNK_ROWS
 
     rng = np.random.default_rng(7)
     day = 1_767_571_200_000_000
@@ -147,16 +154,7 @@ def test_numeric_rows_in_whole_chunks_and_a_rest_write_what_the_store_writes(tmp
         rows.append((rows[0][0], rows[0][1] + 1, 1.25, 1, 2.5, 2))
         writes.append((rows, datetime(2026, 1, 5, 1, 2, round_, tzinfo=UTC)))
 
-    by_protos, by_numbers = _store(tmp_path / "protos"), _store(tmp_path / "numbers")
-    online = get_online_store_from_config(by_protos.config.online_store)
-    view = by_protos.get_feature_view(FEATURE_VIEW)
-    writer = NumericRowWriter(
-        get_online_store_from_config(by_numbers.config.online_store),
-        by_numbers.config,
-        by_numbers.get_feature_view(FEATURE_VIEW),
-        "account_id",
-        KINDS,
-    )
+    by_protos, by_numbers, online, view, writer = _proto_and_numeric_stores(tmp_path)
     for rows, at in writes:
         floats = [(a, t, float(h), hn, float(d), dn) for a, t, h, hn, d, dn in rows]
         online.online_write_batch(by_protos.config, view, _proto_rows(floats, at), None)
