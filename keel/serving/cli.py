@@ -22,6 +22,15 @@ def prepare_metrics_dir(port: int) -> str:
     return str(folder)
 
 
+def watcher_key() -> str:
+    """The release watcher's own key where identities are required and `keel team up` issued it."""
+    from keel.access.identity import identities_required
+    from keel.settings import KeelPaths
+    from keel.team.keys import WATCHER, service_key
+
+    return service_key(KeelPaths.current(), WATCHER) if identities_required() else ""
+
+
 def run_server(
     settings: ServeSettings, host: str, port: int, workers: int, log_level: str = "warning"
 ) -> None:
@@ -41,6 +50,7 @@ def run_server(
         settings.registry_config(),
         settings.resolved_log_dir(),
         webhook_url=os.environ.get("KEEL_ALERT_WEBHOOK", ""),
+        api_key=watcher_key(),
     ).start()
     try:
         uvicorn.run(

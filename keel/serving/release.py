@@ -37,6 +37,7 @@ from keel.serving.guardrails import BREACHED, PROMOTE, GuardrailPolicy, Verdict
 if TYPE_CHECKING:
     import pandas as pd
 
+    from keel.access import Identity
     from keel.registry import AuditRecord, ModelRegistry, RegistryConfig
     from keel.serving.log_tail import PredictionLogTail
 
@@ -322,7 +323,7 @@ def evaluate_release(
     registry: ModelRegistry,
     log_dir: str | Path,
     *,
-    actor: str = WATCHER,
+    actor: Identity | str = WATCHER,
     webhook_url: str = "",
     labels: pd.DataFrame | None = None,
     now: datetime | None = None,
@@ -427,11 +428,15 @@ class ReleaseWatcher:
         log_dir: str | Path,
         interval_s: float = DEFAULT_WATCH_SECONDS,
         webhook_url: str = "",
+        api_key: str = "",
     ) -> None:
         self.registry_config = registry_config
         self.log_dir = log_dir
         self.interval_s = interval_s
         self.webhook_url = webhook_url
+        # The watcher's own key (keel.team.keys): it acts as its service identity, not as
+        # whoever started ``keel serve``; without one it acts as the process.
+        self.api_key = api_key
         self.last_outcome: ReleaseOutcome | None = None
         self.last_error = ""
         self.tail = _new_tail()  # each check parses only the lines logged since the last
@@ -439,12 +444,14 @@ class ReleaseWatcher:
         self._thread: threading.Thread | None = None
 
     def check_once(self) -> ReleaseOutcome:
+        from keel.access import authenticate
         from keel.registry import ModelRegistry
 
+        actor = authenticate(key=self.api_key) if self.api_key else WATCHER
         registry = ModelRegistry(self.registry_config)
         try:
             outcome = evaluate_release(
-                registry, self.log_dir, webhook_url=self.webhook_url, tail=self.tail
+                registry, self.log_dir, actor=actor, webhook_url=self.webhook_url, tail=self.tail
             )
         finally:
             registry.close()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from keel.access.store import KEY_ENV
 from keel.settings import DAGSTER_CONFIG_DIR, PROJECT_ROOT, KeelPaths, SettingsError
 
 PG_URL_ENV = "KEEL_DAGSTER_PG_URL"
@@ -144,15 +145,23 @@ def write_instance_file(paths: KeelPaths) -> Path:
     return paths.dagster_home
 
 
-def team_environment(paths: KeelPaths) -> dict[str, str]:
-    """The environment of a worker: this one, on the team instance unless it names another."""
+def team_environment(paths: KeelPaths, service: str | None = None) -> dict[str, str]:
+    """The environment of a service: this one, on the team instance unless it names another.
+
+    ``service`` (`keel.team.keys`) acts with its own key once `keys.provision` has issued it,
+    never with the key of the person who started it.
+    """
+    from keel.team.keys import service_key
+
     defaults = {"DAGSTER_HOME": str(paths.dagster_home), **environment_defaults(paths)}
+    key = service_key(paths, service) if service else ""
     return {
         **defaults,
         **os.environ,
         "KEEL_PROFILE": "team",
         "KEEL_HOME": str(paths.home),
         "PYTHONPATH": str(PROJECT_ROOT),
+        **({KEY_ENV: key} if key else {}),
     }
 
 
@@ -246,17 +255,21 @@ def worker_command(queue: str, name: str) -> list[str]:
 
 def start_worker(paths: KeelPaths, queue: str, name: str) -> dict:
     """Start a worker in the background, its output in ``KEEL_HOME/team/NAME.log``."""
+    from keel.team.keys import WORKERS
+
     log = state_dir(paths) / f"{name}.log"
+    env = team_environment(paths, WORKERS)
     with log.open("ab") as out:
         process = subprocess.Popen(
             worker_command(queue, name),
             cwd=PROJECT_ROOT,
-            env=team_environment(paths),
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     entry = {"name": name, "queue": queue, "pid": process.pid, "log": str(log)}
+    entry["identity"] = _identity_name(env)
     _record(paths, [*recorded(paths), entry])
     return entry
 
@@ -284,11 +297,14 @@ def start_mlflow(paths: KeelPaths, host: str, port: int) -> dict:
         "--workers",
         "1",
     ]
+    # The tracking server never acts in Keel's registry: it gets nobody's key.
+    env = {**team_environment(paths), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop(KEY_ENV, None)
     with log.open("ab") as out:
         process = subprocess.Popen(
             command,
             cwd=PROJECT_ROOT,
-            env={**team_environment(paths), "MLFLOW_DISABLE_TELEMETRY": "true"},
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -352,10 +368,24 @@ def _signal_group(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
+def _identity_name(env: dict[str, str]) -> str:
+    """The identity a process with ``env`` acts as, for ``keel team status``."""
+    from keel.access.store import KeyStore, default_store_path
+
+    key = env.get(KEY_ENV, "").strip()
+    identity = KeyStore(default_store_path()).check(key) if key else None
+    return identity.name if identity else "no valid key"
+
+
 def stop_all(paths: KeelPaths, timeout: float = 15.0) -> list[dict]:
-    """Stop every recorded worker: SIGTERM (Celery finishes its step), then SIGKILL."""
+    """Stop every recorded process: SIGTERM (Celery finishes its step), then SIGKILL."""
+    return stop(paths, recorded(paths), timeout)
+
+
+def stop(paths: KeelPaths, entries: list[dict], timeout: float = 15.0) -> list[dict]:
+    """Stop the recorded processes ``entries`` and forget them; the others keep running."""
     stopped = []
-    for entry in recorded(paths):
+    for entry in entries:
         pid = entry["pid"]
         if alive(pid):
             # Each service leads its own process group (its server's workers included).
@@ -370,5 +400,6 @@ def stop_all(paths: KeelPaths, timeout: float = 15.0) -> list[dict]:
                 while alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.1)
         stopped.append(entry)
-    _record(paths, [])
+    pids = {entry["pid"] for entry in stopped}
+    _record(paths, [entry for entry in recorded(paths) if entry["pid"] not in pids])
     return stopped
