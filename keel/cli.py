@@ -20,7 +20,7 @@ from keel.serving.cli import serve
 from keel.serving.release_cli import release
 from keel.settings import DAGSTER_CONFIG_DIR, PROJECT_ROOT, KeelPaths, active_profile
 from keel.streaming.cli import stream
-from keel.team.cli import team, workers
+from keel.team.cli import scenario, team, workers
 
 
 def prepare_dagster_home(paths: KeelPaths, profile: str) -> Path:
@@ -179,6 +179,7 @@ cli.add_command(stream)
 cli.add_command(dataset)
 cli.add_command(team)
 cli.add_command(workers)
+cli.add_command(scenario)
 
 
 def main() -> None:

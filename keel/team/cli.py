@@ -22,9 +22,17 @@ def team() -> None:
 @click.option(
     "--mlflow-port", default=5000, show_default=True, help="MLflow server port; 0 starts none."
 )
-def up(workers: int, gpu_workers: int, mlflow_host: str, mlflow_port: int) -> None:
-    """Create Dagster's database, start the workers and the MLflow server, print where."""
-    from keel.team import services
+@click.option(
+    "--rotate-keys", is_flag=True, help="Revoke the services' API keys and issue new ones."
+)
+def up(
+    workers: int, gpu_workers: int, mlflow_host: str, mlflow_port: int, rotate_keys: bool
+) -> None:
+    """Create Dagster's database, start the workers and the MLflow server, print where.
+
+    Each long-running service gets an identity and API key of its own (keel.team.keys).
+    """
+    from keel.team import keys, services
 
     missing = [s for s in services.system_services() if not s.reachable()]
     if missing:
@@ -43,6 +51,12 @@ def up(workers: int, gpu_workers: int, mlflow_host: str, mlflow_port: int) -> No
     click.echo(f"feast registry   {feast}")
     home = services.write_instance_file(paths)
     click.echo(f"DAGSTER_HOME     {home}")
+    for entry in keys.provision(paths, rotate=rotate_keys):
+        state = "issued" if entry.issued else "kept"
+        click.echo(
+            f"identity {entry.name:<12} {', '.join(entry.roles):<18} key {entry.key_id} "
+            f"({state}) in {entry.key_file}"
+        )
     if services.recorded(paths):
         services.stop_all(paths)
     started = [
@@ -52,7 +66,10 @@ def up(workers: int, gpu_workers: int, mlflow_host: str, mlflow_port: int) -> No
     ]
     for entry in started:
         services.wait_until_ready(entry)
-        click.echo(f"worker {entry['name']:<16} queue {entry['queue']:<8} pid {entry['pid']}")
+        click.echo(
+            f"worker {entry['name']:<16} queue {entry['queue']:<8} pid {entry['pid']} "
+            f"as {entry['identity']}"
+        )
     if mlflow_port:
         server = services.start_mlflow(paths, mlflow_host, mlflow_port)
         services.wait_until_serving(server)
@@ -66,7 +83,7 @@ def up(workers: int, gpu_workers: int, mlflow_host: str, mlflow_port: int) -> No
 
 @team.command()
 def down() -> None:
-    """Stop the workers ``keel team up`` started."""
+    """Stop the workers ``keel team up`` started (the services' identities stay)."""
     from keel.team import services
 
     for entry in services.stop_all(KeelPaths.current()):
@@ -75,8 +92,8 @@ def down() -> None:
 
 @team.command()
 def status() -> None:
-    """Report each service reachable or not, and the workers started here."""
-    from keel.team import services
+    """Report each service reachable or not, the workers started here and who they act as."""
+    from keel.team import keys, services
 
     down_count = 0
     for service in services.system_services():
@@ -89,7 +106,10 @@ def status() -> None:
         down_count += not ok
         state = "running" if ok else "NOT running"
         where = f"queue {entry['queue']}" if "queue" in entry else entry["url"]
-        click.echo(f"{entry['name']:<10} {where:<30} pid {entry['pid']:<8} {state}")
+        who = f" as {entry['identity']}" if "identity" in entry else ""
+        click.echo(f"{entry['name']:<10} {where:<30} pid {entry['pid']:<8} {state}{who}")
+    for service, identity in keys.describe(KeelPaths.current()).items():
+        click.echo(f"{service:<10} acts as {identity}")
     raise SystemExit(1 if down_count else 0)
 
 
@@ -105,9 +125,109 @@ def start(queue: str, name: str | None) -> None:
     """Run a worker in the foreground on one queue (one per machine and queue, typically)."""
     from keel.settings import PROJECT_ROOT
     from keel.team import services
+    from keel.team.keys import WORKERS
 
     paths = KeelPaths.current()
     services.write_instance_file(paths)
     command = services.worker_command(queue, name or f"keel-{queue}-{os.getpid()}")
-    env = services.team_environment(paths)
+    env = services.team_environment(paths, WORKERS)
     raise SystemExit(subprocess.call(command, cwd=PROJECT_ROOT, env=env))
+
+
+@click.command("scenario")
+@click.option(
+    "--profile",
+    "profile_name",
+    type=click.Choice(["local", "team"]),
+    default=None,
+    help="Where runs execute: in this process (local) or through the team's run queue. "
+    "Default: the active profile.",
+)
+@click.option("--accounts", default=5_000, show_default=True, help="Accounts in the world.")
+@click.option("--history-days", default=45, show_default=True, help="Days before monitoring.")
+@click.option("--days", default=10, show_default=True, help="Days run one at a time.")
+@click.option("--drift-day", default=4, show_default=True, help="Monitored day drift starts.")
+@click.option(
+    "--workers", default=2, show_default=True, help="Celery workers started for it (team)."
+)
+def scenario(
+    profile_name: str | None,
+    accounts: int,
+    history_days: int,
+    days: int,
+    drift_day: int,
+    workers: int,
+) -> None:
+    """Play the closed loop day by day on generated data and print what happened each day.
+
+    On the team profile every run is queued, taken off the queue by a daemon and its steps run
+    on Celery workers; Postgres and RabbitMQ must be running (see keel team status).
+    """
+    from keel.settings import active_profile
+
+    profile_name = profile_name or active_profile()
+    if profile_name not in ("local", "team"):
+        raise click.UsageError(
+            f"the scenario plays on the local or team profile, not {profile_name}"
+        )
+    if not 0 <= drift_day < days:
+        raise click.BadParameter(
+            f"must lie in 0..{days - 1} (--days {days})", param_hint="--drift-day"
+        )
+    if workers < 1:
+        raise click.BadParameter("at least one worker", param_hint="--workers")
+    from orchestration.scenario import Scenario
+
+    played = Scenario(accounts=accounts, history_days=history_days, days=days, drift_day=drift_day)
+    os.environ["KEEL_PROFILE"] = profile_name
+    paths = KeelPaths.current().ensure()
+    drift_start = played.monitored_days[drift_day].isoformat()
+    click.echo(
+        f"Keel scenario ({profile_name} profile) in {paths.home}: {accounts} accounts, "
+        f"covariate drift from {drift_start}"
+    )
+    result = (
+        _play_team(played, paths, workers) if profile_name == "team" else _play_local(played, paths)
+    )
+    drifted = [day for day, flagged in result.drift_by_day.items() if flagged]
+    click.echo(f"drift flagged on {len(drifted)} days: {', '.join(drifted) or 'none'}")
+    click.echo(f"false alarms before {drift_start}: {len(result.false_alarms(drift_start))}")
+    for run in result.retraining_runs:
+        verdict = (
+            "registered" if run["success"] else f"rejected by {', '.join(run['failed_gates'])}"
+        )
+        click.echo(f"retraining run {run['run_id']} ({run['run_key']}): {verdict}")
+    click.echo(f"champion versions over time: {' -> '.join(result.champions)}")
+
+
+def _play_local(played, paths: KeelPaths):
+    import dagster as dg
+
+    from keel.cli import prepare_dagster_home
+    from orchestration.profiles import resources_for
+    from orchestration.scenario import run_scenario
+
+    prepare_dagster_home(paths, "local")
+    with dg.DagsterInstance.get() as instance:
+        return run_scenario(played, instance, resources_for("local"), echo=click.echo)
+
+
+def _play_team(played, paths: KeelPaths, workers: int):
+    import psycopg
+    import psycopg2
+
+    from keel.team import play, services
+
+    problems = play.unreachable()
+    if problems:
+        raise click.ClickException(
+            "the team profile cannot play here: " + "; ".join(problems) + " (keel team status)"
+        )
+    try:
+        play.prepare(paths)
+    except (psycopg.Error, psycopg2.Error) as error:
+        raise click.ClickException(
+            f"Postgres refused the team's databases ({services.dagster_pg_url()}): "
+            f"{str(error).strip()}"
+        ) from error
+    return play.play(played, paths, echo=click.echo, workers=workers)
