@@ -81,6 +81,12 @@ def dev(host: str, port: int, dashboards_port: int) -> None:
     """Serve the Dagster UI, run the daemon, and serve the Evidently UI beside them."""
     paths = KeelPaths.current()
     prepare_dagster_home(paths, active_profile())
+    if active_profile() == "team":
+        from keel.team.keys import DAEMON, use_key
+
+        # The daemon launches every run: as its service identity, not as whoever started it.
+        if use_key(paths, DAEMON):
+            click.echo(f"the Dagster daemon acts as {DAEMON}", err=True)
     dagster = Path(sys.executable).with_name("dagster")
     command = [str(dagster), "dev", "-w", "workspace.yaml", "-h", host, "-p", str(port)]
     if not dashboards_port:

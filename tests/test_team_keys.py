@@ -67,6 +67,8 @@ def test_provisioning_gives_each_service_one_identity_with_its_roles_and_reuses_
         assert (identity.name, identity.roles) == (service, {"deployer", "trainer"})
         assert identity.allows("run") and identity.allows("register")
         assert not identity.allows("approve") and not identity.allows("admin")
+    # `keel dev` on the team profile: its daemon acts as svc-daemon, not as the caller.
+    assert keys.use_key(keel_home, keys.DAEMON) and authenticate(store).name == "svc-daemon"
     watcher = authenticate(store, key=keys.service_key(keel_home, keys.WATCHER))
     assert watcher.allows("deploy") and not watcher.allows("run") and not watcher.allows("predict")
 
