@@ -67,6 +67,16 @@ def test_provisioning_gives_each_service_one_identity_with_its_roles_and_reuses_
         assert (identity.name, identity.roles) == (service, {"deployer", "trainer"})
         assert identity.allows("run") and identity.allows("register")
         assert not identity.allows("approve") and not identity.allows("admin")
+    # The daemon's launcher launches the schedules', sensors' and release runs, never an approval.
+    from keel.access import AccessDenied
+    from keel.access.jobs import LAUNCHED_BY_TAG, authorize_run
+
+    daemon = authenticate(store, key=keys.service_key(keel_home, keys.DAEMON))
+    for job in ("daily_pipeline", "retrain", "release"):
+        assert authorize_run(job, {}, daemon)[LAUNCHED_BY_TAG] == "svc-daemon"
+    approve = {"ops": {"apply_registry_action": {"config": {"action": "approve"}}}}
+    with pytest.raises(AccessDenied, match=r"svc-daemon .* may not approve"):
+        authorize_run("registry_action", approve, daemon)
     # `keel dev` on the team profile: its daemon acts as svc-daemon, not as the caller.
     assert keys.use_key(keel_home, keys.DAEMON) and authenticate(store).name == "svc-daemon"
     watcher = authenticate(store, key=keys.service_key(keel_home, keys.WATCHER))
