@@ -114,10 +114,11 @@ def provision(
 
 def describe(paths: KeelPaths, store: KeyStore | None = None) -> dict[str, str]:
     """Service -> its identity as the key file proves it (``svc-workers (deployer, trainer)``)."""
-    store = store or KeyStore(default_store_path())
     shown = {}
     for name in SERVICE_ROLES:
         key = service_key(paths, name)
+        if key and store is None:
+            store = KeyStore(default_store_path())
         identity = store.check(key) if key else None
         if not key:
             shown[name] = "no key (keel team up provisions it)"
