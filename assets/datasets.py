@@ -18,6 +18,7 @@ import dagster as dg
 from assets.ingestion import validation_check
 from keel.datasets.spec import DatasetSpec, discover
 from keel.files import atomic_write
+from orchestration.pools import WAREHOUSE_POOL
 from orchestration.resources import (
     ArtefactStore,
     FeatureStoreResource,
@@ -344,7 +345,7 @@ def dataset_landing_raw(spec: DatasetSpec) -> dg.AssetsDefinition:
         kinds={"python", "duckdb"},
         partitions_def=partitions(spec),
         backfill_policy=dg.BackfillPolicy.single_run(),
-        pool="warehouse",
+        pool=WAREHOUSE_POOL,
         code_version="1",
         description=f"{spec.description} A landing file a day ({spec.source.path}), as delivered.",
     )

@@ -13,6 +13,7 @@ import dagster as dg
 
 from assets.partitions import DAILY_PARTITIONS
 from keel.datasets.spec import DatasetSpec, discover, loop_dataset
+from orchestration.pools import WAREHOUSE_POOL
 from orchestration.resources import SourcesResource, WarehouseResource
 
 GROUP = "ingestion"
@@ -22,13 +23,13 @@ SNAPSHOT = "snapshot"
 
 
 # The generator's daily extracts: a backfill loads its whole range in one run, one transaction
-# per group of files; every warehouse writer shares the `warehouse` pool.
+# per group of files; raw loads share the `warehouse` pool (orchestration.pools).
 DAILY_EXTRACT = {
     "group_name": GROUP,
     "kinds": {"python", "duckdb"},
     "partitions_def": DAILY_PARTITIONS,
     "backfill_policy": dg.BackfillPolicy.single_run(),
-    "pool": "warehouse",
+    "pool": WAREHOUSE_POOL,
     "code_version": "1",
 }
 
@@ -46,7 +47,7 @@ def _loaded(tables: dict[str, int], source: str) -> dg.MaterializeResult:
 @dg.asset(
     group_name=GROUP,
     kinds={"python", "duckdb"},
-    pool="warehouse",
+    pool=WAREHOUSE_POOL,
     code_version="1",
 )
 def raw_account_holders(sources: SourcesResource, warehouse: WarehouseResource):
@@ -105,7 +106,7 @@ def raw_default_labels(
     group_name=GROUP,
     kinds={"python", "duckdb"},
     partitions_def=LANDING_PARTITIONS,
-    pool="warehouse",
+    pool=WAREHOUSE_POOL,
     code_version="1",
 )
 def raw_landed_activity(
@@ -133,7 +134,7 @@ def dataset_raw_asset(spec: DatasetSpec) -> dg.AssetsDefinition:
         key=dg.AssetKey([spec.name, "raw"]),
         group_name=spec.name,
         kinds={"python", "duckdb"},
-        pool="warehouse",
+        pool=WAREHOUSE_POOL,
         code_version="1",
         description=f"{spec.description} As delivered, checksum verified.",
     )
@@ -185,7 +186,7 @@ def validation_check(asset: dg.AssetsDefinition, table_name: str) -> dg.AssetChe
         asset=asset,
         name="great_expectations",
         blocking=True,
-        pool="warehouse",
+        pool=WAREHOUSE_POOL,
         description=(
             f"Great Expectations suite raw_{table_name}: bad rows go to quarantine.{table_name}; "
             "fails when a partition's bad share exceeds the configured limit."

@@ -17,11 +17,14 @@ from dagster_dbt import DagsterDbtTranslator, dbt_assets
 from assets.partitions import DAILY_PARTITIONS
 from keel.datasets.spec import discover
 from orchestration.dbt import dbt_project
+from orchestration.pools import dbt_pool
 from orchestration.resources import KeelDbtCliResource, WarehouseResource
 
 GROUP = "transformation"
 DAILY_SELECTION = "tag:daily"
 LANDING_SOURCE = "source.keel.landing.landed_activity"
+# The warehouse pool on a DuckDB file, a pool of its own on a lake (orchestration.pools).
+DBT_POOL = dbt_pool()
 
 
 # A dataset's own dbt models sit in the dataset's group, next to its raw table and model.
@@ -52,7 +55,7 @@ TRANSLATOR = KeelDbtTranslator()
     partitions_def=DAILY_PARTITIONS,
     backfill_policy=dg.BackfillPolicy.single_run(),
     dagster_dbt_translator=TRANSLATOR,
-    pool="warehouse",
+    pool=DBT_POOL,
     name="daily_dbt_models",
 )
 def daily_dbt_models(
@@ -95,7 +98,7 @@ def daily_dbt_models(
     project=dbt_project,
     exclude=DAILY_SELECTION,
     dagster_dbt_translator=TRANSLATOR,
-    pool="warehouse",
+    pool=DBT_POOL,
     name="dbt_models",
 )
 def dbt_models(
@@ -130,7 +133,7 @@ def _unit_test_specs() -> list[dg.AssetCheckSpec]:
 
 
 @dg.multi_asset_check(
-    specs=_unit_test_specs(), pool="warehouse", name="dbt_unit_tests", can_subset=True
+    specs=_unit_test_specs(), pool=DBT_POOL, name="dbt_unit_tests", can_subset=True
 )
 def dbt_unit_tests(
     context: dg.AssetCheckExecutionContext, dbt: KeelDbtCliResource, warehouse: WarehouseResource

@@ -24,7 +24,10 @@ from keel.team.cli import scenario, team, workers
 
 
 def prepare_dagster_home(paths: KeelPaths, profile: str) -> Path:
-    """Write the profile's ``dagster.yaml`` into DAGSTER_HOME and point the environment at it."""
+    """Write the profile's ``dagster.yaml`` into DAGSTER_HOME and point the environment at it.
+
+    The team instance also gets its database and its pool limits (orchestration.pools).
+    """
     paths.ensure()
     target = paths.dagster_home / "dagster.yaml"
     source = DAGSTER_CONFIG_DIR / f"{profile}.yaml"
@@ -38,7 +41,20 @@ def prepare_dagster_home(paths: KeelPaths, profile: str) -> Path:
         # machine's services, as `keel team up` starts them.
         for name, value in services.environment_defaults(paths).items():
             os.environ.setdefault(name, value)
+        _set_team_pool_limits(paths)
     return paths.dagster_home
+
+
+def _set_team_pool_limits(paths: KeelPaths) -> None:
+    import dagster as dg
+
+    from keel.team import services
+    from orchestration.pools import set_pool_limits
+
+    # Pool limits live in the instance's storage, so the database must exist first.
+    services.ensure_database(os.environ[services.PG_URL_ENV])
+    with dg.DagsterInstance.from_config(str(paths.dagster_home)) as instance:
+        set_pool_limits(instance, "team")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

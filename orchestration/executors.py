@@ -26,6 +26,8 @@ QUEUE_PREFIX_ENV = "KEEL_CELERY_QUEUE_PREFIX"
 DEFAULT_BROKER = "pyamqp://guest:guest@127.0.0.1:5672//"
 QUEUES = ("default", "gpu")
 GPU_TAG = "gpu"
+# A step waiting for a pool slot asks again after at most this many seconds (Dagster: 15).
+POOL_CLAIM_MAX_WAIT_S = 2
 
 
 def broker_url() -> str:
@@ -96,8 +98,14 @@ class KeelCeleryExecutor(CeleryExecutor):
     """dagster-celery's executor, routing each step to Keel's queue for it."""
 
     def execute(self, plan_context, execution_plan):
+        from dagster._core.execution.plan import instance_concurrency_context
         from dagster_celery.core_execution_loop import core_celery_execution_loop
 
+        # A freed pool slot is kept for the step first in line until that step asks again, and
+        # Dagster spaces a waiting step's asks out to 15 s: the one-slot dbt pool then idled
+        # for seconds between a backfill's runs. This process orchestrates this run alone.
+        assert hasattr(instance_concurrency_context, "MAX_CONCURRENCY_CLAIM_BLOCKED_INTERVAL")
+        instance_concurrency_context.MAX_CONCURRENCY_CLAIM_BLOCKED_INTERVAL = POOL_CLAIM_MAX_WAIT_S
         return core_celery_execution_loop(
             plan_context, execution_plan, step_execution_fn=_submit_step
         )

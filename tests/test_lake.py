@@ -24,7 +24,7 @@ import pytest
 from assets.ingestion import INGESTION_CHECKS, raw_account_activity
 from keel import schema
 from keel.generator import generate_day
-from keel.ingestion import ACCOUNT_ACTIVITY, load_partition, load_partitions
+from keel.ingestion import ACCOUNT_ACTIVITY, DEFAULT_LABELS, load_partition, load_partitions
 from keel.lake import LakeError, ensure_catalog_database, extension_file, in_transaction
 from keel.settings import KeelPaths
 from orchestration.resources import SourcesResource, WarehouseResource
@@ -201,6 +201,43 @@ def test_a_replacement_refused_as_a_conflict_runs_again(lake, tmp_path):
     assert len(attempts) == 2
     assert _partition_digest(lake, DAYS[0])[:2] == (25, 25)
     assert _partition_digest(lake, DAYS[1])[:2] == (30, 30)
+
+
+def test_a_commit_to_another_table_meanwhile_neither_refuses_nor_repeats_ours(lake, tmp_path):
+    """Another worker loads a day of the labels while our activity day is uncommitted (raw
+    loads of different tables run side by side on the team profile): both commit, ours once."""
+    activity = tmp_path / "activity.csv"
+    activity.write_text(
+        "account_id,activity_date\n" + "".join(f"{i},{DAYS[0]}\n" for i in range(40))
+    )
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "account_id,observation_date\n" + "".join(f"{i},{DAYS[0]}\n" for i in range(15))
+    )
+    with lake.connect() as connection:
+        load_partition(connection, ACCOUNT_ACTIVITY, DAYS[0], activity)
+    attempts = []
+
+    def replace_ours() -> None:
+        attempts.append(1)
+        connection.execute("delete from raw.account_activity where _partition = ?", [DAYS[0]])
+        connection.execute(
+            """insert into raw.account_activity (_partition, _row_number, _loaded_at, account_id)
+               select ?, i, now(), i::varchar from range(25) t(i)""",
+            [DAYS[0]],
+        )
+        with lake.connect() as other:
+            load_partition(other, DEFAULT_LABELS, DAYS[0], labels)
+
+    with lake.connect() as connection:
+        in_transaction(connection, replace_ours)
+    assert len(attempts) == 1
+    assert _partition_digest(lake, DAYS[0])[:2] == (25, 25)
+    with lake.connect(read_only=True) as connection:
+        landed = connection.execute(
+            "select count(*) from raw.default_labels where _partition = ?", [DAYS[0]]
+        ).fetchone()
+    assert landed == (15,)
 
 
 WORKER = textwrap.dedent(

@@ -49,7 +49,10 @@ def up(
     feast = services.feast_registry_url()
     services.ensure_database(feast.replace("+psycopg", "", 1))
     click.echo(f"feast registry   {feast}")
-    home = services.write_instance_file(paths)
+    from keel.cli import prepare_dagster_home
+
+    # The instance file, and the pool limits that let the workers' lake writers run side by side.
+    home = prepare_dagster_home(paths, "team")
     click.echo(f"DAGSTER_HOME     {home}")
     for entry in keys.provision(paths, rotate=rotate_keys):
         state = "issued" if entry.issued else "kept"
