@@ -1,9 +1,10 @@
 """A small real Keel job for the team profile's tests, importable by the Celery workers.
 
-One day of the generator's extracts loaded into the warehouse and validated: four steps
-(two raw tables, their blocking validation checks), each a Celery task of the team executor.
-The workers rebuild the job from this module, with resources from the same environment
-(KEEL_HOME, the small generator) as the test that launched the run.
+One day of the generator's extracts loaded into the team profile's warehouse (the lake) and
+validated: four steps (two raw tables, their blocking validation checks), each a Celery task
+of the team executor; ``load_job`` is the two loads alone. The workers rebuild the job from
+this module, with resources from the same environment (KEEL_HOME, KEEL_LAKE_CATALOG, the
+generator's size) as the test that launched the run.
 """
 
 import os
@@ -32,22 +33,31 @@ def sources() -> SourcesResource:
 
 
 def _resources() -> dict:
-    return {**resources_for("local"), "sources": sources()}
+    return {**resources_for("team"), "sources": sources()}
 
 
-def ingest_job() -> dg.JobDefinition:
-    """Ingest and validate one day, every step on a Celery worker."""
+def _raw_job(name: str, validated: bool) -> dg.JobDefinition:
     assets = [raw_account_activity, raw_default_labels]
     keys = {a.key for a in assets}
     checks = [c for c in INGESTION_CHECKS if {k.asset_key for k in c.check_keys} <= keys]
     defs = dg.Definitions(
         assets=assets,
-        asset_checks=checks,
-        jobs=[dg.define_asset_job("team_ingest", selection=dg.AssetSelection.assets(*assets))],
+        asset_checks=checks if validated else [],
+        jobs=[dg.define_asset_job(name, selection=dg.AssetSelection.assets(*assets))],
         resources=_resources(),
         executor=executor_for("team"),
     )
-    return defs.resolve_job_def("team_ingest")
+    return defs.resolve_job_def(name)
+
+
+def ingest_job() -> dg.JobDefinition:
+    """Ingest and validate one day, every step on a Celery worker."""
+    return _raw_job("team_ingest", validated=True)
+
+
+def load_job() -> dg.JobDefinition:
+    """Load one day into both raw tables, two steps on Celery workers, no validation."""
+    return _raw_job("team_load", validated=False)
 
 
 @dg.asset(deps=[raw_account_activity], op_tags=GPU_OP_TAGS)

@@ -18,6 +18,7 @@ import yaml
 from click.testing import CliRunner
 
 from keel import cli as keel_cli
+from keel.lake import CATALOG_ENV, DATA_PATH_ENV
 from keel.team import services
 from orchestration.executors import executor_for, queue_name, step_queue
 
@@ -41,10 +42,14 @@ def team_env(keel_home, monkeypatch):
     monkeypatch.setenv(
         services.FEAST_REGISTRY_ENV, f"postgresql+psycopg://postgres@127.0.0.1:5432/{feast}"
     )
+    # The lake's catalog of this test alone; its Parquet under the test's KEEL_HOME (lake/).
+    lake = f"keel_lake_test_{unique}"
+    monkeypatch.setenv(CATALOG_ENV, f"{PG_SERVER}/{lake}")
+    monkeypatch.delenv(DATA_PATH_ENV, raising=False)
     yield keel_home, url
     services.stop_all(keel_home)
     with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as connection:
-        for name in (database, f"keel_mlflow_test_{unique}", audit, feast):
+        for name in (database, f"keel_mlflow_test_{unique}", audit, feast, lake):
             connection.execute(f'drop database if exists "{name}" with (force)')
         connection.execute(f'drop role if exists "{audit}"')
 
@@ -80,6 +85,20 @@ def _logs_a_run_and_a_model_version_through_the_server(url: str, paths) -> None:
         versions = connection.execute("select name, version from model_versions").fetchall()
     assert metrics == [("auc", 0.75)]
     assert versions == [("team-test-model", 1)]
+
+
+@pytest.fixture
+def team_lake(team_env):
+    """The team profile's warehouse, a lake whose catalog database exists before any worker."""
+    import psycopg2.extensions
+
+    from keel.postgres import ensure_database
+    from orchestration.profiles import resources_for
+
+    ensure_database(psycopg2.extensions.parse_dsn(os.environ[CATALOG_ENV]))
+    warehouse = resources_for("team")["warehouse"]
+    assert warehouse.is_lake and warehouse.catalog == os.environ[CATALOG_ENV]
+    return warehouse
 
 
 @pytest.fixture
@@ -141,6 +160,15 @@ def _worker_steps(instance: dg.DagsterInstance, run_id: str) -> dict[str, list[s
     return taken
 
 
+def _started_steps(instance: dg.DagsterInstance, run_id: str) -> dict[str, int]:
+    """How many times each step of the run began its body (STEP_START), on whichever worker."""
+    started: dict[str, int] = {}
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START):
+        step = record.dagster_event.step_key
+        started[step] = started.get(step, 0) + 1
+    return started
+
+
 def _start_workers(paths, count: int) -> list[dict]:
     entries = [services.start_worker(paths, "default", f"w{n}-{os.getpid()}") for n in range(count)]
     for entry in entries:
@@ -149,7 +177,7 @@ def _start_workers(paths, count: int) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_steps_of_one_run_execute_in_both_celery_workers(team_instance, team_env):
+def test_steps_of_one_run_execute_in_both_celery_workers(team_instance, team_env, team_lake):
     from tests.team_support import ingest_job
 
     paths, _ = team_env
@@ -165,17 +193,21 @@ def test_steps_of_one_run_execute_in_both_celery_workers(team_instance, team_env
     names = {f"{entry['name']}@" for entry in workers}
     used = {worker.split("@")[0] + "@" for runs in taken.values() for worker in runs}
     assert used == names, taken
-    # Both tables hold the day once, loaded by whichever worker took the step.
-    assert _day_rows(paths) == _expected_rows(result)
+    # Both tables of the lake hold the day once, loaded by whichever worker took the step.
+    assert _day_rows(team_lake) == _expected_rows(result)
+    assert _day_commits(team_lake) == {
+        table: [(rows, 0)] for table, (rows, _) in _expected_rows(result).items()
+    }
 
 
-def _day_rows(paths) -> dict[str, tuple[int, int]]:
-    """Rows and distinct keys of the day in each raw table of the warehouse."""
-    import duckdb
+RAW_TABLES = ("account_activity", "default_labels")
 
+
+def _day_rows(warehouse) -> dict[str, tuple[int, int]]:
+    """Rows and distinct keys of the day in each raw table of the lake, as a reader sees it."""
     from keel.ingestion import ACCOUNT_ACTIVITY, DEFAULT_LABELS
 
-    with duckdb.connect(str(paths.warehouse), read_only=True) as connection:
+    with warehouse.connect(read_only=True) as connection:
         return {
             table.name: connection.execute(
                 f"select count(*), count(distinct ({', '.join(table.key)})) "
@@ -183,6 +215,28 @@ def _day_rows(paths) -> dict[str, tuple[int, int]]:
                 [DAY],
             ).fetchone()
             for table in (ACCOUNT_ACTIVITY, DEFAULT_LABELS)
+        }
+
+
+def _day_commits(warehouse) -> dict[str, list[tuple[int, int]]]:
+    """Each commit of the lake that changed the day in each raw table: rows inserted, deleted.
+
+    Read from the catalog's change feed over the lake's whole history, so a half day that was
+    ever committed, even one replaced since, shows here.
+    """
+    with warehouse.connect(read_only=True) as connection:
+        (last,) = connection.execute(
+            "select max(snapshot_id) from ducklake_snapshots('lake')"
+        ).fetchone()
+        return {
+            name: connection.execute(
+                "select count(*) filter (change_type = 'insert'), "
+                "count(*) filter (change_type = 'delete') "
+                "from ducklake_table_changes('lake', 'raw', ?, 0, ?) "
+                "where _partition = ? group by snapshot_id order by snapshot_id",
+                [name, last, DAY],
+            ).fetchall()
+            for name in RAW_TABLES
         }
 
 
@@ -214,19 +268,20 @@ def _expected_rows(result) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_step_hands_the_step_to_the_other_and_the_run_completes(
-    team_instance, team_env, monkeypatch
+    team_instance, team_env, team_lake, monkeypatch
 ):
-    from tests.team_support import ACCOUNTS_ENV, ingest_job
+    from tests.team_support import ACCOUNTS_ENV, load_job
 
     paths, _ = team_env
-    # A bigger world, so the first step is still running when its worker is killed.
-    monkeypatch.setenv(ACCOUNTS_ENV, "20000")
+    # The two loads alone (the validation steps would only lengthen the run after the kill), on
+    # a world big enough that each day's table is written as Parquet files, not inlined.
+    monkeypatch.setenv(ACCOUNTS_ENV, "2000")
     workers = {entry["name"]: entry["pid"] for entry in _start_workers(paths, 2)}
     outcome = {}
 
     def launch() -> None:
         outcome["result"] = dg.execute_job(
-            dg.reconstructable(ingest_job), instance=team_instance, tags={"dagster/partition": DAY}
+            dg.reconstructable(load_job), instance=team_instance, tags={"dagster/partition": DAY}
         )
 
     runner = threading.Thread(target=launch)
@@ -235,10 +290,13 @@ def test_a_worker_killed_mid_step_hands_the_step_to_the_other_and_the_run_comple
     deadline = time.monotonic() + 240
     while killed is None and time.monotonic() < deadline and runner.is_alive():
         for run in team_instance.get_runs(limit=1):
+            # A step whose body has begun (generating the day, opening the lake, writing it).
+            started = _started_steps(team_instance, run.run_id)
             for step, taken in _worker_steps(team_instance, run.run_id).items():
-                killed = (step, taken[0].split("@")[0])
-                os.kill(workers[killed[1]], signal.SIGKILL)
-                break
+                if step in started:
+                    killed = (step, taken[0].split("@")[0])
+                    os.kill(workers[killed[1]], signal.SIGKILL)
+                    break
         time.sleep(0.05)
     runner.join(timeout=600)
     assert killed is not None, "no step reached a worker"
@@ -249,8 +307,15 @@ def test_a_worker_killed_mid_step_hands_the_step_to_the_other_and_the_run_comple
     step, victim = killed
     assert len(taken[step]) == 2, taken
     assert taken[step][1].split("@")[0] != victim
-    # The day once in each raw table: every generated row, no duplicate, nothing half-loaded.
-    assert _day_rows(paths) == _expected_rows(result) == _generated_rows()
+    assert _started_steps(team_instance, result.run_id)[step] == 2
+    # The day once in each raw table of the lake: every generated row, no duplicate key.
+    generated = _generated_rows()
+    assert _day_rows(team_lake) == _expected_rows(result) == generated
+    # Each commit that touched the day in the lake's history wrote it whole (replacing the
+    # whole day, if any): no reader of any snapshot saw the day half loaded or twice.
+    for table, commits in _day_commits(team_lake).items():
+        rows = generated[table][0]
+        assert commits[0] == (rows, 0) and set(commits[1:]) <= {(rows, rows)}, commits
 
 
 @pytest.mark.slow
