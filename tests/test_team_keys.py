@@ -303,3 +303,12 @@ def test_keel_scenario_plays_the_closed_loop_through_the_team_queue(keys_world):
     assert runs and {run.tags.get(LAUNCHED_BY_TAG) for run in runs} == {"svc-daemon"}
     assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
     assert services.recorded(paths) == []
+    # The workers registered and attached bundles as their identity; nothing was refused.
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    audit = make_url(services.audit_uri()).database
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{audit}") as connection:
+        trail = connection.execute("select action, actor from keel_registry_audit").fetchall()
+    assert ("register", "svc-workers") in trail and ("attach_bundle", "svc-workers") in trail
+    assert not any(action == "denied" for action, _ in trail)
