@@ -15,6 +15,7 @@ from keel.cost.cli import cost
 from keel.dashboards.cli import dashboards
 from keel.dashboards.service import DEFAULT_PORT as DASHBOARDS_PORT
 from keel.datasets.cli import dataset
+from keel.lake_cli import lake
 from keel.registry_cli import registry
 from keel.serving.cli import serve
 from keel.serving.release_cli import release
@@ -199,6 +200,7 @@ cli.add_command(access)
 cli.add_command(cost)
 cli.add_command(stream)
 cli.add_command(dataset)
+cli.add_command(lake)
 cli.add_command(team)
 cli.add_command(workers)
 cli.add_command(scenario)

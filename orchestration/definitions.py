@@ -22,6 +22,7 @@ from keel.settings import active_profile
 from orchestration.dashboards import DASHBOARD_SENSORS
 from orchestration.executors import executor_for
 from orchestration.jobs import JOBS
+from orchestration.lake_maintenance import lake_definitions
 from orchestration.profiles import resources_for
 from orchestration.release_sensors import RELEASE_SENSORS
 from orchestration.schedules import SCHEDULES
@@ -45,11 +46,15 @@ STAGES = [
     streaming,
 ]
 
+RESOURCES = resources_for()
+# The weekly lake upkeep, in the profiles whose warehouse is a lake (team, production).
+LAKE_JOBS, LAKE_SCHEDULES = lake_definitions(RESOURCES["warehouse"])
+
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(STAGES),
     asset_checks=dg.load_asset_checks_from_modules(STAGES),
-    jobs=[*JOBS, *registry.REGISTRY_JOBS, *rag.RAG_JOBS],
-    schedules=[*SCHEDULES, *rag.RAG_SCHEDULES],
+    jobs=[*JOBS, *registry.REGISTRY_JOBS, *rag.RAG_JOBS, *LAKE_JOBS],
+    schedules=[*SCHEDULES, *rag.RAG_SCHEDULES, *LAKE_SCHEDULES],
     sensors=[
         *SENSORS,
         *RELEASE_SENSORS,
@@ -58,7 +63,7 @@ defs = dg.Definitions(
         *rag.RAG_SENSORS,
         *streaming.STREAM_SENSORS,
     ],
-    resources=resources_for(),
+    resources=RESOURCES,
     # Steps run in their own processes here, or as Celery tasks in the team profile.
     executor=executor_for(active_profile()),
 )
