@@ -278,13 +278,17 @@ def test_the_weekly_job_is_defined_where_the_warehouse_is_a_lake(keel_home):
 
 
 def test_the_job_runs_maintenance_and_reports_its_numbers(lake, tmp_path):
+    """Inlined rows flushed to a file, a file half deleted rewritten, the summary as metadata."""
     from orchestration.lake_maintenance import lake_maintenance
 
     _reload(lake, tmp_path, times=1)
     with lake.connect() as connection:
         # Within DuckLake's inlining limit: the rows stay in the catalog until flushed.
         connection.execute("create table events as select range as id from range(3)")
-    assert len(_stored(lake)) == 2
+        connection.execute("create table halved as select range as id from range(100)")
+        connection.execute("delete from halved where id % 2 = 0")
+    # Two versions of the day, the halved table's file and its delete file.
+    assert len(_stored(lake)) == 4
     config = {"ops": {"maintain_lake": {"config": {"older_than": "0", "grace": "0"}}}}
     result = lake_maintenance.execute_in_process(run_config=config, resources={"warehouse": lake})
     assert result.success
@@ -293,8 +297,11 @@ def test_the_job_runs_maintenance_and_reports_its_numbers(lake, tmp_path):
         for event in result.all_node_events
         if event.is_successful_output
     ]
-    assert metadata["rows_flushed"].value == 3
-    assert metadata["files_deleted"].value == 1
-    assert metadata["snapshots_expired"].value > 0
-    assert len(_stored(lake)) == 2
+    numbers = {name: value.value for name, value in metadata.items()}
+    assert numbers["rows_flushed"] == 3
+    assert (numbers["files_compacted"], numbers["files_written"]) == (1, 1)
+    assert numbers["files_deleted"] == 3 and numbers["snapshots_expired"] > 0
+    assert (numbers["live_files_before"], numbers["live_files_after"]) == (3, 3)
+    assert len(_stored(lake)) == 3
     assert _contents(lake, "events") == [(0,), (1,), (2,)]
+    assert _contents(lake, "halved") == [(i,) for i in range(1, 100, 2)]
