@@ -28,6 +28,8 @@ QUEUES = ("default", "gpu")
 GPU_TAG = "gpu"
 # A step waiting for a pool slot asks again after at most this many seconds (Dagster: 15).
 POOL_CLAIM_MAX_WAIT_S = 2
+# How often a run's orchestrating process looks for finished steps (dagster-celery: 1 s).
+EXECUTION_TICK_S = 0.25
 
 
 def broker_url() -> str:
@@ -99,13 +101,17 @@ class KeelCeleryExecutor(CeleryExecutor):
 
     def execute(self, plan_context, execution_plan):
         from dagster._core.execution.plan import instance_concurrency_context
+        from dagster_celery import core_execution_loop
         from dagster_celery.core_execution_loop import core_celery_execution_loop
 
         # A freed pool slot is kept for the step first in line until that step asks again, and
         # Dagster spaces a waiting step's asks out to 15 s: the one-slot dbt pool then idled
-        # for seconds between a backfill's runs. This process orchestrates this run alone.
+        # for seconds between a backfill's runs. A finished step frees its slot only once this
+        # loop sees it, so it looks more often too. This process orchestrates this run alone.
         assert hasattr(instance_concurrency_context, "MAX_CONCURRENCY_CLAIM_BLOCKED_INTERVAL")
+        assert hasattr(core_execution_loop, "TICK_SECONDS")
         instance_concurrency_context.MAX_CONCURRENCY_CLAIM_BLOCKED_INTERVAL = POOL_CLAIM_MAX_WAIT_S
+        core_execution_loop.TICK_SECONDS = EXECUTION_TICK_S
         return core_celery_execution_loop(
             plan_context, execution_plan, step_execution_fn=_submit_step
         )
