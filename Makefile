@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 INSTALL_HASH = $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: install demo test test-all test-browser browser dev serve team-up team-down team-status lint bench bench-% lock clean
+.PHONY: install demo test test-team test-all test-browser browser dev serve team-up team-down team-status lint bench bench-% lock clean
 
 install:
 	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$(INSTALL_HASH)" ]; then \
@@ -32,6 +32,11 @@ demo: install
 
 test: install
 	$(BIN)/pytest -m "not slow"
+
+# The team profile end to end on this machine's services (Postgres, Redis, RabbitMQ): the
+# closed loop through the run queue and two Celery workers, compared with the local profile.
+test-team: install
+	$(BIN)/pytest -m team
 
 test-all: install
 	$(BIN)/pytest
