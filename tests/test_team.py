@@ -177,6 +177,7 @@ def _start_workers(paths, count: int) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.team
 def test_steps_of_one_run_execute_in_both_celery_workers(team_instance, team_env, team_lake):
     from tests.team_support import ingest_job
 
@@ -318,6 +319,7 @@ def test_a_worker_killed_mid_step_hands_the_step_to_the_other_and_the_run_comple
 
 
 @pytest.mark.slow
+@pytest.mark.team
 def test_team_up_starts_workers_that_status_reports_and_down_stops(team_env):
     paths, url = team_env
     runner = CliRunner()
@@ -388,6 +390,7 @@ def test_team_profile_tracks_to_the_mlflow_server_the_environment_names(keel_hom
 
 
 @pytest.mark.slow
+@pytest.mark.team
 def test_the_step_with_the_torch_tags_runs_on_the_gpu_worker(team_instance, team_env):
     from tests.team_support import gpu_job
 
