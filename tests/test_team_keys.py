@@ -35,6 +35,21 @@ def store(keel_home: KeelPaths) -> KeyStore:
     return KeyStore(default_store_path(), cache_seconds=0.0)
 
 
+def _delete_queues(prefix: str) -> None:
+    """The broker's queues this test's workers declared (they outlive the workers)."""
+    import os
+
+    from kombu import Connection
+
+    from orchestration.executors import broker_url
+
+    with Connection(broker_url()) as connection:
+        channel = connection.default_channel
+        for middle in ("", f"scenario-{os.getpid()}-"):
+            for queue in ("default", "gpu"):
+                channel.queue_delete(f"{prefix}{middle}{queue}")
+
+
 def _active(store: KeyStore) -> dict[str, list[str]]:
     active: dict[str, list[str]] = {}
     for row in store.list():
@@ -109,7 +124,8 @@ def test_a_started_worker_runs_as_its_service_identity_and_status_shows_it(
 ):
     from keel import cli as keel_cli
 
-    monkeypatch.setenv("KEEL_CELERY_QUEUE_PREFIX", f"keel-keys-{uuid.uuid4().hex[:8]}-")
+    prefix = f"keel-keys-{uuid.uuid4().hex[:8]}-"
+    monkeypatch.setenv("KEEL_CELERY_QUEUE_PREFIX", prefix)
     monkeypatch.setenv(KEY_ENV, store.add("ops", ["admin"]))
     keys.provision(keel_home, store)
     entry = services.start_worker(keel_home, "default", "keys-worker")
@@ -125,6 +141,7 @@ def test_a_started_worker_runs_as_its_service_identity_and_status_shows_it(
         assert "svc-watcher acts as svc-watcher (deploy)" in shown.output
     finally:
         services.stop(keel_home, [entry])
+        _delete_queues(prefix)
     assert services.recorded(keel_home) == []
 
 
@@ -246,6 +263,7 @@ def keys_world(keel_home, monkeypatch):
         yield keel_home
     finally:
         services.stop_all(keel_home)
+        _delete_queues(env["KEEL_CELERY_QUEUE_PREFIX"])
         added = set(client.keys("*")) - before
         if added:
             client.delete(*added)
