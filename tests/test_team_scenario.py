@@ -9,8 +9,6 @@ audit trail.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import uuid
 
@@ -20,8 +18,8 @@ import pytest
 
 from keel.access.jobs import LAUNCHED_BY_TAG
 from keel.settings import KeelPaths
+from keel.team import keys, play, services
 from keel.team import scenario as team_scenario
-from keel.team import services
 from orchestration.scenario import Scenario, run_scenario
 
 # Local and team together take about 22 minutes on two quiet cores: CI runs it in `make test-team`.
@@ -100,13 +98,6 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _api_key(paths: KeelPaths) -> str:
-    """A key of the team's admin, as `keel access keys add --role admin` issues it."""
-    from keel.access.store import KeyStore, default_store_path
-
-    return KeyStore(default_store_path()).add("scenario-admin", ["admin"])
-
-
 def _workers_by_run(instance: dg.DagsterInstance) -> dict[str, set[str]]:
     """Each run's Celery workers (names before the host), from its engine events."""
     taken: dict[str, set[str]] = {}
@@ -124,23 +115,14 @@ def test_the_closed_loop_on_the_team_profile_matches_the_local_profile(
 ):
     from orchestration.profiles import resources_for
 
-    # The team profile: MLflow server, two workers on both queues, the daemon, the queue.
+    # The team profile as `keel scenario --profile team` plays it: the team's databases and
+    # service identities, an MLflow server of the test's own (nothing serves on the port it
+    # names), two workers on both queues and the daemon, each acting with its own key.
     paths = team_world
-    monkeypatch.setenv("KEEL_API_KEY", _api_key(paths))
-    port = _free_port()
-    server = services.start_mlflow(paths, "127.0.0.1", port)
-    monkeypatch.setenv(services.MLFLOW_URL_ENV, server["url"])
-    workers = [
-        services.start_worker(paths, "default,gpu", f"scenario-{n}-{os.getpid()}") for n in (1, 2)
-    ]
-    services.wait_until_serving(server)
-    for entry in workers:
-        services.wait_until_ready(entry)
-    from keel import cli as keel_cli
-
-    keel_cli.prepare_dagster_home(paths, "team")
-    daemon = team_scenario.start_daemon(paths, services.team_environment(paths))
-    try:
+    play.prepare(paths)
+    monkeypatch.setenv(services.MLFLOW_URL_ENV, f"http://127.0.0.1:{_free_port()}")
+    with play.team_services(paths, SCENARIO, workers=2) as started:
+        workers = started.workers
         with dg.DagsterInstance.get() as instance:
             with team_scenario.QueuedRuns(instance) as queue:
                 team = run_scenario(
@@ -159,26 +141,24 @@ def test_the_closed_loop_on_the_team_profile_matches_the_local_profile(
                 if instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_ENQUEUED)
                 and instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_START)
             }
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        daemon.wait(timeout=60)
 
     # The local profile on the same seed, in process, in its own data folder and instance.
     with monkeypatch.context() as local_env:
         local_env.setenv("KEEL_PROFILE", "local")
         local_env.setenv("KEEL_HOME", str(KeelPaths(tmp_path / "local-home").ensure().home))
         local_env.delenv("DAGSTER_HOME")
-        local_env.delenv("KEEL_API_KEY")
+        local_env.delenv("KEEL_API_KEY", raising=False)
         with dg.DagsterInstance.ephemeral() as instance:
             local = run_scenario(SCENARIO, instance, resources_for("local"), echo=lambda _: None)
 
     with capsys.disabled():
         print(f"\nlocal: {local.to_json()}\nteam: {team.to_json()}")
     # Every run went through the queue and the daemon, whose run launcher tagged it with the
-    # identity it launched it as; every run's steps ran on Celery workers, and the steps of one
-    # run ran in both workers.
+    # identity it launched it as (the daemon's own); every run's steps ran on Celery workers,
+    # and the steps of one run ran in both workers, which registered the models as theirs.
     assert runs and enqueued == set(runs)
-    assert {run.tags.get(LAUNCHED_BY_TAG) for run in runs.values()} == {"scenario-admin"}
+    assert {run.tags.get(LAUNCHED_BY_TAG) for run in runs.values()} == {keys.DAEMON}
+    assert {r["actor"] for r in team.audit if r["action"] == "register"} == {keys.WORKERS}
     names = {entry["name"] for entry in workers}
     assert set(taken) == set(runs)
     assert any(used == names for used in taken.values()), taken
