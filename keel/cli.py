@@ -141,15 +141,8 @@ def demo(accounts: int, history_days: int, days: int, drift_day: int, no_release
     )
     with dg.DagsterInstance.get() as instance:
         result = run_scenario(scenario, instance, resources_for("local"), echo=click.echo)
-    drifted = [day for day, flagged in result.drift_by_day.items() if flagged]
-    click.echo(f"drift flagged on {len(drifted)} days: {', '.join(drifted) or 'none'}")
-    click.echo(f"false alarms before {drift_start}: {len(result.false_alarms(drift_start))}")
-    for run in result.retraining_runs:
-        verdict = (
-            "registered" if run["success"] else f"rejected by {', '.join(run['failed_gates'])}"
-        )
-        click.echo(f"retraining run {run['run_id']} ({run['run_key']}): {verdict}")
-    click.echo(f"champion versions over time: {' -> '.join(result.champions)}")
+    for line in result.summary(drift_start):
+        click.echo(line)
     lineage = result.champion_lineage
     click.echo(f"champion trained on {lineage.get('training_set', {}).get('path')}")
     if not no_release:

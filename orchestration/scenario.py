@@ -137,6 +137,21 @@ class ScenarioResult:
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, default=str)
 
+    def summary(self, drift_start: str) -> list[str]:
+        """The closing lines of `keel demo` and `keel scenario`: flags, retrainings, champions."""
+        drifted = [day for day, flagged in self.drift_by_day.items() if flagged]
+        lines = [
+            f"drift flagged on {len(drifted)} days: {', '.join(drifted) or 'none'}",
+            f"false alarms before {drift_start}: {len(self.false_alarms(drift_start))}",
+        ]
+        for run in self.retraining_runs:
+            verdict = (
+                "registered" if run["success"] else f"rejected by {', '.join(run['failed_gates'])}"
+            )
+            lines.append(f"retraining run {run['run_id']} ({run['run_key']}): {verdict}")
+        lines.append(f"champion versions over time: {' -> '.join(self.champions)}")
+        return lines
+
 
 @dataclass(frozen=True)
 class RunOutcome:

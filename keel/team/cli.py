@@ -192,15 +192,8 @@ def scenario(
     result = (
         _play_team(played, paths, workers) if profile_name == "team" else _play_local(played, paths)
     )
-    drifted = [day for day, flagged in result.drift_by_day.items() if flagged]
-    click.echo(f"drift flagged on {len(drifted)} days: {', '.join(drifted) or 'none'}")
-    click.echo(f"false alarms before {drift_start}: {len(result.false_alarms(drift_start))}")
-    for run in result.retraining_runs:
-        verdict = (
-            "registered" if run["success"] else f"rejected by {', '.join(run['failed_gates'])}"
-        )
-        click.echo(f"retraining run {run['run_id']} ({run['run_key']}): {verdict}")
-    click.echo(f"champion versions over time: {' -> '.join(result.champions)}")
+    for line in result.summary(drift_start):
+        click.echo(line)
 
 
 def _play_local(played, paths: KeelPaths):
