@@ -28,6 +28,7 @@ from keel.ingestion import ACCOUNT_ACTIVITY, DEFAULT_LABELS, load_partition, loa
 from keel.lake import LakeError, ensure_catalog_database, extension_file, in_transaction
 from keel.settings import KeelPaths
 from orchestration.resources import SourcesResource, WarehouseResource
+from tests.lake_support import big_activity_csv, kill_a_load_once_it_writes
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 DAYS = ("2026-01-05", "2026-01-06")
@@ -546,24 +547,6 @@ def test_the_lake_keeps_its_parquet_on_an_object_store(s3_store, catalog, extens
     assert _partition_digest(warehouse, DAYS[0])[:2] == (50, 50)
 
 
-LOADER = textwrap.dedent(
-    """
-    import json, sys
-    from pathlib import Path
-
-    from keel.ingestion import ACCOUNT_ACTIVITY, load_partition
-    from orchestration.resources import WarehouseResource
-
-    settings = json.loads(sys.argv[1])
-    warehouse = WarehouseResource(**settings["warehouse"])
-    with warehouse.connect() as connection:
-        print("loading", flush=True)
-        load_partition(connection, ACCOUNT_ACTIVITY, settings["day"], Path(settings["source"]))
-    print("loaded", flush=True)
-    """
-)
-
-
 @pytest.mark.slow
 def test_a_worker_killed_while_it_writes_leaves_the_old_partition(lake, tmp_path):
     """kill -9 while the new rows are being written as Parquet: the catalog never lists
@@ -574,37 +557,10 @@ def test_a_worker_killed_while_it_writes_leaves_the_old_partition(lake, tmp_path
         load_partition(connection, ACCOUNT_ACTIVITY, DAYS[0], good)
     before = _partition_digest(lake, DAYS[0])
     table_folder = Path(lake.data_path) / "raw" / "account_activity"
-    existing = set(table_folder.rglob("*.parquet"))
-    big = tmp_path / "big.csv"
-    with big.open("w") as out:
-        out.write("account_id,activity_date,spend_amount,channel\n")
-        for first in range(0, 3_000_000, 100_000):
-            out.write(
-                "".join(
-                    f"{i},2026-01-05,{i % 997}.25,online\n" for i in range(first, first + 100_000)
-                )
-            )
-    settings = {"warehouse": lake.model_dump(), "day": DAYS[0], "source": str(big)}
-    loader = subprocess.Popen(
-        [sys.executable, "-c", LOADER, json.dumps(settings)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        text=True,
+    big = big_activity_csv(tmp_path / "big.csv", DAYS[0])
+    written = kill_a_load_once_it_writes(
+        lake, DAYS[0], big, lambda: set(table_folder.rglob("*.parquet"))
     )
-    try:
-        assert loader.stdout.readline().strip() == "loading"
-        deadline = time.monotonic() + 120
-        while not set(table_folder.rglob("*.parquet")) - existing:
-            assert loader.poll() is None, "the load ended before it wrote a file"
-            assert time.monotonic() < deadline, "the load wrote no file in 120 s"
-            time.sleep(0.01)
-        loader.kill()
-    finally:
-        loader.kill()
-        loader.wait(timeout=30)
-    assert loader.returncode == -9
-    written = set(table_folder.rglob("*.parquet")) - existing
     assert written
 
     assert _partition_digest(lake, DAYS[0]) == before

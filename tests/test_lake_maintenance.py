@@ -9,8 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
-import time
 import uuid
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from keel.ingestion import ACCOUNT_ACTIVITY, load_partition
 from keel.lake_maintenance import maintain, parse_age
 from orchestration.pools import WAREHOUSE_POOL
 from orchestration.resources import WarehouseResource
+from tests.lake_support import big_activity_csv, kill_a_load_once_it_writes
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 DAY = "2026-01-05"
@@ -143,62 +142,15 @@ def test_a_dry_run_deletes_nothing_and_files_wait_out_their_grace(lake, tmp_path
     assert len(_stored(lake)) == 1 and not orphan.exists()
 
 
-LOADER = textwrap.dedent(
-    """
-    import json, sys
-    from pathlib import Path
-
-    from keel.ingestion import ACCOUNT_ACTIVITY, load_partition
-    from keel.lake import connect
-
-    settings = json.loads(sys.argv[1])
-    connection = connect(settings["catalog"], settings["data_path"], Path(settings["extensions"]))
-    print("loading", flush=True)
-    load_partition(connection, ACCOUNT_ACTIVITY, settings["day"], Path(settings["source"]))
-    print("loaded", flush=True)
-    """
-)
-
-
 @pytest.mark.slow
 def test_the_file_a_killed_load_leaves_is_deleted_as_an_orphan(lake, tmp_path):
     """kill -9 while a load writes its Parquet: no snapshot lists the file; maintenance
     deletes it once it is past the grace, and the day reads as it did."""
     _reload(lake, tmp_path, times=0)
     before = _contents(lake)
-    big = tmp_path / "big.csv"
-    duckdb.sql(
-        f"""copy (select i::varchar as account_id, '{DAY}' as activity_date,
-                         (i % 997)::varchar || '.25' as spend_amount
-                  from range(3000000) t(i)) to '{big}' (header)"""
-    )
     existing = set(_stored(lake))
-    settings = {
-        "catalog": lake.catalog,
-        "data_path": lake.data_path,
-        "extensions": lake.extension_dir,
-        "day": DAY,
-        "source": str(big),
-    }
-    loader = subprocess.Popen(
-        [sys.executable, "-c", LOADER, json.dumps(settings)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert loader.stdout.readline().strip() == "loading"
-        deadline = time.monotonic() + 60
-        while not set(_stored(lake)) - existing:
-            assert loader.poll() is None, "the load ended before it wrote a file"
-            assert time.monotonic() < deadline, "the load wrote no file in 60 s"
-            time.sleep(0.01)
-    finally:
-        loader.kill()
-        loader.wait(timeout=30)
-    assert loader.returncode == -9
-    left = set(_stored(lake)) - existing
+    big = big_activity_csv(tmp_path / "big.csv", DAY)
+    left = kill_a_load_once_it_writes(lake, DAY, big, lambda: set(_stored(lake)))
     assert left
 
     with lake.connect() as connection:
