@@ -18,6 +18,7 @@ from keel.access.store import KEY_ENV
 from keel.registry import ModelRegistry
 from keel.settings import KeelPaths
 from keel.team import keys, services
+from tests.team_world import delete_queues, team_world
 from tests.test_registry import (  # noqa: F401 (fixtures)
     GATES,
     METRICS,
@@ -33,21 +34,6 @@ REDIS_DB = 9  # Feast's online store in the slow tests below
 @pytest.fixture
 def store(keel_home: KeelPaths) -> KeyStore:
     return KeyStore(default_store_path(), cache_seconds=0.0)
-
-
-def _delete_queues(prefix: str) -> None:
-    """The broker's queues this test's workers declared (they outlive the workers)."""
-    import os
-
-    from kombu import Connection
-
-    from orchestration.executors import broker_url
-
-    with Connection(broker_url()) as connection:
-        channel = connection.default_channel
-        for middle in ("", f"scenario-{os.getpid()}-"):
-            for queue in ("default", "gpu"):
-                channel.queue_delete(f"{prefix}{middle}{queue}")
 
 
 def _active(store: KeyStore) -> dict[str, list[str]]:
@@ -141,7 +127,7 @@ def test_a_started_worker_runs_as_its_service_identity_and_status_shows_it(
         assert "svc-watcher acts as svc-watcher (deploy)" in shown.output
     finally:
         services.stop(keel_home, [entry])
-        _delete_queues(prefix)
+        delete_queues(prefix)
     assert services.recorded(keel_home) == []
 
 
@@ -234,43 +220,11 @@ def test_scenario_on_the_team_profile_refuses_with_a_clear_message(keel_home, mo
 @pytest.fixture
 def keys_world(keel_home, monkeypatch):
     """Team databases, role, queues and a Redis database of these tests alone."""
-    import psycopg
-    import redis
-
-    unique = uuid.uuid4().hex[:8]
-    names = {part: f"keys_{part}_{unique}" for part in ("dagster", "mlflow", "audit", "feast")}
-    names["lake"] = f"keys_lake_{unique}"
-    server = "postgresql://postgres@127.0.0.1:5432"
-    env = {
-        "KEEL_PROFILE": "team",
-        "DAGSTER_HOME": str(keel_home.dagster_home),
-        services.PG_URL_ENV: f"{server}/{names['dagster']}",
-        services.MLFLOW_PG_URL_ENV: f"{server}/{names['mlflow']}",
-        services.AUDIT_URI_ENV: f"postgresql://{names['audit']}@127.0.0.1:5432/{names['audit']}",
-        services.FEAST_REGISTRY_ENV: f"postgresql+psycopg://postgres@127.0.0.1:5432/{names['feast']}",
-        services.FEAST_REDIS_ENV: f"127.0.0.1:6379,db={REDIS_DB}",
-        "KEEL_LAKE_CATALOG": f"{server}/{names['lake']}",
-        "KEEL_CELERY_QUEUE_PREFIX": f"keel-keys-{unique}-",
+    with team_world(keel_home, monkeypatch, "keys", REDIS_DB):
         # No MLflow server answers here: the scenario starts its own.
-        services.MLFLOW_URL_ENV: f"http://127.0.0.1:{_closed_port()}",
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv(KEY_ENV, raising=False)
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
-    before = set(client.keys("*"))
-    try:
+        monkeypatch.setenv(services.MLFLOW_URL_ENV, f"http://127.0.0.1:{_closed_port()}")
+        monkeypatch.delenv(KEY_ENV, raising=False)
         yield keel_home
-    finally:
-        services.stop_all(keel_home)
-        _delete_queues(env["KEEL_CELERY_QUEUE_PREFIX"])
-        added = set(client.keys("*")) - before
-        if added:
-            client.delete(*added)
-        with psycopg.connect(f"{server}/postgres", autocommit=True) as connection:
-            for name in names.values():
-                connection.execute(f'drop database if exists "{name}" with (force)')
-            connection.execute(f'drop role if exists "{names["audit"]}"')
 
 
 def test_team_up_twice_keeps_one_identity_per_service_and_down_leaves_them(keys_world):

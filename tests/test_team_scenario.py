@@ -10,10 +10,8 @@ audit trail.
 from __future__ import annotations
 
 import socket
-import uuid
 
 import dagster as dg
-import psycopg
 import pytest
 
 from keel.access.jobs import LAUNCHED_BY_TAG
@@ -21,11 +19,12 @@ from keel.settings import KeelPaths
 from keel.team import keys, play, services
 from keel.team import scenario as team_scenario
 from orchestration.scenario import Scenario, run_scenario
+from tests.team_world import PG_SERVER
+from tests.team_world import team_world as team_databases
 
 # Local and team together take about 22 minutes on two quiet cores: CI runs it in `make test-team`.
 pytestmark = [pytest.mark.slow, pytest.mark.team, pytest.mark.timeout(5400)]
 
-PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 REDIS_DB = 5
 SCENARIO = Scenario(accounts=1_500, history_days=45, days=20, drift_day=12)
 
@@ -45,51 +44,12 @@ def _retrainings(result) -> list[tuple]:
 @pytest.fixture
 def team_world(tmp_path, monkeypatch):
     """The team profile's services of this test alone: databases, role, queues, Redis keys."""
-    import redis
-
-    unique = uuid.uuid4().hex[:8]
-    names = {
-        "dagster": f"keel_e_dagster_{unique}",
-        "mlflow": f"keel_e_mlflow_{unique}",
-        "audit": f"keel_e_audit_{unique}",
-        "feast": f"keel_e_feast_{unique}",
-        "lake": f"keel_e_lake_{unique}",
-    }
     paths = KeelPaths(tmp_path / "team-home").ensure()
-    env = {
-        "KEEL_PROFILE": "team",
-        "KEEL_HOME": str(paths.home),
-        "DAGSTER_HOME": str(paths.dagster_home),
-        services.PG_URL_ENV: f"{PG_SERVER}/{names['dagster']}",
-        services.MLFLOW_PG_URL_ENV: f"{PG_SERVER}/{names['mlflow']}",
-        services.AUDIT_URI_ENV: f"postgresql://{names['audit']}@127.0.0.1:5432/{names['audit']}",
-        services.FEAST_REGISTRY_ENV: (
-            f"postgresql+psycopg://postgres@127.0.0.1:5432/{names['feast']}"
-        ),
-        services.FEAST_REDIS_ENV: f"127.0.0.1:6379,db={REDIS_DB}",
-        "KEEL_LAKE_CATALOG": f"{PG_SERVER}/{names['lake']}",
-        "KEEL_CELERY_QUEUE_PREFIX": f"keel-e-{unique}-",
-        team_scenario.SCENARIO_ENV: team_scenario.scenario_to_env(SCENARIO),
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    for name in ("dagster", "feast", "lake"):
-        services.ensure_database(f"{PG_SERVER}/{names[name]}")
-    services.ensure_audit_store()
-    monkeypatch.setenv(services.AUDIT_KEY_ENV, services.audit_key(paths))
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
-    before = set(client.keys("*"))
-    try:
+    with team_databases(paths, monkeypatch, "keel_e", REDIS_DB) as names:
+        services.ensure_database(f"{PG_SERVER}/{names['lake']}")
+        services.ensure_audit_store()
+        monkeypatch.setenv(services.AUDIT_KEY_ENV, services.audit_key(paths))
         yield paths
-    finally:
-        services.stop_all(paths)
-        added = set(client.keys("*")) - before
-        if added:
-            client.delete(*added)
-        with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as connection:
-            for name in names.values():
-                connection.execute(f'drop database if exists "{name}" with (force)')
-            connection.execute(f'drop role if exists "{names["audit"]}"')
 
 
 def _free_port() -> int:
