@@ -134,6 +134,7 @@ def _raw_loads_overlap(instance: dg.DagsterInstance) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.team
 def test_two_workers_load_two_raw_tables_at_once_only_as_the_pool_allows(team_home):
     """With two Celery workers the loads of both raw tables run side by side on the lake;
     with the warehouse pool cut to one slot the same run loads them one after the other."""
