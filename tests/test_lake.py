@@ -171,6 +171,16 @@ def test_a_failure_mid_write_leaves_the_old_partition_whole(lake, tmp_path):
     assert sources == [(str(good),)]
 
 
+def _replace_day(connection, day: str, rows: int) -> None:
+    """Replace ``day`` of the activity table with ``rows`` rows, uncommitted (as a load does)."""
+    connection.execute("delete from raw.account_activity where _partition = ?", [day])
+    connection.execute(
+        """insert into raw.account_activity (_partition, _row_number, _loaded_at, account_id)
+           select ?, i, now(), i::varchar from range(?) t(i)""",
+        [day, rows],
+    )
+
+
 def test_a_replacement_refused_as_a_conflict_runs_again(lake, tmp_path):
     """Another worker replaces its day while ours is uncommitted: DuckLake refuses our commit
     (both deleted from one table), and in_transaction writes our day again on the new snapshot."""
@@ -187,12 +197,7 @@ def test_a_replacement_refused_as_a_conflict_runs_again(lake, tmp_path):
 
     def replace_ours() -> None:
         attempts.append(1)
-        connection.execute("delete from raw.account_activity where _partition = ?", [DAYS[0]])
-        connection.execute(
-            """insert into raw.account_activity (_partition, _row_number, _loaded_at, account_id)
-               select ?, i, now(), i::varchar from range(25) t(i)""",
-            [DAYS[0]],
-        )
+        _replace_day(connection, DAYS[0], rows=25)
         if len(attempts) == 1:
             with lake.connect() as other:
                 load_partition(other, ACCOUNT_ACTIVITY, DAYS[1], sources[DAYS[1]])
@@ -221,12 +226,7 @@ def test_a_commit_to_another_table_meanwhile_neither_refuses_nor_repeats_ours(la
 
     def replace_ours() -> None:
         attempts.append(1)
-        connection.execute("delete from raw.account_activity where _partition = ?", [DAYS[0]])
-        connection.execute(
-            """insert into raw.account_activity (_partition, _row_number, _loaded_at, account_id)
-               select ?, i, now(), i::varchar from range(25) t(i)""",
-            [DAYS[0]],
-        )
+        _replace_day(connection, DAYS[0], rows=25)
         with lake.connect() as other:
             load_partition(other, DEFAULT_LABELS, DAYS[0], labels)
 
