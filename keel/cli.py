@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import click
 
 from keel.access.cli import access
 from keel.cost.cli import cost
+from keel.dagster_home import prepare_dagster_home
 from keel.dashboards.cli import dashboards
 from keel.dashboards.service import DEFAULT_PORT as DASHBOARDS_PORT
 from keel.datasets.cli import dataset
@@ -19,43 +19,9 @@ from keel.lake_cli import lake
 from keel.registry_cli import registry
 from keel.serving.cli import serve
 from keel.serving.release_cli import release
-from keel.settings import DAGSTER_CONFIG_DIR, PROJECT_ROOT, KeelPaths, active_profile
+from keel.settings import PROJECT_ROOT, KeelPaths, active_profile
 from keel.streaming.cli import stream
 from keel.team.cli import scenario, team, workers
-
-
-def prepare_dagster_home(paths: KeelPaths, profile: str) -> Path:
-    """Write the profile's ``dagster.yaml`` into DAGSTER_HOME and point the environment at it.
-
-    The team instance also gets its database and its pool limits (orchestration.pools).
-    """
-    paths.ensure()
-    target = paths.dagster_home / "dagster.yaml"
-    source = DAGSTER_CONFIG_DIR / f"{profile}.yaml"
-    if not target.exists() or target.read_bytes() != source.read_bytes():
-        shutil.copyfile(source, target)
-    os.environ.setdefault("DAGSTER_HOME", str(paths.dagster_home))
-    if profile == "team":
-        from keel.team import services
-
-        # The instance file and the MLflow resource read the environment; default to this
-        # machine's services, as `keel team up` starts them.
-        for name, value in services.environment_defaults(paths).items():
-            os.environ.setdefault(name, value)
-        _set_team_pool_limits(paths)
-    return paths.dagster_home
-
-
-def _set_team_pool_limits(paths: KeelPaths) -> None:
-    import dagster as dg
-
-    from keel.team import services
-    from orchestration.pools import set_pool_limits
-
-    # Pool limits live in the instance's storage, so the database must exist first.
-    services.ensure_database(os.environ[services.PG_URL_ENV])
-    with dg.DagsterInstance.from_config(str(paths.dagster_home)) as instance:
-        set_pool_limits(instance, "team")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,10 +65,13 @@ def dev(host: str, port: int, dashboards_port: int) -> None:
     paths = KeelPaths.current()
     prepare_dagster_home(paths, active_profile())
     if active_profile() == "team":
-        from keel.team.keys import DAEMON, use_key
+        from keel.access.store import KEY_ENV
+        from keel.team.keys import DAEMON, service_key
 
         # The daemon launches every run: as its service identity, not as whoever started it.
-        if use_key(paths, DAEMON):
+        key = service_key(paths, DAEMON)
+        if key:
+            os.environ[KEY_ENV] = key
             click.echo(f"the Dagster daemon acts as {DAEMON}", err=True)
     dagster = Path(sys.executable).with_name("dagster")
     command = [str(dagster), "dev", "-w", "workspace.yaml", "-h", host, "-p", str(port)]

@@ -14,6 +14,19 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves the process environment as it found it.
+
+    Commands run in process (CliRunner) set defaults in ``os.environ`` as entry points do, e.g.
+    the team profile's service URLs; without this a later test would inherit them.
+    """
+    before = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(before)
+
+
 @pytest.fixture
 def keel_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KeelPaths:
     """A fresh, empty data folder set as KEEL_HOME for the test."""

@@ -235,6 +235,10 @@ def test_monitoring_thresholds_have_one_default():
 # Entry points of their own processes, where setting the environment is the point.
 ENVIRONMENT_OWNERS = {
     "keel/cli.py",
+    "keel/dagster_home.py",
+    "keel/team/cli.py",
+    # Drives the scenario's processes: the run queue's code server inherits its environment.
+    "keel/team/play.py",
     "keel/serving/cli.py",
     "keel/dashboards/cli.py",
     "keel/edge/isolated.py",
@@ -309,8 +313,11 @@ def test_ci_runs_the_tests_then_the_linters_and_pytest_runs_no_linter():
         for line in (REPO_ROOT / ".ci" / "run").read_text().splitlines()
         if line.strip().startswith("make ")
     ]
-    assert steps == ["make test", "make lint"]
+    assert steps == ["make test", "make test-team", "make lint"]
     makefile = (REPO_ROOT / "Makefile").read_text()
+    # The team stage runs the tests marked `team` (slow ones too), which `make test` skips.
+    team = makefile.split("\ntest-team:", 1)[1].split("\n\n", 1)[0]
+    assert "-m team" in team
     lint = makefile.split("\nlint:", 1)[1].split("\n\n", 1)[0]
     for command in ("ruff check", "ruff format --check", "sqlfluff lint"):
         assert command in lint, command

@@ -78,8 +78,6 @@ def test_provisioning_gives_each_service_one_identity_with_its_roles_and_reuses_
     approve = {"ops": {"apply_registry_action": {"config": {"action": "approve"}}}}
     with pytest.raises(AccessDenied, match=r"svc-daemon .* may not approve"):
         authorize_run("registry_action", approve, daemon)
-    # `keel dev` on the team profile: its daemon acts as svc-daemon, not as the caller.
-    assert keys.use_key(keel_home, keys.DAEMON) and authenticate(store).name == "svc-daemon"
     watcher = authenticate(store, key=keys.service_key(keel_home, keys.WATCHER))
     assert watcher.allows("deploy") and not watcher.allows("run") and not watcher.allows("predict")
 

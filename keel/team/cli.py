@@ -49,7 +49,7 @@ def up(
     feast = services.feast_registry_url()
     services.ensure_database(feast.replace("+psycopg", "", 1))
     click.echo(f"feast registry   {feast}")
-    from keel.cli import prepare_dagster_home
+    from keel.dagster_home import prepare_dagster_home
 
     # The instance file, and the pool limits that let the workers' lake writers run side by side.
     home = prepare_dagster_home(paths, "team")
@@ -199,7 +199,7 @@ def scenario(
 def _play_local(played, paths: KeelPaths):
     import dagster as dg
 
-    from keel.cli import prepare_dagster_home
+    from keel.dagster_home import prepare_dagster_home
     from orchestration.profiles import resources_for
     from orchestration.scenario import run_scenario
 

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from keel.access.store import KEY_ENV, KeyStore, default_store_path, os_user
+from keel.access.store import KeyStore, default_store_path, os_user
 from keel.settings import KeelPaths
 
 DAEMON = "svc-daemon"
@@ -64,14 +64,6 @@ def service_key(paths: KeelPaths, service: str) -> str:
     """The service's key as `provision` stored it, or "" when it has none yet."""
     path = key_file(paths, service)
     return path.read_text().strip() if path.exists() else ""
-
-
-def use_key(paths: KeelPaths, service: str) -> bool:
-    """Let this process, and what it starts, act as ``service`` once its key is issued."""
-    key = service_key(paths, service)
-    if key:
-        os.environ[KEY_ENV] = key
-    return bool(key)
 
 
 def _write_key(path: Path, key: str) -> None:

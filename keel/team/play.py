@@ -47,7 +47,7 @@ def unreachable() -> list[str]:
 
 def prepare(paths: KeelPaths) -> list[keys.Provisioned]:
     """The team's databases, the instance file, and the services' identities (as team up)."""
-    from keel.cli import prepare_dagster_home
+    from keel.dagster_home import prepare_dagster_home
 
     services.ensure_database(services.dagster_pg_url())
     services.ensure_audit_store()
