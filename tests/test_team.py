@@ -267,6 +267,8 @@ def _expected_rows(result) -> dict[str, tuple[int, int]]:
     return expected
 
 
+@pytest.mark.slow
+@pytest.mark.team
 def test_a_worker_killed_mid_step_hands_the_step_to_the_other_and_the_run_completes(
     team_instance, team_env, team_lake, monkeypatch
 ):
