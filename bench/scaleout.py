@@ -22,11 +22,11 @@ import os
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from datetime import date, timedelta
 from pathlib import Path
 
 from bench.common import require_same_answers, write_result
+from keel.team.play import environment
 
 DAYS = int(os.environ.get("KEEL_BENCH_DAYS", "30"))
 ACCOUNTS = int(os.environ.get("KEEL_BENCH_ACCOUNTS", "1000"))
@@ -45,21 +45,6 @@ def _partitions() -> list[str]:
 
     first = date.fromisoformat(FIRST_DAY)
     return [(first + timedelta(days=i)).isoformat() for i in range(DAYS)]
-
-
-@contextmanager
-def _environment(values: dict[str, str]):
-    """``values`` set in this process's environment for the block, the old ones back after."""
-    old = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _rows(warehouse) -> dict[str, dict[str, int]]:
@@ -93,7 +78,7 @@ def run_local(root: Path) -> tuple[float, dict]:
     from orchestration.scenario import scenario_definitions
 
     home = root / "local"
-    with _environment({"KEEL_PROFILE": "local", "KEEL_HOME": str(home)}):
+    with environment({"KEEL_PROFILE": "local", "KEEL_HOME": str(home)}):
         defs = scenario_definitions(_scenario(), resources_for("local"), sensors=False)
         with dg.DagsterInstance.ephemeral() as instance:
             defs.resolve_job_def("reference_data").execute_in_process(instance=instance)
@@ -138,7 +123,7 @@ def run_team(root: Path, workers: int) -> tuple[float, dict]:
         team_scenario.SCENARIO_ENV: team_scenario.scenario_to_env(_scenario()),
     }
     daemon = None
-    with _environment(env):
+    with environment(env):
         try:
             for name in databases.values():
                 services.ensure_database(f"{PG_SERVER}/{name}")

@@ -73,7 +73,7 @@ def _serving(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def _environment(changes: dict[str, str]) -> Iterator[None]:
+def environment(changes: dict[str, str]) -> Iterator[None]:
     """``changes`` in this process's environment, which every started service inherits."""
     before = {name: os.environ.get(name) for name in changes}
     os.environ.update(changes)
@@ -113,7 +113,7 @@ def team_services(paths: KeelPaths, scenario, workers: int = 2) -> Iterator[Team
         QUEUE_PREFIX_ENV: prefix,
         services.MLFLOW_URL_ENV: url,
     }
-    with _environment(changes):
+    with environment(changes):
         play = TeamPlay(paths, url)
         try:
             if not _serving(url):
